@@ -1,0 +1,47 @@
+# blockrep build/test entry points. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEBS   := qemu-utils qemu-system-x86 nbdkit libnbd-bin fio
+# tool -> Debian package, checked before the tests run
+TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
+          qemu-system-x86_64:qemu-system-x86 nbdkit:nbdkit nbdinfo:libnbd-bin \
+          nbdcopy:libnbd-bin fio:fio
+
+.PHONY: test venv debs lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+debs:
+	@missing=""; for t in $(TOOLS); do \
+	  cmd=$${t%%:*}; pkg=$${t##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  missing=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  else \
+	    echo "missing tools; install them with: sudo apt-get install -y $$missing" >&2; exit 1; \
+	  fi; \
+	fi
+
+test: venv debs
+	$(PY) -m pytest -q -x -p no:cacheprovider tests
+
+lint: venv
+	$(VENV)/bin/ruff check blockrep tests bench
+
+bench: venv debs
+	$(PY) bench/qcow2.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
