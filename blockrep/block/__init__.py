@@ -1,0 +1,7 @@
+"""The block layer: nodes, the graph, and the drivers (imported here to register)."""
+
+from . import file, qcow2, raw  # noqa: F401  (drivers register themselves)
+from .graph import DRIVERS, Graph
+from .node import BlockError, Extent, Node
+
+__all__ = ["DRIVERS", "Graph", "BlockError", "Extent", "Node"]

@@ -1,0 +1,339 @@
+"""Node, Child and the generic request layer (QEMU's BlockDriverState and block/io.c).
+
+Every driver is a subclass of Node that implements the ``_co_*`` hooks it needs.
+The public coroutines (``read``, ``write``, ...) are the one place that checks
+bounds and read-only state, pads requests to the driver's alignment and tracks
+in-flight requests, so no driver repeats that logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+# QEMU's BDRV_MAX_LENGTH: offsets and lengths beyond this are refused with EIO.
+MAX_LENGTH = (1 << 63) - 1 - (1 << 30)
+
+
+class BlockError(Exception):
+    """An I/O or configuration error in the data path: an errno plus a message."""
+
+    def __init__(self, err: int, message: str | None = None) -> None:
+        self.errno = err
+        self.message = message or os.strerror(err)
+        super().__init__(self.message)
+
+
+@dataclass
+class Extent:
+    """One run of block status, as qemu-img map reports it.
+
+    ``present``: allocated in some layer of the chain (BDRV_BLOCK_ALLOCATED).
+    ``depth``: how many backing links below this node the layer that answers is.
+    ``offset``: host offset in ``file`` (the protocol node holding the bytes), if any.
+    """
+
+    start: int
+    length: int
+    present: bool
+    zero: bool
+    data: bool
+    depth: int = 0
+    offset: int | None = None
+    file: Node | None = field(default=None, compare=False)
+
+    def same_kind(self, other: Extent) -> bool:
+        if (self.present, self.zero, self.data, self.depth, self.file) != (
+            other.present,
+            other.zero,
+            other.data,
+            other.depth,
+            other.file,
+        ):
+            return False
+        if self.offset is None or other.offset is None:
+            return self.offset is None and other.offset is None
+        return self.offset + self.length == other.offset
+
+
+def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
+    """Join adjacent extents that describe the same kind of storage."""
+    out: list[Extent] = []
+    for e in extents:
+        if e.length == 0:
+            continue
+        if out and out[-1].start + out[-1].length == e.start and out[-1].same_kind(e):
+            out[-1].length += e.length
+        else:
+            out.append(Extent(e.start, e.length, e.present, e.zero, e.data, e.depth, e.offset, e.file))
+    return out
+
+
+class Child:
+    """An edge of the graph: ``parent`` uses ``node`` in the role ``name``."""
+
+    def __init__(self, parent: Node | None, name: str, node: Node) -> None:
+        self.parent = parent
+        self.name = name
+        self.node = node
+        node.parents.append(self)
+
+    def detach(self) -> None:
+        if self in self.node.parents:
+            self.node.parents.remove(self)
+
+    def replace(self, node: Node) -> None:
+        """Point this edge at another node (commit pivot, filter insertion)."""
+        self.detach()
+        self.node = node
+        node.parents.append(self)
+
+
+class _Tracked:
+    __slots__ = ("start", "end", "done", "serialising")
+
+    def __init__(self, start: int, end: int, serialising: bool) -> None:
+        self.start = start
+        self.end = end
+        self.serialising = serialising
+        self.done = asyncio.Event()
+
+
+class Node:
+    """A block node. Subclasses set ``driver_name`` and implement the hooks."""
+
+    driver_name: ClassVar[str] = ""
+    # Option schema of the driver (see options.py); merged with the common options.
+    schema: ClassVar[dict[str, Any]] = {}
+    # The smallest unit the driver can do I/O in; the generic layer pads to it.
+    request_alignment: int = 1
+    # Filters and formats that need overlapping requests ordered set this.
+    serialize_overlapping: bool = False
+    # True for format drivers with a backing chain (qcow2).
+    supports_backing: ClassVar[bool] = False
+    is_filter: ClassVar[bool] = False
+    # Protocol nodes under a format may be read and written past their end (the
+    # format grows its file); QEMU checks bounds only at the BlockBackend.
+    growable: ClassVar[bool] = False
+
+    def __init__(self, node_name: str, options: dict[str, Any]) -> None:
+        self.node_name = node_name
+        self.options = options
+        self.children: dict[str, Child] = {}
+        self.parents: list[Child] = []
+        self.read_only: bool = bool(options.get("read-only", False))
+        self.length: int = 0
+        self._tracked: list[_Tracked] = []
+        self.closed = False
+
+    # -- graph helpers --------------------------------------------------------
+
+    def attach_child(self, role: str, node: Node) -> Child:
+        child = Child(self, role, node)
+        self.children[role] = child
+        return child
+
+    def detach_child(self, role: str) -> Node:
+        child = self.children.pop(role)
+        child.detach()
+        return child.node
+
+    @property
+    def file(self) -> Node | None:
+        c = self.children.get("file")
+        return c.node if c else None
+
+    @property
+    def backing(self) -> Node | None:
+        c = self.children.get("backing")
+        return c.node if c else None
+
+    def filtered(self) -> Node | None:
+        """The node a filter passes I/O to (None for non-filters)."""
+        return self.file if self.is_filter else None
+
+    def describe_filename(self) -> str:
+        """What QEMU shows as this node's filename."""
+        f = self.file
+        return f.describe_filename() if f is not None else ""
+
+    # -- generic request layer ------------------------------------------------
+
+    def _check(self, offset: int, nbytes: int, write: bool) -> None:
+        if self.closed:
+            raise BlockError(errno.EIO, "Node is closed")
+        if offset < 0 or nbytes < 0 or nbytes > MAX_LENGTH or offset > MAX_LENGTH - nbytes:
+            raise BlockError(errno.EIO, f"Invalid request offset {offset} length {nbytes}")
+        if offset + nbytes > self.length and not self.growable:
+            raise BlockError(
+                errno.EIO,
+                f"Request beyond end of device: offset {offset} length {nbytes} size {self.length}",
+            )
+        if write and self.read_only:
+            raise BlockError(errno.EPERM, f"Node '{self.node_name}' is read-only")
+
+    async def _begin(self, start: int, end: int, serialising: bool) -> _Tracked:
+        req = _Tracked(start, end, serialising)
+        if self.serialize_overlapping or serialising:
+            while True:
+                blocker = next(
+                    (
+                        t
+                        for t in self._tracked
+                        if t.start < end and start < t.end and (t.serialising or serialising)
+                    ),
+                    None,
+                )
+                if blocker is None:
+                    break
+                await blocker.done.wait()
+        self._tracked.append(req)
+        return req
+
+    def _end(self, req: _Tracked) -> None:
+        self._tracked.remove(req)
+        req.done.set()
+
+    def in_flight(self) -> int:
+        return len(self._tracked)
+
+    async def drain(self) -> None:
+        """Wait until every request that is in flight now has finished."""
+        while self._tracked:
+            await self._tracked[0].done.wait()
+
+    async def read(self, offset: int, nbytes: int) -> bytes:
+        self._check(offset, nbytes, False)
+        if nbytes == 0:
+            return b""
+        a = self.request_alignment
+        req = await self._begin(offset, offset + nbytes, self.serialize_overlapping)
+        try:
+            if a == 1 or (offset % a == 0 and nbytes % a == 0):
+                return await self._co_read(offset, nbytes)
+            start = offset - offset % a
+            end = -(-(offset + nbytes) // a) * a
+            buf = await self._co_read(start, end - start)
+            return buf[offset - start : offset - start + nbytes]
+        finally:
+            self._end(req)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        nbytes = len(data)
+        self._check(offset, nbytes, True)
+        if nbytes == 0:
+            return
+        a = self.request_alignment
+        if a == 1 or (offset % a == 0 and nbytes % a == 0):
+            req = await self._begin(offset, offset + nbytes, False)
+            try:
+                await self._co_write(offset, bytes(data), fua)
+            finally:
+                self._end(req)
+            return
+        # Read-modify-write of the partial head/tail blocks; serialised so that two
+        # unaligned writes sharing a block cannot lose each other's bytes.
+        start = offset - offset % a
+        end = -(-(offset + nbytes) // a) * a
+        req = await self._begin(start, end, True)
+        try:
+            buf = bytearray(await self._co_read(start, end - start))
+            buf[offset - start : offset - start + nbytes] = data
+            await self._co_write(start, bytes(buf), fua)
+        finally:
+            self._end(req)
+
+    async def write_zeroes(
+        self, offset: int, nbytes: int, may_unmap: bool = False, fua: bool = False
+    ) -> None:
+        self._check(offset, nbytes, True)
+        if nbytes == 0:
+            return
+        a = self.request_alignment
+        if a != 1 and (offset % a or nbytes % a):
+            await self.write(offset, bytes(nbytes), fua)
+            return
+        req = await self._begin(offset, offset + nbytes, False)
+        try:
+            await self._co_write_zeroes(offset, nbytes, may_unmap, fua)
+        finally:
+            self._end(req)
+
+    async def discard(self, offset: int, nbytes: int) -> None:
+        self._check(offset, nbytes, True)
+        if nbytes == 0:
+            return
+        req = await self._begin(offset, offset + nbytes, False)
+        try:
+            await self._co_discard(offset, nbytes)
+        finally:
+            self._end(req)
+
+    async def flush(self) -> None:
+        if self.closed:
+            raise BlockError(errno.EIO, "Node is closed")
+        await self._co_flush()
+
+    async def block_status(self, offset: int, nbytes: int) -> list[Extent]:
+        self._check(offset, nbytes, False)
+        if nbytes == 0:
+            return []
+        return merge_extents(await self._co_block_status(offset, nbytes))
+
+    async def make_empty(self) -> None:
+        if self.read_only:
+            raise BlockError(errno.EPERM, f"Node '{self.node_name}' is read-only")
+        await self._co_make_empty()
+
+    async def close(self) -> None:
+        """Release what this node holds (not its children: the graph closes those)."""
+        self.closed = True
+
+    # -- driver hooks (defaults pass through to ``file`` for filters) ----------
+
+    def _pass(self) -> Node:
+        f = self.file
+        if f is None:
+            raise BlockError(errno.ENOTSUP, f"Driver '{self.driver_name}' does not support this")
+        return f
+
+    async def _co_read(self, offset: int, nbytes: int) -> bytes:
+        return await self._pass().read(offset, nbytes)
+
+    async def _co_write(self, offset: int, data: bytes, fua: bool) -> None:
+        await self._pass().write(offset, data, fua)
+
+    async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
+        await self._pass().write_zeroes(offset, nbytes, may_unmap, fua)
+
+    async def _co_discard(self, offset: int, nbytes: int) -> None:
+        await self._pass().discard(offset, nbytes)
+
+    async def _co_flush(self) -> None:
+        for child in list(self.children.values()):
+            if child.name != "backing":
+                await child.node.flush()
+
+    async def _co_block_status(self, offset: int, nbytes: int) -> list[Extent]:
+        return await self._pass().block_status(offset, nbytes)
+
+    async def _co_make_empty(self) -> None:
+        raise BlockError(errno.ENOTSUP, f"Driver '{self.driver_name}' does not support make_empty")
+
+    def supports_make_empty(self) -> bool:
+        return type(self)._co_make_empty is not Node._co_make_empty
+
+    async def reopen(self, read_only: bool) -> None:
+        """Switch between read-only and read-write (QEMU's bdrv_reopen)."""
+        self.read_only = read_only
+
+    def info(self) -> dict[str, Any]:
+        """Driver-specific information for query-named-block-nodes / img info."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.node_name!r} len={self.length}>"

@@ -1,0 +1,1 @@
+"""qcow2 format internals: codec, refcounts and allocator, consistency check."""

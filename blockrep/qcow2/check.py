@@ -1,0 +1,260 @@
+"""Consistency check (and repair) of a qcow2 image, as ``qemu-img check`` does it.
+
+Every cluster's references are counted from the structures (header, L1, L2,
+refcount table and blocks, snapshot tables) and compared with its stored
+refcount: stored < referenced is corruption, stored > referenced a leak.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .format import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    compressed_geometry,
+)
+from .refcount import rc_get
+
+if TYPE_CHECKING:
+    from ..block.qcow2 import Qcow2Node
+
+
+@dataclass
+class CheckResult:
+    corruptions: int = 0
+    leaks: int = 0
+    check_errors: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    messages: list[str] = field(default_factory=list)
+
+
+async def _read_table(node: Qcow2Node, offset: int, entries: int) -> list[int]:
+    data = await node._file.read(offset, entries * 8)
+    return list(struct.unpack(f">{entries}Q", data))
+
+
+async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
+    """Count references, compare with refcounts; with ``repair`` fix both kinds."""
+    h = node.h
+    cs, cb = h.cluster_size, h.cluster_bits
+    f = node._file
+    file_size = f.length
+    nb_clusters = -(-file_size // cs)
+    res = CheckResult()
+    res.total_clusters = -(-h.size // cs)
+    refs: Counter[int] = Counter()
+    copied_checks: list[tuple[str, int, int, int]] = []  # (kind, index, entry, cluster)
+
+    def ref(offset: int, nbytes: int, what: str) -> bool:
+        if offset % cs and what != "compressed":
+            res.corruptions += 1
+            res.messages.append(
+                f"ERROR {what} offset={offset:x}: Cluster is not properly aligned; "
+                "L2 entry corrupted." if what == "data" else f"ERROR {what} offset {offset:#x} is not cluster aligned"
+            )
+            return False
+        first = offset >> cb
+        last = (offset + max(nbytes, 1) - 1) >> cb
+        for c in range(first, last + 1):
+            refs[c] += 1
+        return True
+
+    ref(0, cs, "header")
+
+    async def walk_l1(l1_offset: int, l1_size: int, active: bool) -> None:
+        if l1_size == 0:
+            return
+        ref(l1_offset, l1_size * 8, "L1 table")
+        l1 = await _read_table(node, l1_offset, l1_size)
+        next_contiguous = 0
+        for i, e in enumerate(l1):
+            l2_off = e & L1E_OFFSET_MASK
+            if not l2_off:
+                continue
+            if l2_off % cs:
+                res.corruptions += 1
+                res.messages.append(
+                    f"ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
+                )
+                continue
+            if l2_off + cs > file_size:
+                res.corruptions += 1
+                res.messages.append(f"ERROR l2_offset={l2_off:x}: L2 table is outside the image")
+                continue
+            ref(l2_off, cs, "L2 table")
+            if active:
+                copied_checks.append(("L1", i, e, l2_off >> cb))
+            l2 = await _read_table(node, l2_off, h.l2_entries)
+            for j, le in enumerate(l2):
+                if le & OFLAG_COMPRESSED:
+                    off, nb = compressed_geometry(le & ~OFLAG_COPIED, cb)
+                    if le & OFLAG_COPIED:
+                        res.corruptions += 1
+                        res.messages.append(
+                            f"ERROR: coffset=0x{off:x}: copied flag must never be set for compressed clusters"
+                        )
+                    ref(off, nb, "compressed")
+                    if active:
+                        res.allocated_clusters += 1
+                        res.compressed_clusters += 1
+                        next_contiguous = 0
+                    continue
+                host = le & L2E_OFFSET_MASK
+                if h.version >= 3 and le & OFLAG_ZERO and not host:
+                    continue
+                if not host:
+                    continue
+                if host % cs:
+                    res.corruptions += 1
+                    res.messages.append(
+                        f"ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."
+                    )
+                    continue
+                if host + cs > file_size + (cs - 1) and host >= file_size:
+                    res.corruptions += 1
+                    res.messages.append(
+                        f"ERROR offset={host:x}: Data cluster is beyond the end of the image"
+                    )
+                    continue
+                ref(host, cs, "data")
+                if active:
+                    res.allocated_clusters += 1
+                    if next_contiguous and host != next_contiguous:
+                        res.fragmented_clusters += 1
+                    next_contiguous = host + cs
+                    copied_checks.append(("L2", i * h.l2_entries + j, le, host >> cb))
+
+    await walk_l1(h.l1_table_offset, h.l1_size, True)
+    # snapshots: their L1 tables and the table itself
+    if h.nb_snapshots:
+        pos = h.snapshots_offset
+        start = pos
+        for _ in range(h.nb_snapshots):
+            head = await f.read(pos, 40)
+            l1_off, l1_size, id_len, name_len = struct.unpack_from(">QIHH", head, 0)
+            extra = struct.unpack_from(">I", head, 36)[0]
+            await walk_l1(l1_off, l1_size, False)
+            pos += 40 + extra + id_len + name_len
+            pos += (-pos) % 8
+        ref(start, pos - start, "snapshot table")
+    # refcount structures
+    ref(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
+    reftable = await _read_table(node, h.refcount_table_offset, h.refcount_table_clusters * cs // 8)
+    block_entries = (cs * 8) >> h.refcount_order
+    blocks: dict[int, bytes] = {}
+    for i, e in enumerate(reftable):
+        off = e & ~0x1FF
+        if not off:
+            continue
+        if off % cs:
+            res.corruptions += 1
+            res.messages.append(
+                f"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+            )
+            continue
+        if off >= file_size:
+            res.corruptions += 1
+            res.messages.append(f"ERROR refcount block {i} is outside image")
+            continue
+        ref(off, cs, "refcount block")
+        blocks[i] = await f.read(off, cs)
+
+    def stored(c: int) -> int:
+        blk = blocks.get(c // block_entries)
+        return 0 if blk is None else rc_get(blk, c % block_entries, h.refcount_order)
+
+    highest = max(refs) if refs else 0
+    upper = max(nb_clusters, highest + 1)
+    fixes: list[tuple[int, int]] = []
+    for c in range(upper):
+        r = refs.get(c, 0)
+        s = stored(c)
+        if s == r:
+            continue
+        if s < r:
+            res.corruptions += 1
+            res.messages.append(f"ERROR cluster {c} refcount={s} reference={r}")
+        else:
+            res.leaks += 1
+            res.messages.append(f"Leaked cluster {c} refcount={s} reference={r}")
+        fixes.append((c, r - s))
+    # clusters counted beyond the last refcount block that still have refcounts
+    for bi, blk in blocks.items():
+        base = bi * block_entries
+        if base + block_entries <= upper:
+            continue
+        for k in range(max(0, upper - base), block_entries):
+            s = rc_get(blk, k, h.refcount_order)
+            if s:
+                res.leaks += 1
+                res.messages.append(f"Leaked cluster {base + k} refcount={s} reference=0")
+                fixes.append((base + k, -s))
+    for kind, idx, e, c in copied_checks:
+        expect = stored(c) == 1 and refs.get(c, 0) == 1
+        if bool(e & OFLAG_COPIED) != expect:
+            res.corruptions += 1
+            if kind == "L1":
+                res.messages.append(
+                    f"ERROR OFLAG_COPIED L2 cluster: l1_index={idx} l1_entry={e:x} refcount={stored(c)}"
+                )
+            else:
+                res.messages.append(
+                    f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={stored(c)}"
+                )
+            fixes.append((-1, 0))
+    in_use = [c for c in range(upper) if refs.get(c, 0)]
+    res.image_end_offset = ((max(in_use) + 1) * cs) if in_use else cs
+    if repair and fixes:
+        await _repair(node, fixes, res)
+    return res
+
+
+async def _repair(node: Qcow2Node, fixes: list[tuple[int, int]], res: CheckResult) -> None:
+    """Apply refcount deltas through the allocator, then set COPIED flags right."""
+    rc = node.rc
+    for c, delta in fixes:
+        if c < 0:
+            continue
+        await rc.add(c, delta)
+        if delta < 0:
+            res.leaks_fixed += 1
+        else:
+            res.corruptions_fixed += 1
+    await rc.write_increments()
+    await node._file.flush()
+    h = node.h
+    cb = h.cluster_bits
+    for i, e in enumerate(node.l1):
+        off = e & L1E_OFFSET_MASK
+        if not off:
+            continue
+        want = off | (OFLAG_COPIED if await rc.get(off >> cb) == 1 else 0)
+        if want != e:
+            node.l1[i] = want
+            node.l1_dirty.add(i)
+        l2 = await node._l2(i, alloc=False)
+        assert l2 is not None
+        for j in range(h.l2_entries):
+            le = int.from_bytes(l2[j * 8 : j * 8 + 8], "big")
+            host = le & L2E_OFFSET_MASK
+            if le & OFLAG_COMPRESSED or not host:
+                continue
+            want = (le & ~OFLAG_COPIED) | (OFLAG_COPIED if await rc.get(host >> cb) == 1 else 0)
+            if want != le:
+                l2[j * 8 : j * 8 + 8] = want.to_bytes(8, "big")
+                node.l2cache.dirty.add(off)
+    await node._flush_metadata()
+    await node._file.flush()
