@@ -79,7 +79,6 @@ async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
             return
         ref(l1_offset, l1_size * 8, "L1 table")
         l1 = await _read_table(node, l1_offset, l1_size)
-        next_contiguous = 0
         for i, e in enumerate(l1):
             l2_off = e & L1E_OFFSET_MASK
             if not l2_off:
@@ -98,6 +97,7 @@ async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
             if active:
                 copied_checks.append(("L1", i, e, l2_off >> cb))
             l2 = await _read_table(node, l2_off, h.l2_entries)
+            next_contiguous = 0  # QEMU counts fragmentation within one L2 table
             for j, le in enumerate(l2):
                 if le & OFLAG_COMPRESSED:
                     off, nb = compressed_geometry(le & ~OFLAG_COPIED, cb)
@@ -110,7 +110,7 @@ async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
                     if active:
                         res.allocated_clusters += 1
                         res.compressed_clusters += 1
-                        next_contiguous = 0
+                        res.fragmented_clusters += 1  # compressed clusters are, by nature
                     continue
                 host = le & L2E_OFFSET_MASK
                 if h.version >= 3 and le & OFLAG_ZERO and not host:
