@@ -177,8 +177,9 @@ class Node:
             raise BlockError(errno.EPERM, f"Node '{self.node_name}' is read-only")
 
     async def _begin(self, start: int, end: int, serialising: bool) -> _Tracked:
+        serialising = serialising or self.serialize_overlapping
         req = _Tracked(start, end, serialising)
-        if self.serialize_overlapping or serialising:
+        if serialising:
             while True:
                 blocker = next(
                     (
