@@ -223,7 +223,7 @@ class Node:
         finally:
             self._end(req)
 
-    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         nbytes = len(data)
         self._check(offset, nbytes, True)
         if nbytes == 0:
@@ -232,7 +232,9 @@ class Node:
         if a == 1 or (offset % a == 0 and nbytes % a == 0):
             req = await self._begin(offset, offset + nbytes, False)
             try:
-                await self._co_write(offset, bytes(data), fua)
+                # bytes and memoryviews pass through uncopied; a bytearray the
+                # caller may reuse is frozen first
+                await self._co_write(offset, bytes(data) if isinstance(data, bytearray) else data, fua)
             finally:
                 self._end(req)
             return

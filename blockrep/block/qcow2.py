@@ -411,7 +411,7 @@ class Qcow2Node(Node):
                     ):
                         break
                     stop = min(end, stop + cs)
-                await self._file.write(host + (pos & (cs - 1)), bytes(data[pos - offset : stop - offset]))
+                await self._file.write(host + (pos & (cs - 1)), data[pos - offset : stop - offset])
                 pos = stop
                 continue
             # allocate a run of clusters that all need new storage
@@ -426,16 +426,21 @@ class Qcow2Node(Node):
             n = len(entries)
             run_start = cluster << cb
             run_end = run_start + n * cs
-            buf = bytearray(n * cs)
-            need_head = pos > run_start
-            if need_head:
-                buf[:cs] = await self._old_cluster(cluster, entries[0])
-            if end < run_end and (n > 1 or not need_head):
-                buf[(n - 1) * cs :] = await self._old_cluster(cluster + n - 1, entries[-1])
             w_end = min(end, run_end)
-            buf[pos - run_start : w_end - run_start] = data[pos - offset : w_end - offset]
+            need_head = pos > run_start
+            need_tail = end < run_end
             host = await self.rc.alloc(n)
-            await self._file.write(host, bytes(buf))
+            if not (need_head or need_tail):
+                # whole clusters: the guest data goes out as it is, no copy
+                await self._file.write(host, data[pos - offset : w_end - offset])
+            else:
+                buf = bytearray(n * cs)
+                if need_head:
+                    buf[:cs] = await self._old_cluster(cluster, entries[0])
+                if need_tail and (n > 1 or not need_head):
+                    buf[(n - 1) * cs :] = await self._old_cluster(cluster + n - 1, entries[-1])
+                buf[pos - run_start : w_end - run_start] = data[pos - offset : w_end - offset]
+                await self._file.write(host, memoryview(buf))
             for i, old in enumerate(entries):
                 await self._set_entry(cluster + i, (host + i * cs) | OFLAG_COPIED)
                 self._release(old)

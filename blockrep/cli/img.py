@@ -123,7 +123,7 @@ async def create_image(
         if not quiet:
             out(f"Formatting '{filename}', fmt=raw size={size}")
         with open(filename, "wb") as f:
-            f.truncate(size)
+            f.truncate(-(-size // 512) * 512)  # QEMU rounds the size up to whole sectors
         return
     if fmt != "qcow2":
         raise ImgError(f"Unknown file format '{fmt}'")
@@ -188,7 +188,7 @@ async def create_image(
         f = await graph.add({"driver": "file", "filename": filename})
         await qcow2_create(
             f,
-            size,
+            -(-size // 512) * 512,  # qcow2_co_create_opts rounds up to whole sectors
             cluster_size=cluster_size,
             backing_file=backing,
             backing_format=backing_fmt,
