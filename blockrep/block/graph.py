@@ -127,7 +127,7 @@ class Graph:
             name = self.auto_name()
         else:
             if not _NODE_NAME_RE.match(name):
-                raise OptionError("Invalid node-name: '%s'" % name)
+                raise OptionError(f"Invalid node-name: '{name}'")
             if name in self.nodes or name in self.devices:
                 raise OptionError(f"Duplicate nodes with node-name='{name}'")
         node = await cls.open(self, name, opts, typed=typed)  # type: ignore[attr-defined]

@@ -15,7 +15,8 @@ from ..block.file import FileNode
 from ..block.graph import probe_format
 from ..block.node import BlockError, Extent, Node
 from ..block.options import OptionError, parse_size, split_keyval
-from ..block.qcow2 import Qcow2Node, create as qcow2_create
+from ..block.qcow2 import Qcow2Node
+from ..block.qcow2 import create as qcow2_create
 from ..qcow2.check import check_image
 from .qemu_json import dumps_pretty
 
@@ -38,7 +39,7 @@ def size_to_str(value: int) -> str:
     _, exp = math.frexp(value / (1000.0 / 1024.0))
     i = (exp - 1) // 10
     i = max(0, min(i, len(suffixes) - 1))
-    return "%0.3g %sB" % (value / (1 << (i * 10)), suffixes[i])
+    return f"{value / (1 << (i * 10)):0.3g} {suffixes[i]}B"
 
 
 def _hex(v: int) -> str:
@@ -509,7 +510,7 @@ class Progress:
             self._print(0.0)
 
     def _print(self, pct: float) -> None:
-        sys.stdout.write("    (%3.2f/100%%)\r" % pct)
+        sys.stdout.write(f"    ({pct:3.2f}/100%)\r")
         sys.stdout.flush()
 
     def update(self, pos: int) -> None:

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from ..block.node import BlockError, Node
-from .format import REFT_OFFSET_MASK, MAX_REFTABLE_BYTES, Header
+from .format import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, Header
 
 
 def rc_get(block: bytearray | bytes, i: int, order: int) -> int:
