@@ -278,32 +278,31 @@ async def _make_empty(path: Path) -> None:
 
 
 MAKE_EMPTY_CASES = [
-    # (cluster size, compat, size, backing fmt)
-    (65536, "1.1", 64 * MiB, "raw"),
-    (512, "1.1", 16 * MiB, "qcow2"),
-    (4096, "1.1", 128 * MiB, "raw"),
-    (2 * MiB, "1.1", 64 * MiB, "qcow2"),
-    (65536, "1.1", 64 * MiB, None),
+    # (cluster size, compat, size, backing fmt, refcount bits)
+    (65536, "1.1", 64 * MiB, "raw", 16),
+    (512, "1.1", 16 * MiB, "qcow2", 16),
+    (4096, "1.1", 128 * MiB, "raw", 16),
+    (2 * MiB, "1.1", 64 * MiB, "qcow2", 16),
+    (65536, "1.1", 16 * MiB, None, 16),
+    (4096, "1.1", 16 * MiB, "raw", 1),
     # the L1 table does not fit one refblock: QEMU's (and blockrep's) O(data) fallback
-    (512, "1.1", 1 * GiB, "raw"),
+    (512, "1.1", 128 * MiB, "raw", 64),
     # v2 has no dirty bit: fallback too
-    (65536, "0.10", 64 * MiB, "raw"),
-    (4096, "0.10", 16 * MiB, "qcow2"),
+    (65536, "0.10", 16 * MiB, "raw", 16),
+    (4096, "0.10", 16 * MiB, "qcow2", 16),
 ]
 
 
-@pytest.mark.parametrize("cs,compat,size,bfmt", MAKE_EMPTY_CASES)
-async def test_make_empty_matches_qemu_commit(tmp_path: Path, cs, compat, size, bfmt) -> None:
+@pytest.mark.parametrize("cs,compat,size,bfmt,rbits", MAKE_EMPTY_CASES)
+async def test_make_empty_matches_qemu_commit(tmp_path: Path, cs, compat, size, bfmt, rbits) -> None:
     """blockrep make_empty == QEMU's bdrv_make_empty (run by ``qemu-img commit``) on the same file."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    backing_args: list[str] = []
     if bfmt:
         qimg("create", "-q", "-f", bfmt, a / f"base.{bfmt}", str(size))
-        qio(a / f"base.{bfmt}", [f"write -P 0x5a 0 {size // 2}"], fmt=bfmt)
+        qio(a / f"base.{bfmt}", [f"write -P 0x5a {cs} {min(size // 2, 4 * MiB)}"], fmt=bfmt)
         shutil.copy(a / f"base.{bfmt}", b / f"base.{bfmt}")
-        backing_args = ["-b", f"base.{bfmt}", "-F", bfmt]
     await api_create(
         a / "top.qcow2",
         size,
@@ -311,6 +310,7 @@ async def test_make_empty_matches_qemu_commit(tmp_path: Path, cs, compat, size, 
         version=3 if compat == "1.1" else 2,
         backing_file=f"base.{bfmt}" if bfmt else None,
         backing_format=bfmt,
+        refcount_bits=rbits,
     )
     fresh = (a / "top.qcow2").read_bytes()
     await _fill_overlay(a / "top.qcow2", size, cs, seed=cs + size)
@@ -334,7 +334,7 @@ async def test_make_empty_matches_qemu_commit(tmp_path: Path, cs, compat, size, 
         assert all(e.depth > 0 or not e.present for e in await n.block_status(0, size))
     l1_entries = -(-size // (cs * (cs // 8)))
     l1_clusters = -(-l1_entries * 8 // cs)
-    if compat == "1.1" and 3 + l1_clusters <= cs * 8 // 16:
+    if compat == "1.1" and 3 + l1_clusters <= cs * 8 // rbits:
         # QEMU's make_completely_empty: the fresh image, zero-extended to (3 + l1_clusters) clusters
         want = fresh + bytes((3 + l1_clusters) * cs - len(fresh))
         assert_same_bytes(got, want, "make_empty vs fresh create")

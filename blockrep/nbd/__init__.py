@@ -1,0 +1,1 @@
+"""The NBD protocol: codec (proto), server, and the client used by the ``nbd`` driver."""

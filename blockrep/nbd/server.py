@@ -1,0 +1,431 @@
+"""NBD server: fixed newstyle handshake and the transmission phase, over asyncio streams.
+
+One task per client reads requests and starts one task per request, so a client
+may have many requests in flight and gets replies out of order; a lock keeps
+each reply's bytes together on the wire. A client that breaks the protocol loses
+its own connection and nothing else: every length is bounded before anything is
+allocated, and data reaches the export only through well-formed writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..block.node import BlockError, Node
+from . import proto as p
+
+log = logging.getLogger("blockrep.nbd.server")
+
+MAX_IN_FLIGHT = 64  # per client; more requests wait in the socket buffer
+
+
+@dataclass
+class Export:
+    """A node served under a name (QEMU's block export / BlockBackend)."""
+
+    name: str
+    node: Node
+    writable: bool = False
+    description: str = ""
+    id: str = ""
+    clients: set = field(default_factory=set)
+
+    @property
+    def size(self) -> int:
+        return self.node.length
+
+    def transmission_flags(self) -> int:
+        f = (
+            p.TF_HAS_FLAGS
+            | p.TF_SEND_FLUSH
+            | p.TF_SEND_FUA
+            | p.TF_SEND_DF
+            | p.TF_SEND_CACHE
+            | p.TF_CAN_MULTI_CONN
+        )
+        if self.writable:
+            f |= p.TF_SEND_TRIM | p.TF_SEND_WRITE_ZEROES | p.TF_SEND_FAST_ZERO
+        else:
+            f |= p.TF_READ_ONLY
+        return f
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol in a way that ends its connection."""
+
+
+class NBDServer:
+    def __init__(
+        self,
+        exports: dict[str, Export],
+        *,
+        tls: ssl.SSLContext | None = None,
+        authz: Callable[[str], bool] | None = None,
+        max_connections: int = 0,
+    ) -> None:
+        self.exports = exports
+        self.tls = tls
+        self.authz = authz
+        self.max_connections = max_connections
+        self.clients: set[NBDClientConn] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+
+    async def listen_tcp(self, host: str, port: int) -> asyncio.AbstractServer:
+        srv = await asyncio.start_server(self._accept, host, port, reuse_address=True, limit=1 << 20)
+        self.servers.append(srv)
+        return srv
+
+    async def listen_unix(self, path: str) -> asyncio.AbstractServer:
+        srv = await asyncio.start_unix_server(self._accept, path, limit=1 << 20)
+        self.servers.append(srv)
+        return srv
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.max_connections and len(self.clients) >= self.max_connections:
+            writer.close()
+            return
+        conn = NBDClientConn(self, reader, writer)
+        self.clients.add(conn)
+        try:
+            await conn.run()
+        except (ConnectionError, asyncio.IncompleteReadError, ProtocolError, ssl.SSLError) as e:
+            log.debug("client dropped: %s", e)
+        except Exception:  # a bug must cost one connection, never the daemon
+            log.exception("NBD client handler failed")
+        finally:
+            self.clients.discard(conn)
+            if conn.export is not None:
+                conn.export.clients.discard(conn)
+            await conn.drain()
+            writer.close()
+
+    async def close(self) -> None:
+        """Stop listening, let in-flight requests finish, drop the clients."""
+        for s in self.servers:
+            s.close()
+        for s in self.servers:
+            await s.wait_closed()
+        self.servers.clear()
+        for c in list(self.clients):
+            await c.drain()
+            c.writer.close()
+
+    def drop_export_clients(self, export: Export) -> None:
+        for c in list(export.clients):
+            c.writer.close()
+
+
+class NBDClientConn:
+    def __init__(self, server: NBDServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.structured = False
+        self.meta_base_allocation = False
+        self.export: Export | None = None
+        self.tls_done = False
+        self.wlock = asyncio.Lock()
+        self.tasks: set[asyncio.Task] = set()
+        self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+    async def _read(self, n: int) -> bytes:
+        return await self.reader.readexactly(n)
+
+    async def _send(self, data: bytes) -> None:
+        async with self.wlock:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    # -- handshake ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.writer.write(p.HEADER.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
+        await self.writer.drain()
+        (cflags,) = struct.unpack(">I", await self._read(4))
+        if cflags & ~(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES):
+            raise ProtocolError(f"unknown client flags {cflags:#x}")
+        self.no_zeroes = bool(cflags & p.FLAG_C_NO_ZEROES)
+        export = await self.negotiate()
+        if export is None:
+            return
+        self.export = export
+        export.clients.add(self)
+        await self.transmission()
+
+    async def _opt_reply(self, opt: int, rep: int, data: bytes = b"") -> None:
+        await self._send(p.pack_option_reply(opt, rep, data))
+
+    async def _opt_error(self, opt: int, rep: int, msg: str) -> None:
+        await self._opt_reply(opt, rep, msg.encode()[: p.MAX_STRING])
+
+    async def negotiate(self) -> Export | None:
+        tls_required = self.server.tls is not None
+        while True:
+            magic, opt, length = p.OPTION.unpack(await self._read(p.OPTION.size))
+            if magic != p.IHAVEOPT:
+                raise ProtocolError("bad option magic")
+            if length > p.MAX_OPTION_LEN:
+                raise ProtocolError(f"option length {length} too large")
+            data = await self._read(length)
+            if tls_required and not self.tls_done and opt not in (p.OPT_STARTTLS, p.OPT_ABORT):
+                if opt == p.OPT_EXPORT_NAME:
+                    raise ProtocolError("EXPORT_NAME before STARTTLS")
+                await self._opt_error(opt, p.REP_ERR_TLS_REQD, "Option 0x%x not permitted before TLS" % opt)
+                continue
+            try:
+                result = await self._option(opt, data)
+            except p.ParseError as e:
+                await self._opt_error(opt, p.REP_ERR_INVALID, str(e))
+                continue
+            if result is False:
+                return None
+            if isinstance(result, Export):
+                return result
+
+    def _lookup(self, name: str) -> Export | None:
+        if name == "" and len(self.server.exports) == 1:
+            return next(iter(self.server.exports.values()))
+        return self.server.exports.get(name)
+
+    async def _option(self, opt: int, data: bytes) -> Export | bool | None:
+        if opt == p.OPT_ABORT:
+            await self._opt_reply(opt, p.REP_ACK)
+            return False
+        if opt == p.OPT_EXPORT_NAME:
+            exp = self._lookup(data.decode(errors="replace"))
+            if exp is None:
+                raise ProtocolError("unknown export in EXPORT_NAME")
+            reply = struct.pack(">QH", exp.size, exp.transmission_flags())
+            if not self.no_zeroes:
+                reply += bytes(124)
+            await self._send(reply)
+            return exp
+        if opt == p.OPT_LIST:
+            if data:
+                await self._opt_error(opt, p.REP_ERR_INVALID, "NBD_OPT_LIST must have no payload")
+                return None
+            for exp in self.server.exports.values():
+                desc = exp.description.encode()
+                await self._opt_reply(opt, p.REP_SERVER, p.pack_name_list(exp.name) + desc)
+            await self._opt_reply(opt, p.REP_ACK)
+            return None
+        if opt == p.OPT_STARTTLS:
+            if data:
+                await self._opt_error(opt, p.REP_ERR_INVALID, "NBD_OPT_STARTTLS must have no payload")
+                return None
+            if self.server.tls is None:
+                await self._opt_error(opt, p.REP_ERR_POLICY, "TLS not configured")
+                return None
+            if self.tls_done:
+                await self._opt_error(opt, p.REP_ERR_INVALID, "TLS already negotiated")
+                return None
+            await self._opt_reply(opt, p.REP_ACK)
+            await self.writer.start_tls(self.server.tls)
+            self.tls_done = True
+            if self.server.authz is not None and not self.server.authz(self._peer_dn()):
+                raise ProtocolError("client certificate not authorized")
+            return None
+        if opt == p.OPT_STRUCTURED_REPLY:
+            if data:
+                await self._opt_error(opt, p.REP_ERR_INVALID, "structured reply option must have no payload")
+                return None
+            self.structured = True
+            await self._opt_reply(opt, p.REP_ACK)
+            return None
+        if opt in (p.OPT_LIST_META_CONTEXT, p.OPT_SET_META_CONTEXT):
+            name, queries = p.parse_meta_request(data)
+            if not self.structured:
+                await self._opt_error(opt, p.REP_ERR_INVALID, "structured replies not negotiated")
+                return None
+            if self._lookup(name) is None:
+                await self._opt_error(opt, p.REP_ERR_UNKNOWN, f"export '{name}' not present")
+                return None
+            wanted = False
+            if opt == p.OPT_LIST_META_CONTEXT and not queries:
+                wanted = True
+            for q in queries:
+                if q == p.META_BASE_ALLOCATION or (opt == p.OPT_LIST_META_CONTEXT and q == "base:"):
+                    wanted = True
+            if opt == p.OPT_SET_META_CONTEXT:
+                self.meta_base_allocation = wanted
+            if wanted:
+                await self._opt_reply(
+                    opt, p.REP_META_CONTEXT, struct.pack(">I", 0) + p.META_BASE_ALLOCATION.encode()
+                )
+            await self._opt_reply(opt, p.REP_ACK)
+            return None
+        if opt in (p.OPT_INFO, p.OPT_GO):
+            name, infos = p.parse_info_request(data)
+            exp = self._lookup(name)
+            if exp is None:
+                await self._opt_error(opt, p.REP_ERR_UNKNOWN, f"export '{name}' not present")
+                return None
+            await self._opt_reply(opt, p.REP_INFO, p.pack_info_export(exp.size, exp.transmission_flags()))
+            if p.INFO_NAME in infos:
+                await self._opt_reply(opt, p.REP_INFO, struct.pack(">H", p.INFO_NAME) + exp.name.encode())
+            if p.INFO_DESCRIPTION in infos and exp.description:
+                await self._opt_reply(
+                    opt, p.REP_INFO, struct.pack(">H", p.INFO_DESCRIPTION) + exp.description.encode()
+                )
+            await self._opt_reply(
+                opt, p.REP_INFO, p.pack_info_block_size(1, 4096, p.MAX_BUFFER)
+            )
+            await self._opt_reply(opt, p.REP_ACK)
+            return exp if opt == p.OPT_GO else None
+        await self._opt_error(opt, p.REP_ERR_UNSUP, "Unsupported option %d" % opt)
+        return None
+
+    def _peer_dn(self) -> str:
+        ssl_obj = self.writer.get_extra_info("ssl_object")
+        cert = ssl_obj.getpeercert() if ssl_obj is not None else None
+        if not cert:
+            return ""
+        names = {"countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
+                 "organizationName": "O", "organizationalUnitName": "OU", "commonName": "CN"}
+        rdns = [f"{names.get(k, k)}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
+        return ",".join(reversed(rdns))
+
+    # -- transmission ------------------------------------------------------------
+
+    async def transmission(self) -> None:
+        exp = self.export
+        assert exp is not None
+        while True:
+            hdr = await self._read(p.REQUEST.size)
+            try:
+                req = p.parse_request(hdr)
+            except ValueError as e:
+                raise ProtocolError(str(e)) from None
+            if req.type == p.CMD_DISC:
+                await self.drain()
+                return
+            payload = b""
+            if req.type == p.CMD_WRITE:
+                if req.length > p.MAX_BUFFER:
+                    # the payload cannot be skipped safely: drop the connection
+                    raise ProtocolError(f"write of {req.length} bytes exceeds {p.MAX_BUFFER}")
+                payload = await self._read(req.length)
+            await self.slots.acquire()
+            t = asyncio.create_task(self._handle(req, payload))
+            self.tasks.add(t)
+            t.add_done_callback(self._done)
+
+    def _done(self, t: asyncio.Task) -> None:
+        self.tasks.discard(t)
+        self.slots.release()
+        if not t.cancelled() and t.exception() is not None:
+            log.debug("request failed: %r", t.exception())
+            self.writer.close()
+
+    async def drain(self) -> None:
+        while self.tasks:
+            await asyncio.wait(list(self.tasks))
+
+    def _check(self, req: p.Request) -> int:
+        """Validate a request before it reaches the node; 0 or an NBD errno."""
+        exp = self.export
+        assert exp is not None
+        allowed = {
+            p.CMD_READ: p.CMD_FLAG_DF,
+            p.CMD_WRITE: p.CMD_FLAG_FUA,
+            p.CMD_FLUSH: 0,
+            p.CMD_TRIM: p.CMD_FLAG_FUA,
+            p.CMD_CACHE: 0,
+            p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO,
+            p.CMD_BLOCK_STATUS: p.CMD_FLAG_REQ_ONE,
+        }
+        if req.type not in allowed:
+            return p.NBD_EINVAL
+        if req.flags & ~allowed[req.type]:
+            return p.NBD_EINVAL
+        if req.flags & p.CMD_FLAG_DF and not self.structured:
+            return p.NBD_EINVAL
+        if req.type == p.CMD_BLOCK_STATUS and not self.meta_base_allocation:
+            return p.NBD_EINVAL
+        if req.type in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES) and not exp.writable:
+            return p.NBD_EPERM
+        if req.type == p.CMD_FLUSH:
+            return 0
+        if req.type == p.CMD_READ and req.length > p.MAX_BUFFER:
+            return p.NBD_EINVAL
+        if req.offset > exp.size or req.length > exp.size - req.offset:
+            return p.NBD_ENOSPC if req.type in (p.CMD_WRITE, p.CMD_WRITE_ZEROES) else p.NBD_EINVAL
+        return 0
+
+    async def _error(self, req: p.Request, err: int, msg: str = "") -> None:
+        if self.structured and (req.type in (p.CMD_READ, p.CMD_BLOCK_STATUS)):
+            await self._send(p.pack_error_chunk(req.handle, err, msg))
+        else:
+            await self._send(p.pack_simple_reply(req.handle, err))
+
+    async def _handle(self, req: p.Request, payload: bytes) -> None:
+        err = self._check(req)
+        if err:
+            await self._error(req, err, "invalid request")
+            return
+        node = self.export.node  # type: ignore[union-attr]
+        fua = bool(req.flags & p.CMD_FLAG_FUA)
+        try:
+            if req.type == p.CMD_READ:
+                data = await node.read(req.offset, req.length) if req.length else b""
+                if self.structured:
+                    if req.length:
+                        hdr = p.CHUNK.pack(
+                            p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA,
+                            req.handle, 8 + len(data),
+                        )
+                        await self._send(hdr + struct.pack(">Q", req.offset) + data)
+                    else:
+                        await self._send(p.pack_chunk(req.handle, p.REPLY_TYPE_NONE))
+                else:
+                    await self._send(p.pack_simple_reply(req.handle) + data)
+                return
+            if req.type == p.CMD_WRITE:
+                await node.write(req.offset, payload, fua=fua)
+            elif req.type == p.CMD_FLUSH:
+                await node.flush()
+            elif req.type == p.CMD_TRIM:
+                await node.discard(req.offset, req.length)
+                if fua:
+                    await node.flush()
+            elif req.type == p.CMD_WRITE_ZEROES:
+                await node.write_zeroes(
+                    req.offset, req.length, may_unmap=not req.flags & p.CMD_FLAG_NO_HOLE, fua=fua
+                )
+            elif req.type == p.CMD_CACHE:
+                pass  # advisory; the page cache already holds what was read
+            elif req.type == p.CMD_BLOCK_STATUS:
+                await self._block_status(req)
+                return
+        except BlockError as e:
+            await self._error(req, p.errno_to_nbd(e.errno), e.message)
+            return
+        await self._send(p.pack_simple_reply(req.handle))
+
+    async def _block_status(self, req: p.Request) -> None:
+        node = self.export.node  # type: ignore[union-attr]
+        length = req.length
+        extents = await node.block_status(req.offset, length) if length else []
+        descs = []
+        for e in extents:
+            flags = (0 if e.data else p.STATE_HOLE) | (p.STATE_ZERO if e.zero else 0)
+            if descs and descs[-1][1] == flags:
+                descs[-1][0] += e.length
+            else:
+                descs.append([e.length, flags])
+            if req.flags & p.CMD_FLAG_REQ_ONE:
+                break
+        if req.flags & p.CMD_FLAG_REQ_ONE:
+            descs = descs[:1]
+        descs = descs[:1 << 16]
+        payload = struct.pack(">I", 0) + b"".join(struct.pack(">II", ln, fl) for ln, fl in descs)
+        await self._send(p.pack_chunk(req.handle, p.REPLY_TYPE_BLOCK_STATUS, payload))
