@@ -44,6 +44,8 @@ class Graph:
         # extra users of a node that are not graph edges (exports, jobs)
         self.users: dict[str, list[str]] = {}
         self._auto = 0
+        # user-creatable objects (-object / object-add): TLS credentials, authz
+        self.objects: dict[str, Any] = {}
         # called after a node has been opened, so that higher layers can watch
         self.on_open: list[Callable[[Node], None]] = []
 
