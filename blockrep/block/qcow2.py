@@ -31,7 +31,7 @@ from ..qcow2.format import (
     parse_header,
     size_to_l1,
 )
-from ..qcow2.refcount import Refcounts, TableCache
+from ..qcow2.refcount import Refcounts, TableCache, rc_set
 from .graph import Graph, probe_format, register, resolve_relative
 from .node import BlockError, Extent, Node
 from .options import OptionError
@@ -599,42 +599,79 @@ class Qcow2Node(Node):
         cs = h.cluster_size
         l1_clusters = -(-h.l1_size * 8 // cs)
         if h.version < 3 or 3 + l1_clusters > self.rc.block_entries:
-            # Fallback, as QEMU: discard every cluster (O(data)).
-            for c in range(-(-self.length // cs)):
-                e = await self._get_entry(c)
-                if e:
-                    await self._set_entry(c, 0)
-                    self._release(e)
+            # Fallback, as QEMU: discard every cluster (O(data)); only slots that
+            # have an L2 table can hold anything.
+            nclusters = -(-self.length // cs)
+            l2e = h.l2_entries
+            for i in range(len(self.l1)):
+                if not self.l1[i] & L1E_OFFSET_MASK:
+                    continue
+                for c in range(i * l2e, min((i + 1) * l2e, nclusters)):
+                    e = await self._get_entry(c)
+                    if e:
+                        await self._set_entry(c, 0)
+                        self._release(e)
             await self._flush_metadata()
             return
-        # Rewrite the image as a fresh one with the same header: O(metadata).
-        # The dirty bit covers the window in which refcounts are knowingly wrong.
+        fresh_layout = (
+            h.refcount_table_offset == cs
+            and h.refcount_table_clusters == 1
+            and bool(self.rc.reftable)
+            and self.rc.reftable[0] == 2 * cs
+            and (h.l1_size == 0 or h.l1_table_offset == 3 * cs)
+            and not h.nb_snapshots
+        )
+        if not fresh_layout:
+            await self._drop_all_l2_tables()
+            return
+        # Rewrite the image as a fresh one (header unchanged): O(metadata). Every
+        # step leaves an image with at most leaked clusters, never a reference to
+        # a cluster with refcount 0, so a crash in between is harmless:
+        #  1. zero the L1 table: every L2 table and data cluster is now a leak;
+        #  2. drop refcount table entries 1..: those blocks are now leaks too;
+        #  3. rewrite refcount block 0 to count only header, tables and L1;
+        #  4. truncate the file after the L1 table.
+        # Unwritten in-memory metadata is dropped: nothing on disk refers to it.
         f = self._file
-        h.incompatible_features |= INCOMPAT_DIRTY
-        await f.write(0, h.pack_fixed())
-        await f.flush()
         if h.l1_size:
             await f.write_zeroes(h.l1_table_offset, l1_clusters * cs)
-        await f.write_zeroes(cs, (2 + l1_clusters) * cs)
-        h.l1_table_offset = 3 * cs
-        h.refcount_table_offset = cs
-        h.refcount_table_clusters = 1
-        await f.write(40, struct.pack(">QQI", h.l1_table_offset, h.refcount_table_offset, 1))
-        await f.write(cs, (2 * cs).to_bytes(8, "big"))
+        await f.flush()
+        await f.write(cs + 8, bytes(cs - 8))
         await f.flush()
         nclusters = 3 + l1_clusters
+        block = bytearray(cs)
+        for c in range(nclusters):
+            rc_set(block, c, h.refcount_order, 1)
+        await f.write(2 * cs, bytes(block))
+        await f.flush()
         await f.truncate(nclusters * cs)  # type: ignore[attr-defined]
+        await f.flush()
         self.l1 = [0] * h.l1_size
         self.l1_dirty.clear()
         self.l2cache.clear()
         self.rc = Refcounts(f, h, [2 * cs], self.rc.cache.capacity, self._write_reftable_fields)
         self.rc.reftable_capacity = cs // 8
-        await self.rc.alloc(nclusters)
-        await self.rc.write_increments()
-        await f.flush()
-        h.incompatible_features &= ~INCOMPAT_DIRTY
-        await f.write(0, h.pack_fixed())
-        await f.flush()
+        self.rc.free_hint = nclusters
+
+    async def _drop_all_l2_tables(self) -> None:
+        """make_empty for a non-fresh layout: unmap everything through the usual
+        crash-safe flush order (L1 entries reach the disk before the frees)."""
+        cs = self.h.cluster_size
+        for i, e in enumerate(self.l1):
+            off = e & L1E_OFFSET_MASK
+            if not off:
+                continue
+            table = await self._l2(i, alloc=False)
+            assert table is not None
+            for j in range(0, cs, 8):
+                le = int.from_bytes(table[j : j + 8], "big")
+                if le:
+                    self._release(le)
+            self.l1[i] = 0
+            self.l1_dirty.add(i)
+            self.l2cache.drop(off)
+            self.rc.defer_free(off)
+        await self._flush_metadata()
 
     # -- reopen / close ---------------------------------------------------------
 

@@ -7,6 +7,7 @@ import sys
 USAGE = """usage: blockrep COMMAND [ARGS...]
 
 commands:
+  daemon    the block daemon: QEMU-style -drive/-blockdev, QMP, NBD server and exports
   img       image utility (qemu-img forms): create, info, check, map, compare, convert
 """
 
@@ -20,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    if cmd == "daemon":
+        from ..daemon import main as daemon_main
+
+        return daemon_main(rest)
     if cmd == "img":
         from .img import main as img_main
 
