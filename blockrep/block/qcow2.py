@@ -556,10 +556,18 @@ class Qcow2Node(Node):
     async def _co_block_status(self, offset: int, nbytes: int) -> list[Extent]:
         async with self.lock:
             segs = await self._map(offset, nbytes)
+            recurse = any(s.kind == NORMAL for s in segs) and await self._metadata_preallocated()
         f = self._file
         out: list[Extent] = []
         for s in segs:
-            if s.kind == NORMAL:
+            if s.kind == NORMAL and recurse:
+                # as QEMU (BDRV_BLOCK_RECURSE): holes in the host file read as zeroes
+                n = max(0, min(s.length, f.length - s.host))
+                for e in await f.block_status(s.host, n) if n else []:
+                    out.append(Extent(s.start + e.start - s.host, e.length, True, e.zero, True, 0, e.start, f))
+                if n < s.length:
+                    out.append(Extent(s.start + n, s.length - n, True, True, True, 0, s.host + n, f))
+            elif s.kind == NORMAL:
                 out.append(Extent(s.start, s.length, True, False, True, 0, s.host, f))
             elif s.kind == ZERO_ALLOC:
                 out.append(Extent(s.start, s.length, True, True, False, 0, s.host, f))
@@ -585,8 +593,35 @@ class Qcow2Node(Node):
             start += n
             length -= n
         if length:
-            out.append(Extent(start, length, False, True, False, 1, None, None))
+            # beyond the end of the backing file: QEMU answers at this layer (depth 0)
+            out.append(Extent(start, length, False, True, False, 0, None, None))
         return out
+
+    async def _metadata_preallocated(self) -> bool:
+        """QEMU's qcow2_detect_metadata_preallocation, decided once per open: the image
+        counts as preallocated when clearly more clusters are refcounted than the host
+        file really holds; block status then looks through to the file's holes."""
+        v = self.__dict__.get("_prealloc")
+        if v is None:
+            f = self._file
+            allocated = getattr(f, "allocated_size", None)
+            v = False
+            if allocated is not None:
+                cs = self.h.cluster_size
+                real = allocated() // cs
+                threshold = max(real * 10 // 9, real + 2)
+                count = 0
+                try:
+                    for c in range(-(-f.length // cs)):
+                        if await self.rc.get(c):
+                            count += 1
+                            if count >= threshold:
+                                v = True
+                                break
+                except BlockError:
+                    v = False  # as QEMU: an unreadable refcount means "not preallocated"
+            self._prealloc = v
+        return v
 
     # -- make_empty -----------------------------------------------------------------
 

@@ -305,6 +305,10 @@ async def cmd_check(a: argparse.Namespace) -> int:
             res.corruptions_fixed = res.corruptions - after.corruptions
             res.leaks_fixed = res.leaks - after.leaks
             res.corruptions, res.leaks = after.corruptions, after.leaks
+            # QEMU reports the statistics of the double check after a repair
+            for k in ("image_end_offset", "total_clusters", "allocated_clusters",
+                      "fragmented_clusters", "compressed_clusters", "check_errors"):
+                setattr(res, k, getattr(after, k))
     finally:
         await graph.close_all()
     if a.output == "json":

@@ -217,32 +217,44 @@ def touched(op: tuple) -> range | None:
 
 
 def run_writer(cfg: dict[str, Any], kill_at: int | None, delay: float) -> list[str]:
-    """Start the writer; SIGKILL it ``delay`` seconds after it starts op ``kill_at``."""
-    proc = subprocess.Popen(
-        [sys.executable, str(WRITER), json.dumps(cfg)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """Start the writer; SIGKILL it ``delay`` seconds after it starts op ``kill_at``.
+
+    stdout is read unbuffered from the raw pipe and drained to EOF after the kill,
+    so no line the writer printed before dying is lost.
+    """
+    err_path = Path(cfg["image"] + ".stderr")
+    with open(err_path, "wb") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, str(WRITER), json.dumps(cfg)],
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+            bufsize=0,
+        )
     watchdog = threading.Timer(WRITER_TIMEOUT, lambda: _kill(proc))
     watchdog.start()
-    lines: list[str] = []
+    buf = b""
+    killed = False
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.strip())
-            if kill_at is not None and line.strip() == f"B {kill_at}":
+        fd = proc.stdout.fileno()
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            buf += chunk
+            if not killed and kill_at is not None and f"\nB {kill_at}\n".encode() in b"\n" + buf:
                 if delay:
                     time.sleep(delay)
                 _kill(proc)
-                break
-        rest, err = proc.communicate(timeout=WRITER_TIMEOUT)
-        lines += [x.strip() for x in rest.splitlines()]
+                killed = True
     finally:
         watchdog.cancel()
         _kill(proc)
         proc.wait(timeout=10)
-    if kill_at is None or f"B {kill_at}" not in lines:
+        proc.stdout.close()  # type: ignore[union-attr]
+    err = err_path.read_text(errors="replace")
+    lines = buf.decode().splitlines()
+    if not killed:
         # the writer ran to the end by itself: it must have done so cleanly
         assert proc.returncode == 0, f"writer failed (rc {proc.returncode}):\n{err}"
         assert lines and lines[-1] == "END", err

@@ -629,3 +629,183 @@ def test_info_and_check_agree_with_qemu_img(tmp_path: Path) -> None:
         if got != want:
             bad.append(f"{name}:\n  blockrep: {got}\n  qemu-img: {want}")
     assert not bad, "blockrep img info/check differ from qemu-img:\n" + "\n".join(bad)
+
+
+def _header(path: Path) -> dict[str, int]:
+    b = path.read_bytes()[:104]
+    f = struct.unpack(">4sIQIIQIIQQIIQ", b[:72])
+    return {
+        "cluster_bits": f[4], "l1_size": f[7], "l1_offset": f[8], "rt_offset": f[9],
+        "refcount_order": struct.unpack(">I", b[96:100])[0] if f[1] >= 3 else 4,
+    }
+
+
+def _poke(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+def _set_refcount(path: Path, cluster: int, value: int) -> None:
+    h = _header(path)
+    cs = 1 << h["cluster_bits"]
+    bits = 1 << h["refcount_order"]
+    assert bits == 16, "test images use 16-bit refcounts"
+    per_block = cs * 8 // bits
+    with open(path, "rb") as fh:
+        fh.seek(h["rt_offset"] + 8 * (cluster // per_block))
+        block = struct.unpack(">Q", fh.read(8))[0]
+    assert block, "no refcount block for that cluster"
+    _poke(path, block + 2 * (cluster % per_block), struct.pack(">H", value))
+
+
+def _data_offsets(path: Path) -> list[int]:
+    m = json.loads(qimg("map", "--output", "json", path).stdout)
+    return [e["offset"] for e in m if e["data"] and e["depth"] == 0 and "offset" in e]
+
+
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_check_leaks_and_corruption_like_qemu(tmp_path: Path, compat: str) -> None:
+    src = tmp_path / "src.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-o", f"cluster_size=4096,compat={compat}", src, "64M")
+    qio(src, ["write -P 1 0 40k", "write -P 2 9M 8k", "write -P 3 40M 4k"])
+    cs = 4096
+    cases: dict[str, Path] = {}
+
+    def variant(name: str) -> Path:
+        p = tmp_path / f"{name}.qcow2"
+        shutil.copy(src, p)
+        cases[name] = p
+        return p
+
+    variant("clean")
+    # leaks: the first L1 entry dropped, its L2 table and data clusters stay refcounted
+    p = variant("leak-l1")
+    _poke(p, _header(p)["l1_offset"], bytes(8))
+    # leak: a free cluster past the data gets a refcount
+    p = variant("leak-free-cluster")
+    with open(p, "ab") as fh:
+        fh.write(bytes(cs))
+    _set_refcount(p, p.stat().st_size // cs - 1, 1)
+    # corruption: a data cluster in use with refcount 0
+    p = variant("corrupt-rc0")
+    _set_refcount(p, _data_offsets(p)[0] // cs, 0)
+    # corruption + leak: refcount 2 on a cluster mapped once with OFLAG_COPIED
+    p = variant("corrupt-rc2")
+    _set_refcount(p, _data_offsets(p)[-1] // cs, 2)
+    # corruption: the L1 table's own refcount dropped
+    p = variant("corrupt-l1-rc0")
+    _set_refcount(p, _header(p)["l1_offset"] // cs, 0)
+
+    names = list(cases)
+    cmds = []
+    for n in names:
+        cmds += [["img", "check", "--output", "json", f"{n}.qcow2"], ["img", "check", f"{n}.qcow2"]]
+    results = br_batch(cmds, cwd=tmp_path)
+    expected_rc = {"clean": 0, "leak-l1": 3, "leak-free-cluster": 3, "corrupt-rc0": 2, "corrupt-rc2": 2, "corrupt-l1-rc0": 2}
+    bad = []
+    for i, n in enumerate(names):
+        for j, c in enumerate((["check", "--output", "json"], ["check"])):
+            rc, out, err = results[2 * i + j]
+            q = qimg(*c, f"{n}.qcow2", cwd=tmp_path, ok=None)
+            if q.returncode != expected_rc[n]:
+                bad.append(f"{n}: the test's premise is wrong, qemu-img check exits {q.returncode}")
+            if rc != q.returncode:
+                bad.append(f"{n} {c}: blockrep exit {rc} vs qemu-img {q.returncode}: {err.strip()[:300]}")
+            elif "--output" in c and json.loads(out) != json.loads(q.stdout):
+                bad.append(f"{n} {c}:\n  blockrep {out}\n  qemu-img {q.stdout}")
+            elif "--output" not in c and out != q.stdout:
+                bad.append(f"{n} {c}:\n  blockrep {out!r}\n  qemu-img {q.stdout!r}")
+    assert not bad, "\n".join(bad)
+
+    # repair: both fix the leaks, and the repaired images are clean for qemu
+    for n in ("leak-l1", "leak-free-cluster"):
+        mine, theirs = tmp_path / f"{n}.mine.qcow2", tmp_path / f"{n}.theirs.qcow2"
+        shutil.copy(cases[n], mine)
+        shutil.copy(cases[n], theirs)
+        q = qimg("check", "-r", "leaks", "--output", "json", theirs.name, cwd=tmp_path, ok=None)
+        b = br("img", "check", "-r", "leaks", "--output", "json", mine.name, cwd=tmp_path, ok=None)
+        assert b.returncode == q.returncode == 0, (b.returncode, q.returncode, b.stderr)
+        bj, qj = json.loads(b.stdout), json.loads(q.stdout)
+        bj.pop("filename"), qj.pop("filename")
+        assert bj == qj
+        qemu_check_ok(mine)
+        assert_same_bytes(qemu_content(mine, tmp_path), qemu_content(theirs, tmp_path), f"{n} repaired content")
+
+
+# -- 6. compare and convert ------------------------------------------------------------
+
+
+def test_compare_and_convert_agree_with_qemu_img(tmp_path: Path) -> None:
+    d = tmp_path
+    qimg("create", "-q", "-f", "raw", d / "base.raw", "8M")
+    qio(d / "base.raw", ["write -P 0x10 0 3M"], fmt="raw")
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.raw", "-F", "raw", d / "mid.qcow2")
+    qio(d / "mid.qcow2", ["write -P 0x20 1M 100k", "write -z 2M 64k", "write -c -P 0x21 5M 64k"])
+    qimg("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", d / "top.qcow2")
+    qio(d / "top.qcow2", ["write -P 0x30 100 5000", "discard 6M 1M", "write -P 0x31 8388000 192"])
+    qimg("convert", "-O", "raw", d / "top.qcow2", d / "same.raw")
+    shutil.copy(d / "same.raw", d / "diff.raw")
+    _poke(d / "diff.raw", 4 * MiB + 1234, b"X")
+    qimg("create", "-q", "-f", "raw", d / "bigger.raw", "9M")
+    qimg("dd", "-f", "raw", "-O", "raw", "if=same.raw", "of=bigger.raw", "bs=1M", "count=8", cwd=d, ok=None)
+    shutil.copy(d / "same.raw", d / "bigger-dirty.raw")
+    with open(d / "bigger-dirty.raw", "ab") as fh:
+        fh.write(bytes(4096) + b"Z" + bytes(4095))
+    qimg("create", "-q", "-f", "qcow2", d / "empty.qcow2", "8M")
+
+    compares = [
+        ["compare", "top.qcow2", "same.raw"],
+        ["compare", "-f", "qcow2", "-F", "raw", "top.qcow2", "same.raw"],
+        ["compare", "top.qcow2", "diff.raw"],
+        ["compare", "top.qcow2", "mid.qcow2"],
+        ["compare", "top.qcow2", "bigger-dirty.raw"],
+        ["compare", "-s", "top.qcow2", "bigger-dirty.raw"],
+        ["compare", "empty.qcow2", "top.qcow2"],
+        ["compare", "-q", "top.qcow2", "diff.raw"],
+        ["compare", "top.qcow2", "missing.qcow2"],
+    ]
+    if (d / "bigger.raw").stat().st_size == 9 * MiB:
+        compares += [["compare", "top.qcow2", "bigger.raw"], ["compare", "-s", "top.qcow2", "bigger.raw"]]
+    converts = [
+        ["convert", "-O", "raw", "top.qcow2", "b-out.raw"],
+        ["convert", "-f", "qcow2", "-O", "qcow2", "top.qcow2", "b-out.qcow2"],
+        ["convert", "-O", "qcow2", "-o", "cluster_size=512", "mid.qcow2", "b-mid512.qcow2"],
+        ["convert", "-O", "qcow2", "-o", "compat=0.10", "top.qcow2", "b-outv2.qcow2"],
+    ]
+    results = br_batch([["img", *c] for c in compares + converts], cwd=d)
+    bad = []
+    for c, (rc, out, err) in zip(compares, results[: len(compares)]):
+        q = qimg(*c, cwd=d, ok=None)
+        if rc != q.returncode or out != q.stdout:
+            bad.append(f"{c}: blockrep ({rc}, {out!r}, {err.strip()!r}) vs qemu-img ({q.returncode}, {q.stdout!r}, {q.stderr.strip()!r})")
+    for c, (rc, out, err) in zip(converts, results[len(compares) :]):
+        if rc != 0:
+            bad.append(f"{c}: blockrep exit {rc}: {err}")
+            continue
+        dst, src = d / c[-1], d / c[-2]
+        if dst.suffix == ".qcow2":
+            p = qimg("check", dst, ok=None)
+            if p.returncode != 0:
+                bad.append(f"{c}: qemu-img check exit {p.returncode}: {p.stdout}")
+            if "compat=0.10" in c and json.loads(qimg("info", "--output", "json", dst).stdout)["format-specific"]["data"]["compat"] != "0.10":
+                bad.append(f"{c}: not a v2 image")
+            if "cluster_size=512" in c and json.loads(qimg("info", "--output", "json", dst).stdout)["cluster-size"] != 512:
+                bad.append(f"{c}: cluster size not honoured")
+        p = qimg("compare", src, dst, ok=None)
+        if p.returncode != 0:
+            bad.append(f"{c}: qemu-img compare: {p.stdout}")
+    assert not bad, "\n".join(bad)
+    # the converted qcow2 keeps no backing file and zero areas stay unallocated
+    info = json.loads(qimg("info", "--output", "json", d / "b-out.qcow2").stdout)
+    assert "backing-filename" not in info
+    assert (d / "b-out.qcow2").stat().st_size < 8 * MiB
+
+
+def test_compare_console_script_exit_codes(tmp_path: Path) -> None:
+    qimg("create", "-q", "-f", "qcow2", tmp_path / "a.qcow2", "1M")
+    qimg("create", "-q", "-f", "qcow2", tmp_path / "b.qcow2", "1M")
+    assert br("img", "compare", "a.qcow2", "b.qcow2", cwd=tmp_path).stdout == "Images are identical.\n"
+    qio(tmp_path / "b.qcow2", ["write -P 7 512k 1"])
+    p = br("img", "compare", "a.qcow2", "b.qcow2", cwd=tmp_path, ok=(1,))
+    assert p.stdout == qimg("compare", "a.qcow2", "b.qcow2", cwd=tmp_path, ok=(1,)).stdout
