@@ -262,7 +262,29 @@ class Qcow2Node(Node):
         if table is None:
             return 0
         i = cluster % l2e
-        return int.from_bytes(table[i * 8 : i * 8 + 8], "big")
+        entry = int.from_bytes(table[i * 8 : i * 8 + 8], "big")
+        if entry & L2E_OFFSET_MASK and not entry & OFLAG_COMPRESSED:
+            self._check_host(cluster, entry)
+        return entry
+
+    def _check_host(self, cluster: int, entry: int) -> None:
+        """Refuse an L2 entry whose host cluster is unaligned or past EOF (a
+        hostile or corrupt image): using it would read or overwrite the wrong
+        bytes, and freeing it would drop another cluster's refcount."""
+        host = entry & L2E_OFFSET_MASK
+        cs = self.h.cluster_size
+        if host % cs:
+            raise BlockError(
+                errno.EIO,
+                f"qcow2: Cluster allocation offset {host:#x} unaligned (guest offset "
+                f"{cluster * cs:#x}); image is corrupt",
+            )
+        if entry_kind(entry, self.h.version) == NORMAL and host >= self._file.length:
+            raise BlockError(
+                errno.EIO,
+                f"qcow2: Data cluster offset {host:#x} (guest offset {cluster * cs:#x}) "
+                f"lies beyond the end of the file ({self._file.length} bytes); image is corrupt",
+            )
 
     async def _set_entry(self, cluster: int, entry: int) -> None:
         l2e = self.h.l2_entries
@@ -295,6 +317,7 @@ class Qcow2Node(Node):
                     entry = int.from_bytes(table[i * 8 : i * 8 + 8], "big")
                 kind = entry_kind(entry, ver)
                 if kind == NORMAL or kind == ZERO_ALLOC:
+                    self._check_host(cluster, entry)
                     host = (entry & L2E_OFFSET_MASK) + in_off
                 elif kind == COMPRESSED:
                     host = entry

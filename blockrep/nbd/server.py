@@ -23,6 +23,8 @@ from . import proto as p
 log = logging.getLogger("blockrep.nbd.server")
 
 MAX_IN_FLIGHT = 64  # per client; more requests wait in the socket buffer
+# StreamReader pauses the socket past 2x this; a few full-size writes must fit
+STREAM_LIMIT = 16 << 20
 
 
 @dataclass
@@ -77,12 +79,12 @@ class NBDServer:
         self.servers: list[asyncio.AbstractServer] = []
 
     async def listen_tcp(self, host: str, port: int) -> asyncio.AbstractServer:
-        srv = await asyncio.start_server(self._accept, host, port, reuse_address=True, limit=1 << 20)
+        srv = await asyncio.start_server(self._accept, host, port, reuse_address=True, limit=STREAM_LIMIT)
         self.servers.append(srv)
         return srv
 
     async def listen_unix(self, path: str) -> asyncio.AbstractServer:
-        srv = await asyncio.start_unix_server(self._accept, path, limit=1 << 20)
+        srv = await asyncio.start_unix_server(self._accept, path, limit=STREAM_LIMIT)
         self.servers.append(srv)
         return srv
 
