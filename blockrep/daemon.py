@@ -121,6 +121,7 @@ class Daemon:
         self.shutdown_reason = ""
         self._drive_counter: dict[str, int] = {}
         self.chardevs: dict[str, dict[str, Any]] = {}
+        self.graph.emit = self.emit
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
         self.qmp.emit(name, data)
@@ -342,7 +343,6 @@ class Daemon:
         if legacy:
             self.legacy_exports.add(exp_id)
         self.nbd.exports[name] = exp
-        self.graph.users.setdefault(node.node_name, []).append(f"export:{exp_id}")
 
     async def export_del(self, exp_id: str, mode: str = "safe") -> None:
         exp = self.exports.get(exp_id)
@@ -355,9 +355,7 @@ class Daemon:
         if self.nbd is not None:
             self.nbd.exports.pop(exp.name, None)
             self.nbd.drop_export_clients(exp)
-        users = self.graph.users.get(exp.node.node_name, [])
-        if f"export:{exp_id}" in users:
-            users.remove(f"export:{exp_id}")
+        exp.release()
         self.emit("BLOCK_EXPORT_DELETED", {"id": exp_id})
 
     async def export_del_by_name(self, name: str, mode: str) -> None:

@@ -41,8 +41,8 @@ class Graph:
         self.devices: dict[str, Node] = {}
         # nodes that blockdev-add created (may be blockdev-del'ed)
         self.monitor_owned: set[str] = set()
-        # extra users of a node that are not graph edges (exports, jobs)
-        self.users: dict[str, list[str]] = {}
+        # events from nodes (quorum, jobs) go to whoever listens (the QMP server)
+        self.emit: Callable[[str, dict[str, Any]], None] = lambda name, data: None
         self._auto = 0
         # user-creatable objects (-object / object-add): TLS credentials, authz
         self.objects: dict[str, Any] = {}
@@ -76,8 +76,25 @@ class Graph:
         return None
 
     def has_backend(self, node: Node) -> bool:
-        """Does the node have a user outside the graph (device or export)?"""
-        return self.device_of(node) is not None or bool(self.users.get(node.node_name))
+        """Does the node have a user outside the graph (a device, an export, a job)?
+
+        Such users hold the node through edges without a parent node.
+        """
+        return self.device_of(node) is not None or any(c.parent is None for c in node.parents)
+
+    def replace_node(self, old: Node, new: Node) -> None:
+        """Make every user of ``old`` use ``new`` (filter insertion, commit pivot).
+
+        The edges of ``new`` itself are left alone, so ``new`` may have ``old`` as
+        its child (a filter above it).
+        """
+        for child in list(old.parents):
+            if child.parent is new:
+                continue
+            child.replace(new)
+        for dev, n in list(self.devices.items()):
+            if n is old:
+                self.devices[dev] = new
 
     def is_root(self, node: Node) -> bool:
         return not node.parents
@@ -133,6 +150,7 @@ class Graph:
             if name in self.nodes or name in self.devices:
                 raise OptionError(f"Duplicate nodes with node-name='{name}'")
         node = await cls.open(self, name, opts, typed=typed)  # type: ignore[attr-defined]
+        node.graph = self
         self.nodes[name] = node
         if monitor:
             self.monitor_owned.add(name)

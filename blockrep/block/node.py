@@ -74,7 +74,10 @@ def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
 
 
 class Child:
-    """An edge of the graph: ``parent`` uses ``node`` in the role ``name``."""
+    """An edge of the graph: ``parent`` uses ``node`` in the role ``name``.
+
+    ``parent`` is None for users outside the graph (exports, jobs).
+    """
 
     def __init__(self, parent: Node | None, name: str, node: Node) -> None:
         self.parent = parent
@@ -129,6 +132,7 @@ class Node:
         self.length: int = 0
         self._tracked: list[_Tracked] = []
         self.closed = False
+        self.graph: Any = None  # set by Graph.add; drivers emit events through it
 
     # -- graph helpers --------------------------------------------------------
 

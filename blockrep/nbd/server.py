@@ -15,9 +15,8 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from ..block.node import BlockError, Node
+from ..block.node import BlockError, Child, Node
 from . import proto as p
 
 log = logging.getLogger("blockrep.nbd.server")
@@ -27,16 +26,28 @@ MAX_IN_FLIGHT = 64  # per client; more requests wait in the socket buffer
 STREAM_LIMIT = 16 << 20
 
 
-@dataclass
 class Export:
-    """A node served under a name (QEMU's block export / BlockBackend)."""
+    """A node served under a name (QEMU's block export / BlockBackend).
 
-    name: str
-    node: Node
-    writable: bool = False
-    description: str = ""
-    id: str = ""
-    clients: set = field(default_factory=set)
+    The export holds its node through a graph edge with no parent node, so it is a
+    user of the node (``Graph.has_backend``) and follows it when a filter is
+    inserted above it or a commit pivots the graph.
+    """
+
+    def __init__(self, name: str, node: Node, writable: bool = False, description: str = "", id: str = "") -> None:
+        self.name = name
+        self.child = Child(None, f"export:{id or name}", node)
+        self.writable = writable
+        self.description = description
+        self.id = id or name
+        self.clients: set = set()
+
+    @property
+    def node(self) -> Node:
+        return self.child.node
+
+    def release(self) -> None:
+        self.child.detach()
 
     @property
     def size(self) -> int:
