@@ -21,6 +21,8 @@ from typing import Any
 from .block import Graph
 from .block.node import BlockError, Node
 from .block.options import OptionError, check, parse_keyval, parse_options
+from .jobs import launch
+from .jobs.base import JobManager
 from .nbd.server import Export, NBDServer
 from .objects import AuthzSimple, TLSCredsX509, create_object
 from .qmp.commands import build_commands
@@ -122,6 +124,7 @@ class Daemon:
         self._drive_counter: dict[str, int] = {}
         self.chardevs: dict[str, dict[str, Any]] = {}
         self.graph.emit = self.emit
+        self.jobs = JobManager(self.emit)
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
         self.qmp.emit(name, data)
@@ -270,6 +273,32 @@ class Daemon:
             await node.flush()
             await self.graph.close_node(node)
 
+    def blockdev_change(self, parent: str, child: str | None, node: str | None) -> None:
+        """x-blockdev-change: add or remove a quorum child, with QEMU's refusals."""
+        from .block.quorum import QuorumNode
+
+        pnode = self.graph.lookup(parent)
+        if (child is None) == (node is None):
+            if child is not None:
+                raise BlockError(errno.EINVAL, "The parameters child and node are in conflict")
+            raise BlockError(errno.EINVAL, "Either child or node must be specified")
+        pname = self.graph.device_of(pnode) or pnode.node_name
+        if child is not None:
+            if child not in pnode.children:
+                raise BlockError(errno.ENOENT, f"Node '{parent}' does not have child '{child}'")
+            if not isinstance(pnode, QuorumNode):
+                raise BlockError(errno.ENOTSUP, f"The node {pname} does not support removing a child")
+            pnode.del_child(child)
+        if node is not None:
+            new = self.graph.nodes.get(node)
+            if new is None:
+                raise BlockError(errno.ENOENT, f"Node '{node}' not found")
+            if not isinstance(pnode, QuorumNode):
+                raise BlockError(errno.ENOTSUP, f"The node {pname} does not support adding a child")
+            if new.parents or self.graph.device_of(new) is not None:
+                raise BlockError(errno.EBUSY, f"The node {new.node_name} already has a parent")
+            pnode.add_child(new)
+
     async def blockdev_del(self, name: str) -> None:
         node = self.graph.nodes.get(name)
         if node is None:
@@ -365,6 +394,17 @@ class Daemon:
                 return
         raise BlockError(errno.ENOENT, f"Export '{name}' is not found")
 
+    # -- jobs ------------------------------------------------------------------------
+
+    async def start_backup(self, a: dict[str, Any]) -> None:
+        await launch.start_backup(self.graph, self.jobs, a)
+
+    async def start_commit(self, a: dict[str, Any]) -> None:
+        await launch.start_commit(self.graph, self.jobs, a)
+
+    async def start_mirror(self, a: dict[str, Any], fmt: str | None) -> None:
+        await launch.start_mirror(self.graph, self.jobs, a, fmt)
+
     # -- shutdown ------------------------------------------------------------------
 
     def request_shutdown(self, reason: str) -> None:
@@ -375,6 +415,7 @@ class Daemon:
         """Stop accepting, let in-flight requests finish, flush every writable node."""
         if self.nbd is not None:
             await self.nbd.close()
+        await self.jobs.cancel_all()
         self.emit("SHUTDOWN", {"guest": False, "reason": self.shutdown_reason or "host-signal"})
         for node in list(self.graph.nodes.values()):
             await node.drain()

@@ -32,7 +32,8 @@ class DaemonProc:
         raise TimeoutError(f"daemon not ready: {self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
 

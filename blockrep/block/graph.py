@@ -88,8 +88,11 @@ class Graph:
         The edges of ``new`` itself are left alone, so ``new`` may have ``old`` as
         its child (a filter above it).
         """
+        below_new = _descendants(new)
         for child in list(old.parents):
-            if child.parent is new:
+            # never create a loop: an edge whose parent lies below ``new`` (say the
+            # backing link of the target of a filter inserted above ``old``) stays
+            if child.parent is new or child.parent in below_new:
                 continue
             child.replace(new)
         for dev, n in list(self.devices.items()):
@@ -216,6 +219,18 @@ class Graph:
                     pass
                 self.monitor_owned.discard(n.node_name)
                 await self.close_node(n)
+
+
+def _descendants(node: Node) -> set[Node]:
+    seen: set[Node] = set()
+    stack = [c.node for c in node.children.values()]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(c.node for c in n.children.values())
+    return seen
 
 
 def resolve_relative(base_file: str, target: str) -> str:

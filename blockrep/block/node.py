@@ -73,6 +73,41 @@ def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
     return out
 
 
+class DirtyBitmap:
+    """Chunks of a node written since the bitmap was (last) cleared.
+
+    The generic request layer marks every bitmap of a node after a write,
+    write_zeroes or discard; jobs (mirror, active commit) copy what is marked.
+    """
+
+    def __init__(self, granularity: int, length: int) -> None:
+        self.granularity = granularity
+        self.length = length
+        self.dirty: set[int] = set()
+        self.changed = asyncio.Event()
+
+    def mark(self, offset: int, nbytes: int) -> None:
+        if nbytes <= 0:
+            return
+        g = self.granularity
+        self.dirty.update(range(offset // g, (offset + nbytes - 1) // g + 1))
+        self.changed.set()
+
+    def mark_all(self) -> None:
+        self.mark(0, self.length)
+
+    def take(self, limit: int) -> list[int]:
+        """Up to ``limit`` dirty chunks, in order, cleared from the bitmap."""
+        chunks = sorted(self.dirty)[:limit]
+        self.dirty.difference_update(chunks)
+        if not self.dirty:
+            self.changed.clear()
+        return chunks
+
+    def count(self) -> int:
+        return len(self.dirty)
+
+
 class Child:
     """An edge of the graph: ``parent`` uses ``node`` in the role ``name``.
 
@@ -133,6 +168,7 @@ class Node:
         self._tracked: list[_Tracked] = []
         self.closed = False
         self.graph: Any = None  # set by Graph.add; drivers emit events through it
+        self.dirty_bitmaps: list[DirtyBitmap] = []
 
     # -- graph helpers --------------------------------------------------------
 
@@ -203,6 +239,11 @@ class Node:
         self._tracked.remove(req)
         req.done.set()
 
+    def _mark_dirty(self, offset: int, nbytes: int) -> None:
+        # marked even when the request failed: the data may have changed partly
+        for bm in self.dirty_bitmaps:
+            bm.mark(offset, nbytes)
+
     def in_flight(self) -> int:
         return len(self._tracked)
 
@@ -240,6 +281,7 @@ class Node:
                 # caller may reuse is frozen first
                 await self._co_write(offset, bytes(data) if isinstance(data, bytearray) else data, fua)
             finally:
+                self._mark_dirty(offset, nbytes)
                 self._end(req)
             return
         # Read-modify-write of the partial head/tail blocks; serialised so that two
@@ -252,6 +294,7 @@ class Node:
             buf[offset - start : offset - start + nbytes] = data
             await self._co_write(start, bytes(buf), fua)
         finally:
+            self._mark_dirty(offset, nbytes)
             self._end(req)
 
     async def write_zeroes(
@@ -268,6 +311,7 @@ class Node:
         try:
             await self._co_write_zeroes(offset, nbytes, may_unmap, fua)
         finally:
+            self._mark_dirty(offset, nbytes)
             self._end(req)
 
     async def discard(self, offset: int, nbytes: int) -> None:
@@ -278,6 +322,7 @@ class Node:
         try:
             await self._co_discard(offset, nbytes)
         finally:
+            self._mark_dirty(offset, nbytes)
             self._end(req)
 
     async def flush(self) -> None:

@@ -31,7 +31,7 @@ from ..qcow2.format import (
     parse_header,
     size_to_l1,
 )
-from ..qcow2.refcount import Refcounts, TableCache, rc_set
+from ..qcow2.refcount import Refcounts, TableCache, rc_get, rc_set
 from .graph import Graph, probe_format, register, resolve_relative
 from .node import BlockError, Extent, Node
 from .options import OptionError
@@ -671,35 +671,56 @@ class Qcow2Node(Node):
                         self._release(e)
             await self._flush_metadata()
             return
-        fresh_layout = (
-            h.refcount_table_offset == cs
-            and h.refcount_table_clusters == 1
-            and bool(self.rc.reftable)
-            and self.rc.reftable[0] == 2 * cs
+        # The fresh layout (reftable in cluster 1, refcount block 0 in cluster 2,
+        # L1 from cluster 3) is reachable in place when L1 and block 0 already sit
+        # there and cluster 1 is no refcount block; the reftable itself may have
+        # moved. Otherwise unmap everything the ordinary way (not byte-identical).
+        f = self._file
+        rt_on_disk = await f.read(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        rt_entries = struct.unpack(f">{len(rt_on_disk) // 8}Q", rt_on_disk)
+        in_place = (
+            rt_entries[0] == 2 * cs
+            and cs not in rt_entries
             and (h.l1_size == 0 or h.l1_table_offset == 3 * cs)
             and not h.nb_snapshots
+            and (h.refcount_table_offset != cs or h.refcount_table_clusters == 1)
         )
-        if not fresh_layout:
+        if not in_place:
             await self._drop_all_l2_tables()
             return
-        # Rewrite the image as a fresh one (header unchanged): O(metadata). Every
-        # step leaves an image with at most leaked clusters, never a reference to
-        # a cluster with refcount 0, so a crash in between is harmless:
+        # Rewrite the image as a fresh one: O(metadata). Every step leaves an image
+        # with at most leaked clusters, never a reference to a cluster whose
+        # refcount is 0, so a crash in between is harmless (no dirty-bit window):
         #  1. zero the L1 table: every L2 table and data cluster is now a leak;
-        #  2. drop refcount table entries 1..: those blocks are now leaks too;
+        #  2. reftable in cluster 1: drop entries 1.. (their blocks become leaks);
+        #     reftable elsewhere: count cluster 1 in block 0, write the one-entry
+        #     table into cluster 1, then point the header at it;
         #  3. rewrite refcount block 0 to count only header, tables and L1;
         #  4. truncate the file after the L1 table.
         # Unwritten in-memory metadata is dropped: nothing on disk refers to it.
-        f = self._file
+        order = h.refcount_order
         if h.l1_size:
             await f.write_zeroes(h.l1_table_offset, l1_clusters * cs)
         await f.flush()
-        await f.write(cs + 8, bytes(cs - 8))
-        await f.flush()
+        if h.refcount_table_offset == cs:
+            await f.write(cs + 8, bytes(cs - 8))
+            await f.flush()
+        else:
+            block0 = bytearray(await f.read(2 * cs, cs))
+            if rc_get(block0, 1, order) == 0:
+                rc_set(block0, 1, order, 1)
+                await f.write(2 * cs, bytes(block0))
+                await f.flush()
+            await f.write(cs, (2 * cs).to_bytes(8, "big") + bytes(cs - 8))
+            await f.flush()
+            h.refcount_table_offset = cs
+            h.refcount_table_clusters = 1
+            await self._write_reftable_fields()
+            await f.flush()
         nclusters = 3 + l1_clusters
         block = bytearray(cs)
         for c in range(nclusters):
-            rc_set(block, c, h.refcount_order, 1)
+            rc_set(block, c, order, 1)
         await f.write(2 * cs, bytes(block))
         await f.flush()
         await f.truncate(nclusters * cs)  # type: ignore[attr-defined]
@@ -730,6 +751,20 @@ class Qcow2Node(Node):
             self.l2cache.drop(off)
             self.rc.defer_free(off)
         await self._flush_metadata()
+
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite the header's backing file name and format (after a commit)."""
+        h = self.h
+        old = (h.backing_file, h.backing_format)
+        h.backing_file, h.backing_format = name, (fmt if name else None)
+        try:
+            header = h.pack(h.cluster_size)
+        except FormatError as e:
+            h.backing_file, h.backing_format = old
+            raise BlockError(errno.EINVAL, str(e)) from None
+        async with self.lock:
+            await self._file.write(0, header + bytes(h.cluster_size - len(header)))
+            await self._file.flush()
 
     # -- reopen / close ---------------------------------------------------------
 

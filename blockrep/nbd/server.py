@@ -302,10 +302,24 @@ class NBDClientConn:
         cert = ssl_obj.getpeercert() if ssl_obj is not None else None
         if not cert:
             return ""
+        # QEMU's format: gnutls_x509_crt_get_dn(), i.e. the RDNs in the certificate's own
+        # order (not RFC 4514's reversed one), e.g. "C=GB,O=Example Org,CN=laptop": an
+        # authz-simple identity that works with qemu-nbd must work here too.
         names = {"countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
-                 "organizationName": "O", "organizationalUnitName": "OU", "commonName": "CN"}
-        rdns = [f"{names.get(k, k)}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
-        return ",".join(reversed(rdns))
+                 "organizationName": "O", "organizationalUnitName": "OU", "commonName": "CN",
+                 "domainComponent": "DC", "emailAddress": "EMAIL", "streetAddress": "STREET",
+                 "userId": "UID"}
+
+        def esc(v: str) -> str:
+            v = "".join("\\" + c if c in ',+"\\<>;' else c for c in v)
+            if v.startswith(("#", " ")):
+                v = "\\" + v
+            if v.endswith(" ") and len(v) > 1:
+                v = v[:-1] + "\\ "
+            return v
+
+        rdns = ["+".join(f"{names.get(k, k)}={esc(v)}" for k, v in rdn) for rdn in cert.get("subject", ())]
+        return ",".join(rdns)
 
     # -- transmission ------------------------------------------------------------
 

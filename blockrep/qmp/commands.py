@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..block.node import BlockError, Node
 from ..block.options import OptionError, check
+from ..jobs.base import JobError
 from .hmp import run_hmp
 from .server import QMPError
 
@@ -253,6 +254,130 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
             {"type": "nbd", "id": e.id, "node-name": e.node.node_name, "shutting-down": False}
             for e in d.exports.values()
         ]
+
+    @command("x-blockdev-change")
+    async def x_blockdev_change(args: dict[str, Any]) -> Any:
+        a = args_of({"parent": "str", "child": "str", "node": "str"}, args, ("parent",))
+        try:
+            d.blockdev_change(a["parent"], a.get("child"), a.get("node"))
+        except BlockError as e:
+            raise guard(e) from None
+        return {}
+
+    @command("x-blkdebug-set-rules")
+    async def x_blkdebug_set_rules(args: dict[str, Any]) -> Any:
+        from ..block.blkdebug import BlkdebugNode, parse_rules
+
+        a = args_of({"node-name": "str", "inject-error": ("list", "any")}, args, ("node-name",))
+        try:
+            node = d.graph.lookup(a["node-name"])
+            if not isinstance(node, BlkdebugNode):
+                raise QMPError(f"Node '{a['node-name']}' is not a blkdebug node")
+            node.set_rules(parse_rules(a.get("inject-error", []), True))
+        except BlockError as e:
+            raise guard(e) from None
+        return {}
+
+    # -- jobs ------------------------------------------------------------------------
+
+    def job_call(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except JobError as e:
+            raise QMPError(e.desc, e.cls) from None
+
+    @command("query-jobs")
+    async def query_jobs(args: dict[str, Any]) -> Any:
+        args_of({}, args)
+        return [j.job_info() for j in d.jobs.jobs.values()]
+
+    @command("query-block-jobs")
+    async def query_block_jobs(args: dict[str, Any]) -> Any:
+        args_of({}, args)
+        return [j.block_job_info() for j in d.jobs.jobs.values()]
+
+    def _job_verb(verb: str, block: bool) -> Handler:
+        key = "device" if block else "id"
+
+        async def handler(args: dict[str, Any]) -> Any:
+            schema: dict[str, Any] = {key: "str"}
+            if verb == "cancel" and block:
+                schema["force"] = "bool"
+            a = args_of(schema, args, (key,))
+            job = job_call(lambda: (d.jobs.find_block_job if block else d.jobs.find)(a[key]))
+            if verb == "cancel":
+                job_call(lambda: job.cancel(force=a.get("force", False) if block else True))
+            else:
+                job_call(getattr(job, verb))
+            return {}
+
+        return handler
+
+    for verb in ("cancel", "complete", "dismiss", "finalize", "pause", "resume"):
+        table[f"job-{verb}"] = _job_verb(verb, False)
+        table[f"block-job-{verb}"] = _job_verb(verb, True)
+
+    @command("block-job-set-speed")
+    async def block_job_set_speed(args: dict[str, Any]) -> Any:
+        a = args_of({"device": "str", "speed": "int"}, args, ("device", "speed"))
+        job = job_call(lambda: d.jobs.find_block_job(a["device"]))
+        job_call(lambda: job.set_speed(a["speed"]))
+        return {}
+
+    common_job = {"job-id": "str", "speed": "int", "auto-finalize": "bool", "auto-dismiss": "bool",
+                  "filter-node-name": "str"}
+    error_enum = ("enum", ("report", "ignore", "enospc", "stop", "auto"))
+
+    @command("blockdev-backup")
+    async def blockdev_backup(args: dict[str, Any]) -> Any:
+        a = args_of(
+            {**common_job, "device": "str", "target": "str",
+             "sync": ("enum", ("full", "none", "top", "incremental", "bitmap")), "bitmap": "str",
+             "bitmap-mode": "str", "compress": "bool", "on-source-error": error_enum,
+             "on-target-error": error_enum, "x-perf": "any", "discard-source": "bool"},
+            args, ("device", "target", "sync"))
+        try:
+            await d.start_backup(a)
+        except (BlockError, JobError) as e:
+            raise guard(e) if isinstance(e, BlockError) else QMPError(e.desc, e.cls) from None
+        return {}
+
+    @command("block-commit")
+    async def block_commit(args: dict[str, Any]) -> Any:
+        a = args_of(
+            {**common_job, "device": "str", "base-node": "str", "base": "str", "top-node": "str",
+             "top": "str", "backing-file": "str", "on-error": error_enum, "backing-mask-protocol": "bool"},
+            args, ("device",))
+        try:
+            await d.start_commit(a)
+        except (BlockError, JobError) as e:
+            raise guard(e) if isinstance(e, BlockError) else QMPError(e.desc, e.cls) from None
+        return {}
+
+    mirror_schema = {**common_job, "device": "str", "target": "str", "replaces": "str",
+                     "sync": ("enum", ("full", "top", "none", "incremental", "bitmap")),
+                     "granularity": "int", "buf-size": "int", "on-source-error": error_enum,
+                     "on-target-error": error_enum, "copy-mode": ("enum", ("background", "write-blocking")),
+                     "unmap": "bool"}
+
+    @command("blockdev-mirror")
+    async def blockdev_mirror(args: dict[str, Any]) -> Any:
+        a = args_of(mirror_schema, args, ("device", "target", "sync"))
+        try:
+            await d.start_mirror(a, None)
+        except (BlockError, JobError) as e:
+            raise guard(e) if isinstance(e, BlockError) else QMPError(e.desc, e.cls) from None
+        return {}
+
+    @command("drive-mirror")
+    async def drive_mirror(args: dict[str, Any]) -> Any:
+        a = args_of({**mirror_schema, "format": "str", "node-name": "str",
+                     "mode": ("enum", ("existing", "absolute-paths"))}, args, ("device", "target", "sync"))
+        try:
+            await d.start_mirror(a, a.get("format"))
+        except (BlockError, JobError) as e:
+            raise guard(e) if isinstance(e, BlockError) else QMPError(e.desc, e.cls) from None
+        return {}
 
     @command("human-monitor-command")
     async def human_monitor_command(args: dict[str, Any]) -> Any:

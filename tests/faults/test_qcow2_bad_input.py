@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,29 @@ def run(case):
     tracemalloc.stop()
     return res
 
-if "cases" in args:
+if "serve" in args:
+    # one case per stdin line, one "@@ json" answer line each, every case under an alarm
+    import signal
+    def alarm(*_):
+        raise TimeoutError("hang")
+    signal.signal(signal.SIGALRM, alarm)
+    for line in sys.stdin:
+        case = json.loads(line)
+        signal.alarm({per_case})
+        try:
+            res = run(case)
+        except MemoryError:
+            res = {{"crash": "MemoryError"}}
+        except TimeoutError:
+            res = {{"crash": "hang"}}
+        except Exception as e:
+            import traceback
+            res = {{"crash": f"{{type(e).__name__}}: {{e}}", "tb": traceback.format_exc()}}
+        finally:
+            signal.alarm(0)
+        sys.stdout.write("@@ " + json.dumps(res) + "\n")
+        sys.stdout.flush()
+elif "cases" in args:
     # many files in one process, each under an alarm so a hang is caught per case
     import signal
     def alarm(*_):
@@ -125,16 +149,81 @@ def _spawn(arg: dict[str, Any], timeout: float) -> dict[str, Any] | list[Any]:
     return json.loads(out)
 
 
-def probe(path: Path, rw: bool = False, reads: list[tuple[int, int]] = (), write: bool = False) -> dict[str, Any]:
-    res = _spawn({"path": str(path), "rw": rw, "reads": list(reads), "write": write}, PROBE_TIMEOUT)
-    assert isinstance(res, dict)
+class Prober:
+    """One long-lived probe process (saves an interpreter start per case); a case
+    that crashes or hangs it fails and the next case gets a fresh process."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+
+    def _start(self) -> subprocess.Popen:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _probe_code(), json.dumps({"serve": True})],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            bufsize=0,
+        )
+        return self.proc
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            for f in (self.proc.stdin, self.proc.stdout):
+                if f is not None:
+                    f.close()
+            self.proc = None
+
+    def ask(self, case: dict[str, Any]) -> dict[str, Any]:
+        proc = self.proc if self.proc is not None and self.proc.poll() is None else self._start()
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write((json.dumps(case) + "\n").encode())
+        fd = proc.stdout.fileno()
+        buf = b""
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while b"\n" not in buf.split(b"@@ ", 1)[-1] or b"@@ " not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                self.stop()
+                pytest.fail(f"blockrep hung (> {PROBE_TIMEOUT} s) on {case}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                rc = proc.wait(timeout=10)
+                self.stop()
+                pytest.fail(f"blockrep crashed (exit {rc}) on {case}")
+            buf += chunk
+        res = json.loads(buf.split(b"@@ ", 1)[1].split(b"\n", 1)[0])
+        assert "crash" not in res, (
+            f"blockrep crashed on {case}: {res['crash']}\n{res.get('tb', '')}"
+        )
+        return res
+
+
+_PROBER = Prober()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prober() -> Any:
+    yield _PROBER
+    _PROBER.stop()
+
+
+def probe(
+    path: Path, rw: bool = False, reads: list[tuple[int, int]] = (), write: bool = False
+) -> dict[str, Any]:
+    res = _PROBER.ask({"path": str(path), "rw": rw, "reads": list(reads), "write": write})
     assert res["peak"] < PEAK_LIMIT, f"opening {path} allocated {res['peak']} bytes"
     return res
 
 
 def qemu_info_error(path: Path) -> str:
     p = subprocess.run(
-        ["qemu-img", "info", "-f", "qcow2", "-U", str(path)], capture_output=True, text=True, timeout=30
+        ["qemu-img", "info", "-f", "qcow2", "-U", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     return p.stderr.strip() if p.returncode else ""
 
@@ -163,29 +252,62 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A qemu-img image (64 KiB clusters, 16 MiB) with data in its first two clusters."""
     d = tmp_path_factory.mktemp("good")
     img = d / "good.qcow2"
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(img), "16M"], check=True,
-                   capture_output=True, timeout=30)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 128k", str(img)],
-                   check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", str(img), "16M"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 128k", str(img)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     return img
 
 
 def hdr(path: Path) -> dict[str, int]:
     b = path.read_bytes()[:104]
     f = struct.unpack(">4sIQIIQIIQQIIQQQQII", b)
-    keys = ["magic", "version", "backing_file_offset", "backing_file_size", "cluster_bits", "size",
-            "crypt_method", "l1_size", "l1_table_offset", "refcount_table_offset",
-            "refcount_table_clusters", "nb_snapshots", "snapshots_offset", "incompat", "compat",
-            "autoclear", "refcount_order", "header_length"]
-    return dict(zip(keys, f))
+    keys = [
+        "magic",
+        "version",
+        "backing_file_offset",
+        "backing_file_size",
+        "cluster_bits",
+        "size",
+        "crypt_method",
+        "l1_size",
+        "l1_table_offset",
+        "refcount_table_offset",
+        "refcount_table_clusters",
+        "nb_snapshots",
+        "snapshots_offset",
+        "incompat",
+        "compat",
+        "autoclear",
+        "refcount_order",
+        "header_length",
+    ]
+    return dict(zip(keys, f, strict=True))
 
 
 FIELDS = {  # offset, struct format
-    "version": (4, ">I"), "backing_file_offset": (8, ">Q"), "backing_file_size": (16, ">I"),
-    "cluster_bits": (20, ">I"), "size": (24, ">Q"), "l1_size": (36, ">I"),
-    "l1_table_offset": (40, ">Q"), "refcount_table_offset": (48, ">Q"),
-    "refcount_table_clusters": (56, ">I"), "nb_snapshots": (60, ">I"), "snapshots_offset": (64, ">Q"),
-    "incompat": (72, ">Q"), "refcount_order": (96, ">I"), "header_length": (100, ">I"),
+    "version": (4, ">I"),
+    "backing_file_offset": (8, ">Q"),
+    "backing_file_size": (16, ">I"),
+    "cluster_bits": (20, ">I"),
+    "size": (24, ">Q"),
+    "l1_size": (36, ">I"),
+    "l1_table_offset": (40, ">Q"),
+    "refcount_table_offset": (48, ">Q"),
+    "refcount_table_clusters": (56, ">I"),
+    "nb_snapshots": (60, ">I"),
+    "snapshots_offset": (64, ">Q"),
+    "incompat": (72, ">Q"),
+    "refcount_order": (96, ">I"),
+    "header_length": (100, ">I"),
 }
 
 
@@ -269,11 +391,15 @@ def test_truncated_before_data(good: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bits", [8, 30, 0, 63])
 def test_cluster_bits(good: Path, tmp_path: Path, bits: int) -> None:
-    assert_refused(patched(good, tmp_path, cluster_bits=bits), f"Unsupported cluster size: 2^{bits}")
+    assert_refused(
+        patched(good, tmp_path, cluster_bits=bits), f"Unsupported cluster size: 2^{bits}"
+    )
 
 
 def test_refcount_order_7(good: Path, tmp_path: Path) -> None:
-    assert_refused(patched(good, tmp_path, refcount_order=7), "Reference count entry width too large")
+    assert_refused(
+        patched(good, tmp_path, refcount_order=7), "Reference count entry width too large"
+    )
 
 
 def test_huge_l1_size(good: Path, tmp_path: Path) -> None:
@@ -328,7 +454,9 @@ def test_header_length_too_small(good: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("length", [CS + 8, 0xFFFFFFFF])
 def test_header_length_too_big(good: Path, tmp_path: Path, length: int) -> None:
-    assert_refused(patched(good, tmp_path, header_length=length), "qcow2 header exceeds cluster size")
+    assert_refused(
+        patched(good, tmp_path, header_length=length), "qcow2 header exceeds cluster size"
+    )
 
 
 def test_unknown_incompatible_feature(good: Path, tmp_path: Path) -> None:
@@ -365,7 +493,11 @@ def test_backing_name_too_long(good: Path, tmp_path: Path) -> None:
 
 def test_backing_name_beyond_eof(good: Path, tmp_path: Path) -> None:
     p = tmp_path / "short.qcow2"
-    p.write_bytes(patched(good, tmp_path, backing_file_offset=1000, backing_file_size=1000).read_bytes()[:1500])
+    p.write_bytes(
+        patched(good, tmp_path, backing_file_offset=1000, backing_file_size=1000).read_bytes()[
+            :1500
+        ]
+    )
     res = probe(p)
     assert not res["opened"], res
     assert "backing file name" in res["message"].lower() or "beyond the end" in res["message"], res
@@ -433,10 +565,14 @@ def test_missing_backing_file(tmp_path: Path) -> None:
     base.unlink()
     res = probe(top)
     assert not res["opened"], res
-    assert "backing file" in res["message"].lower() and "no such file" in res["message"].lower(), res
+    assert "backing file" in res["message"].lower() and "no such file" in res["message"].lower(), (
+        res
+    )
     # the CLI says it the qemu-img way
     p = cli("img", "info", str(top))
-    assert p.returncode == 1 and p.stderr.startswith(f"blockrep img: Could not open '{top}':"), p.stderr
+    assert p.returncode == 1 and p.stderr.startswith(f"blockrep img: Could not open '{top}':"), (
+        p.stderr
+    )
     assert "No such file" in p.stderr
 
 
@@ -508,7 +644,9 @@ def test_l2_entry_unaligned(good: Path, tmp_path: Path, rw: bool) -> None:
 
 
 def _qemu_check_errors(p: Path) -> str:
-    r = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(p)], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["qemu-img", "check", "-f", "qcow2", str(p)], capture_output=True, text=True, timeout=30
+    )
     return r.stderr
 
 
@@ -539,7 +677,10 @@ def test_cli_reports_bad_images(good: Path, tmp_path: Path) -> None:
     for sub in ("info", "check"):
         r = cli("img", sub, str(p))
         assert r.returncode == 1, (sub, r.stdout, r.stderr)
-        assert r.stderr.strip() == f"blockrep img: Could not open '{p}': Unsupported cluster size: 2^30"
+        assert (
+            r.stderr.strip()
+            == f"blockrep img: Could not open '{p}': Unsupported cluster size: 2^30"
+        )
         assert "Traceback" not in r.stderr
 
 
@@ -570,11 +711,16 @@ def test_random_header_mutations(good: Path, tmp_path: Path) -> None:
             buf = buf[: rng.randrange(len(buf))]
         path = tmp_path / f"fuzz{seed}.qcow2"
         path.write_bytes(bytes(buf))
-        cases.append({"path": str(path), "rw": rng.random() < 0.3,
-                      "reads": [[0, 4096], [CS - 512, 1024], [8 << 20, 512]]})
+        cases.append(
+            {
+                "path": str(path),
+                "rw": rng.random() < 0.3,
+                "reads": [[0, 4096], [CS - 512, 1024], [8 << 20, 512]],
+            }
+        )
     results = _spawn({"cases": cases}, timeout=40)
     assert isinstance(results, list) and len(results) == len(cases)
-    for case, res in zip(cases, results):
+    for case, res in zip(cases, results, strict=True):
         assert "crash" not in res, f"{case['path']}: {res['crash']}"
         assert res["peak"] < PEAK_LIMIT, f"{case['path']}: {res['peak']} bytes"
         if not res["opened"]:

@@ -59,37 +59,89 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # write; with 64-bit refcounts a refcount block covers 32 KiB, so past 2 MiB of
     # file the one-cluster refcount table is full and must grow and move.
     "c512": dict(
-        cluster=512, size=1 * GiB, backing=False, creator="blockrep", nops=160, runs=10,
-        refcount_bits=64, max_len=256 << 10,
+        cluster=512,
+        size=1 * GiB,
+        backing=False,
+        creator="blockrep",
+        nops=160,
+        runs=10,
+        refcount_bits=64,
+        max_len=256 << 10,
         qcow2_opts={"l2-cache-size": 16 * 512, "refcount-cache-size": 8 * 512},
     ),
+    # 64 MiB with 64-bit refcounts: the reftable moves after 2 MiB of file while
+    # L1 and refcount block 0 stay in place, so make_empty takes the in-place path
+    # that also moves the reftable back to cluster 1.
+    "c512-moved-reftable": dict(
+        cluster=512,
+        size=64 * MiB,
+        backing=False,
+        creator="blockrep",
+        nops=140,
+        runs=6,
+        refcount_bits=64,
+        max_len=256 << 10,
+        empty_rate=0.03,
+        qcow2_opts={},
+    ),
     "c512-backing": dict(
-        cluster=512, size=1 * GiB, backing=True, creator="qemu-img", nops=140, runs=8,
+        cluster=512,
+        size=1 * GiB,
+        backing=True,
+        creator="qemu-img",
+        nops=140,
+        runs=8,
         qcow2_opts={},
     ),
     # small caches force L2 / refcount block evictions in the middle of writes
     "c4k": dict(
-        cluster=4096, size=8 * GiB, backing=False, creator="qemu-img", nops=160, runs=10,
+        cluster=4096,
+        size=8 * GiB,
+        backing=False,
+        creator="qemu-img",
+        nops=160,
+        runs=10,
         refcount_bits=64,
         qcow2_opts={"l2-cache-size": 4 * 4096, "refcount-cache-size": 4 * 4096},
     ),
     "c4k-backing": dict(
-        cluster=4096, size=8 * GiB, backing=True, creator="blockrep", nops=140, runs=10,
+        cluster=4096,
+        size=8 * GiB,
+        backing=True,
+        creator="blockrep",
+        nops=140,
+        runs=10,
         qcow2_opts={},
     ),
     "c64k": dict(
-        cluster=65536, size=16 * GiB, backing=False, creator="blockrep", nops=120, runs=7,
+        cluster=65536,
+        size=16 * GiB,
+        backing=False,
+        creator="blockrep",
+        nops=120,
+        runs=7,
         qcow2_opts={"l2-cache-size": 2 * 65536},
     ),
     "c64k-backing": dict(
-        cluster=65536, size=4 * GiB, backing=True, creator="qemu-img", nops=120, runs=7,
+        cluster=65536,
+        size=4 * GiB,
+        backing=True,
+        creator="qemu-img",
+        nops=120,
+        runs=7,
         qcow2_opts={},
     ),
 }
 # Runs aimed at make_empty: the kill lands inside the first make_empty of the workload.
-EMPTY_RUNS = [("c4k", 900 + i) for i in range(3)] + [("c64k-backing", 950 + i) for i in range(3)]
+EMPTY_RUNS = (
+    [("c4k", 900 + i) for i in range(3)]
+    + [("c64k-backing", 950 + i) for i in range(3)]
+    + [("c512-moved-reftable", 970 + i) for i in range(4)]
+)
 
-RUNS = [(name, 1000 * k + s) for k, (name, c) in enumerate(CONFIGS.items()) for s in range(c["runs"])]
+RUNS = [
+    (name, 1000 * k + s) for k, (name, c) in enumerate(CONFIGS.items()) for s in range(c["runs"])
+]
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -297,7 +349,9 @@ async def verify_and_reuse(path: Path, model: Model, sectors: list[int], probe: 
         await g.close_all()
 
 
-def crash_run(tmp_path: Path, name: str, seed: int, base: Path | None, target_empty: bool = False) -> None:
+def crash_run(
+    tmp_path: Path, name: str, seed: int, base: Path | None, target_empty: bool = False
+) -> None:
     c = CONFIGS[name]
     img = tmp_path / "overlay.qcow2"
     make_overlay(img, c, base)
@@ -309,6 +363,7 @@ def crash_run(tmp_path: Path, name: str, seed: int, base: Path | None, target_em
         "cluster": c["cluster"],
         "qcow2_opts": c["qcow2_opts"],
         "max_len": c.get("max_len", 128 << 10),
+        "empty_rate": c.get("empty_rate", 0.015),
     }
     if target_empty:
         cfg["empty_rate"] = 0.05
@@ -317,7 +372,7 @@ def crash_run(tmp_path: Path, name: str, seed: int, base: Path | None, target_em
     if target_empty:
         empties = [i for i, op in enumerate(ops) if op[0] == "e"]
         assert empties, "seed gives no make_empty"
-        kill_at = empties[0]
+        kill_at = empties[-1]  # the last one: the image has grown by then
         delay = krng.choice([0.0, 0.0005, 0.001, 0.002, 0.004])
     else:
         kill_at = krng.randrange(len(ops))
@@ -384,7 +439,9 @@ def test_kill_writer(tmp_path: Path, name: str, seed: int, base_image: Path) -> 
 
 @pytest.mark.parametrize("name,seed", EMPTY_RUNS, ids=[f"{n}-empty-s{s}" for n, s in EMPTY_RUNS])
 def test_kill_writer_in_make_empty(tmp_path: Path, name: str, seed: int, base_image: Path) -> None:
-    crash_run(tmp_path, name, seed, base_image if CONFIGS[name]["backing"] else None, target_empty=True)
+    crash_run(
+        tmp_path, name, seed, base_image if CONFIGS[name]["backing"] else None, target_empty=True
+    )
 
 
 def test_workload_grows_refcount_table_and_ends_clean(tmp_path: Path) -> None:
@@ -392,9 +449,16 @@ def test_workload_grows_refcount_table_and_ends_clean(tmp_path: Path) -> None:
     c = CONFIGS["c512"]
     img = tmp_path / "full.qcow2"
     make_overlay(img, c, None)
-    cfg = {"image": str(img), "seed": 4242, "nops": c["nops"], "size": c["size"],
-           "cluster": c["cluster"], "qcow2_opts": c["qcow2_opts"], "empty_rate": 0.0,
-           "max_len": c["max_len"]}
+    cfg = {
+        "image": str(img),
+        "seed": 4242,
+        "nops": c["nops"],
+        "size": c["size"],
+        "cluster": c["cluster"],
+        "qcow2_opts": c["qcow2_opts"],
+        "empty_rate": 0.0,
+        "max_len": c["max_len"],
+    }
     lines = run_writer(cfg, None, 0)
     assert lines[-1] == "END"
     with open(img, "rb") as f:

@@ -13,7 +13,6 @@ a few tests call the console script itself.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -45,9 +44,20 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 # -- helpers ------------------------------------------------------------------------
 
 
-def run(args: list[str], *, cwd: Path | str | None = None, ok: tuple[int, ...] | None = (0,), stdin: str | None = None) -> subprocess.CompletedProcess:
+def run(
+    args: list[str],
+    *,
+    cwd: Path | str | None = None,
+    ok: tuple[int, ...] | None = (0,),
+    stdin: str | None = None,
+) -> subprocess.CompletedProcess:
     p = subprocess.run(
-        [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT, input=stdin
+        [str(a) for a in args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        input=stdin,
     )
     if ok is not None and p.returncode not in ok:
         raise AssertionError(
@@ -66,7 +76,9 @@ def qio(path: Path | str, cmds: list[str], fmt: str = "qcow2", cwd=None) -> None
         args += ["-c", c]
     p = run([*args, str(path)], cwd=cwd)
     # qemu-io reports failed commands on stdout/stderr but exits 0
-    bad = [ln for ln in (p.stdout + p.stderr).splitlines() if "failed" in ln or "error" in ln.lower()]
+    bad = [
+        ln for ln in (p.stdout + p.stderr).splitlines() if "failed" in ln or "error" in ln.lower()
+    ]
     assert not bad, f"qemu-io {cmds}: {bad}"
 
 
@@ -96,7 +108,11 @@ sys.stdout.write(json.dumps(res))
 
 def br_batch(cmds: list[list[str]], cwd: Path | str | None = None) -> list[tuple[int, str, str]]:
     """Run many ``blockrep`` argument vectors in one interpreter: [(rc, stdout, stderr)]."""
-    p = run([sys.executable, "-c", _BATCH], cwd=cwd, stdin=json.dumps([[str(a) for a in c] for c in cmds]))
+    p = run(
+        [sys.executable, "-c", _BATCH],
+        cwd=cwd,
+        stdin=json.dumps([[str(a) for a in c] for c in cmds]),
+    )
     return [tuple(r) for r in json.loads(p.stdout)]
 
 
@@ -116,7 +132,11 @@ async def opened(path: Path, read_only: bool = False, fmt: str = "qcow2"):
     g = Graph()
     try:
         node = await g.add(
-            {"driver": fmt, "read-only": read_only, "file": {"driver": "file", "filename": str(path)}}
+            {
+                "driver": fmt,
+                "read-only": read_only,
+                "file": {"driver": "file", "filename": str(path)},
+            }
         )
         yield node
     finally:
@@ -139,7 +159,9 @@ def qemu_content(path: Path, tmp: Path, fmt: str = "qcow2") -> bytes:
 
 def qemu_check_ok(path: Path) -> None:
     p = qimg("check", path, ok=None)
-    assert p.returncode == 0, f"qemu-img check {path.name} exit {p.returncode}:\n{p.stdout}{p.stderr}"
+    assert p.returncode == 0, (
+        f"qemu-img check {path.name} exit {p.returncode}:\n{p.stdout}{p.stderr}"
+    )
     assert "No errors were found" in p.stdout
 
 
@@ -169,7 +191,13 @@ CREATE_CASES: list[tuple[str, list[str], str | None]] = []
 for _cs in ("512", "4096", "65536", "2M"):
     for _compat in ("0.10", "1.1"):
         for _size in ("64M", "1G"):
-            CREATE_CASES.append((f"cs{_cs}-{_compat}-{_size}", ["-o", f"cluster_size={_cs},compat={_compat}"], _size))
+            CREATE_CASES.append(
+                (
+                    f"cs{_cs}-{_compat}-{_size}",
+                    ["-o", f"cluster_size={_cs},compat={_compat}"],
+                    _size,
+                )
+            )
 CREATE_CASES += [
     ("default-64M", [], "64M"),
     ("default-3G", [], "3G"),
@@ -189,7 +217,11 @@ CREATE_CASES += [
     ("backing-qcow2-cs512", ["-b", "base.qcow2", "-F", "qcow2", "-o", "cluster_size=512"], None),
     ("backing-qcow2-cs2M", ["-b", "base.qcow2", "-F", "qcow2", "-o", "cluster_size=2M"], "2G"),
     ("backing-opt-form", ["-o", "backing_file=base.raw,backing_fmt=raw"], None),
-    ("backing-long-name-cs512", ["-b", "d" * 40 + "/../base.raw", "-F", "raw", "-o", "cluster_size=512"], None),
+    (
+        "backing-long-name-cs512",
+        ["-b", "d" * 40 + "/../base.raw", "-F", "raw", "-o", "cluster_size=512"],
+        None,
+    ),
 ]
 
 
@@ -204,7 +236,7 @@ def test_create_byte_identical_cli(tmp_path: Path) -> None:
         cmds.append(["img", "create", "-q", "-f", "qcow2", *opts, f"b-{name}.qcow2", *tail])
     results = br_batch(cmds, cwd=tmp_path)
     bad = []
-    for (name, _, _), (rc, out, err) in zip(CREATE_CASES, results):
+    for (name, _, _), (rc, _out, err) in zip(CREATE_CASES, results, strict=True):
         if rc != 0:
             bad.append(f"{name}: blockrep exit {rc}: {err.strip()}")
             continue
@@ -221,7 +253,10 @@ def test_create_byte_identical_cli(tmp_path: Path) -> None:
 def test_create_console_script_and_messages(tmp_path: Path) -> None:
     """The real console script: same file, same 'Formatting ...' line as qemu-img."""
     qimg("create", "-q", "-f", "raw", tmp_path / "base.raw", "16M")
-    for args in (["-o", "cluster_size=4096", "x.qcow2", "64M"], ["-b", "base.raw", "-F", "raw", "x.qcow2"]):
+    for args in (
+        ["-o", "cluster_size=4096", "x.qcow2", "64M"],
+        ["-b", "base.raw", "-F", "raw", "x.qcow2"],
+    ):
         q = qimg("create", "-f", "qcow2", *args, cwd=tmp_path)
         qbytes = (tmp_path / "x.qcow2").read_bytes()
         (tmp_path / "x.qcow2").unlink()
@@ -229,6 +264,10 @@ def test_create_console_script_and_messages(tmp_path: Path) -> None:
         assert b.stdout == q.stdout
         assert_same_bytes((tmp_path / "x.qcow2").read_bytes(), qbytes, f"create {args}")
         (tmp_path / "x.qcow2").unlink()
+    # raw: QEMU rounds the size up to whole sectors
+    qimg("create", "-q", "-f", "raw", tmp_path / "q.raw", "1000000")
+    br("img", "create", "-q", "-f", "raw", tmp_path / "b.raw", "1000000")
+    assert (tmp_path / "b.raw").stat().st_size == (tmp_path / "q.raw").stat().st_size == 1000448
 
 
 @pytest.mark.parametrize(
@@ -238,7 +277,11 @@ def test_create_console_script_and_messages(tmp_path: Path) -> None:
         ({"cluster_size": 512}, "cluster_size=512", 64 * MiB),
         ({"cluster_size": 2 * MiB, "version": 2}, "cluster_size=2M,compat=0.10", GiB),
         ({"cluster_size": 4096, "refcount_bits": 64}, "cluster_size=4096,refcount_bits=64", GiB),
-        ({"lazy_refcounts": True, "refcount_bits": 1}, "lazy_refcounts=on,refcount_bits=1", 64 * MiB),
+        (
+            {"lazy_refcounts": True, "refcount_bits": 1},
+            "lazy_refcounts=on,refcount_bits=1",
+            64 * MiB,
+        ),
     ],
 )
 async def test_create_byte_identical_api(tmp_path: Path, kw, qopts, size) -> None:
@@ -251,8 +294,12 @@ async def test_create_byte_identical_api(tmp_path: Path, kw, qopts, size) -> Non
 async def test_create_api_backing_byte_identical(tmp_path: Path) -> None:
     qimg("create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "32M")
     qimg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", tmp_path / "q.qcow2")
-    await api_create(tmp_path / "b.qcow2", 32 * MiB, backing_file="base.qcow2", backing_format="qcow2")
-    assert_same_bytes((tmp_path / "b.qcow2").read_bytes(), (tmp_path / "q.qcow2").read_bytes(), "backing")
+    await api_create(
+        tmp_path / "b.qcow2", 32 * MiB, backing_file="base.qcow2", backing_format="qcow2"
+    )
+    assert_same_bytes(
+        (tmp_path / "b.qcow2").read_bytes(), (tmp_path / "q.qcow2").read_bytes(), "backing"
+    )
 
 
 # -- 2. make_empty -------------------------------------------------------------------
@@ -294,7 +341,9 @@ MAKE_EMPTY_CASES = [
 
 
 @pytest.mark.parametrize("cs,compat,size,bfmt,rbits", MAKE_EMPTY_CASES)
-async def test_make_empty_matches_qemu_commit(tmp_path: Path, cs, compat, size, bfmt, rbits) -> None:
+async def test_make_empty_matches_qemu_commit(
+    tmp_path: Path, cs, compat, size, bfmt, rbits
+) -> None:
     """blockrep make_empty == QEMU's bdrv_make_empty (run by ``qemu-img commit``) on the same file."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -338,7 +387,9 @@ async def test_make_empty_matches_qemu_commit(tmp_path: Path, cs, compat, size, 
         # the emptied overlay reads as its (unchanged, for blockrep) base
         base = qemu_content(a / f"base.{bfmt}", tmp_path, fmt=bfmt)
         assert_same_bytes(await br_read_all(a / "top.qcow2"), base, "emptied overlay content")
-        assert_same_bytes(qemu_content(a / "top.qcow2", tmp_path), base, "emptied overlay, read by qemu")
+        assert_same_bytes(
+            qemu_content(a / "top.qcow2", tmp_path), base, "emptied overlay, read by qemu"
+        )
     else:
         assert not any(await br_read_all(a / "top.qcow2"))
     async with opened(a / "top.qcow2", read_only=True) as n:
@@ -349,13 +400,45 @@ async def test_make_empty_matches_qemu_commit(tmp_path: Path, cs, compat, size, 
         assert_same_bytes(got, want, "make_empty vs fresh create")
 
 
+async def test_make_empty_after_refcount_table_grew(tmp_path: Path) -> None:
+    """QEMU's make_completely_empty also applies when the refcount table was moved and
+    grown (9 MiB of 512-byte clusters need more refblocks than one reftable cluster
+    holds): the result is still the fresh image, relocated tables included."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for d in (a, b):
+        qimg("create", "-q", "-f", "raw", d / "base.raw", "16M")
+    await api_create(
+        a / "top.qcow2", 16 * MiB, cluster_size=512, backing_file="base.raw", backing_format="raw"
+    )
+    fresh = (a / "top.qcow2").read_bytes()
+    async with opened(a / "top.qcow2") as n:
+        for i in range(9):
+            await n.write(i * MiB, fill(i + 1, MiB))
+    assert _header(a / "top.qcow2")["rt_offset"] != 512, "premise: the reftable moved"
+    qemu_check_ok(a / "top.qcow2")
+    shutil.copy(a / "top.qcow2", b / "top.qcow2")
+    await _make_empty(a / "top.qcow2")
+    qimg("commit", "-q", b / "top.qcow2")
+    qemu_check_ok(a / "top.qcow2")
+    assert not any(await br_read_all(a / "top.qcow2"))
+    want = (b / "top.qcow2").read_bytes()
+    assert_same_bytes(
+        want, fresh + bytes(11 * 512 - len(fresh)), "premise: QEMU's result is the fresh image"
+    )
+    assert_same_bytes((a / "top.qcow2").read_bytes(), want, "make_empty vs qemu-img commit")
+
+
 # -- 3. images made and written by QEMU, read by blockrep ----------------------------------
 
 
 class Model:
     """What a qcow2 image reads as, following QEMU's semantics of each qemu-io command."""
 
-    def __init__(self, size: int, cs: int, v3: bool, backing: bytes | None, qemu: bool = False) -> None:
+    def __init__(
+        self, size: int, cs: int, v3: bool, backing: bytes | None, qemu: bool = False
+    ) -> None:
         self.size, self.cs, self.v3 = size, cs, v3
         self.has_backing = backing is not None
         # QEMU 7.2 ignores discard on a v2 image with a backing file (qcow2_co_pdiscard
@@ -436,12 +519,23 @@ def apply_qemu_io(path: Path, script: list[tuple], model: Model, fmt: str = "qco
     qio(path, cmds, fmt=fmt)
 
 
-def make_qemu_chain(tmp: Path, depth: int, bottom: str, cs: int, compat: str, size: int) -> tuple[Path, Model]:
+def make_qemu_chain(
+    tmp: Path, depth: int, bottom: str, cs: int, compat: str, size: int
+) -> tuple[Path, Model]:
     """A chain written entirely by QEMU: bottom (raw or qcow2) <- ... <- top; depth = images."""
     v3 = compat == "1.1"
     if depth == 1:
         top = tmp / "top.qcow2"
-        qimg("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs},compat={compat}", top, str(size))
+        qimg(
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            f"cluster_size={cs},compat={compat}",
+            top,
+            str(size),
+        )
         model = Model(size, cs, v3, None, qemu=True)
         apply_qemu_io(top, qemu_io_script(cs, size), model)
         return top, model
@@ -449,21 +543,43 @@ def make_qemu_chain(tmp: Path, depth: int, bottom: str, cs: int, compat: str, si
     bottom_path = tmp / f"l0.{bottom}"
     qimg("create", "-q", "-f", bottom, bottom_path, str(size))
     content = bytearray(size)
-    qio(bottom_path, [f"write -P 0xb0 0 {size * 2 // 3}", f"write -P 0xb1 {cs + 3} 5000"], fmt=bottom)
+    qio(
+        bottom_path,
+        [f"write -P 0xb0 0 {size * 2 // 3}", f"write -P 0xb1 {cs + 3} 5000"],
+        fmt=bottom,
+    )
     content[: size * 2 // 3] = fill(0xB0, size * 2 // 3)
     content[cs + 3 : cs + 5003] = fill(0xB1, 5000)
     prev, prev_fmt = bottom_path, bottom
     for level in range(1, depth):
         path = tmp / f"l{level}.qcow2"
         qimg(
-            "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs},compat={compat}",
-            "-b", prev.name, "-F", prev_fmt, path, str(size),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            f"cluster_size={cs},compat={compat}",
+            "-b",
+            prev.name,
+            "-F",
+            prev_fmt,
+            path,
+            str(size),
         )
         model = Model(size, cs, v3, bytes(content), qemu=True)
         if level == depth - 1:
             apply_qemu_io(path, qemu_io_script(cs, size), model)
         else:
-            apply_qemu_io(path, [("write", 0xC0 + level, 5 * cs + 11, 3 * cs), ("discard", 0, 2 * cs), ("zero", 9 * cs, cs)], model)
+            apply_qemu_io(
+                path,
+                [
+                    ("write", 0xC0 + level, 5 * cs + 11, 3 * cs),
+                    ("discard", 0, 2 * cs),
+                    ("zero", 9 * cs, cs),
+                ],
+                model,
+            )
         content = model.data
         prev, prev_fmt = path, "qcow2"
     return prev, model
@@ -491,7 +607,9 @@ def _size_for(cs: int) -> int:
 
 
 @pytest.mark.parametrize("depth,bottom,cs,compat", QEMU_WRITTEN)
-async def test_qemu_written_images_read_in_blockrep(tmp_path: Path, depth, bottom, cs, compat) -> None:
+async def test_qemu_written_images_read_in_blockrep(
+    tmp_path: Path, depth, bottom, cs, compat
+) -> None:
     size = _size_for(cs)
     top, model = make_qemu_chain(tmp_path, depth, bottom or "qcow2", cs, compat, size)
     truth = qemu_content(top, tmp_path)
@@ -522,9 +640,23 @@ def build_image_zoo(tmp: Path) -> list[Path]:
         d.mkdir()
         return d
 
-    for cs, compat, size in ((65536, "1.1", "64M"), (512, "1.1", "3M"), (2 * MiB, "0.10", "1G"), (4096, "0.10", "5000k")):
+    for cs, compat, size in (
+        (65536, "1.1", "64M"),
+        (512, "1.1", "3M"),
+        (2 * MiB, "0.10", "1G"),
+        (4096, "0.10", "5000k"),
+    ):
         d = sub(f"fresh-{cs}-{compat}")
-        qimg("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs},compat={compat}", d / "f.qcow2", size)
+        qimg(
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            f"cluster_size={cs},compat={compat}",
+            d / "f.qcow2",
+            size,
+        )
         imgs.append(d / "f.qcow2")
     d = sub("fresh-over-raw")
     qimg("create", "-q", "-f", "raw", d / "b.raw", "8M")
@@ -537,17 +669,40 @@ def build_image_zoo(tmp: Path) -> list[Path]:
         imgs.append(top)
     d = sub("compressed")
     qimg("create", "-q", "-f", "raw", d / "src.raw", "4M")
-    qio(d / "src.raw", ["write -P 0x41 0 1M", "write -P 0x42 2M 100k", f"write -P 0 {3 * MiB} 64k"], fmt="raw")
+    qio(
+        d / "src.raw",
+        ["write -P 0x41 0 1M", "write -P 0x42 2M 100k", f"write -P 0 {3 * MiB} 64k"],
+        fmt="raw",
+    )
     qimg("convert", "-c", "-O", "qcow2", d / "src.raw", d / "c.qcow2")
     imgs.append(d / "c.qcow2")
     d = sub("compressed-v2-overlay")
-    qimg("convert", "-c", "-O", "qcow2", "-o", "compat=0.10,cluster_size=4096", tmp / "compressed" / "src.raw", d / "c.qcow2")
+    qimg(
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "compat=0.10,cluster_size=4096",
+        tmp / "compressed" / "src.raw",
+        d / "c.qcow2",
+    )
     qimg("create", "-q", "-f", "qcow2", "-b", "c.qcow2", "-F", "qcow2", d / "t.qcow2")
     qio(d / "t.qcow2", ["write -P 9 100k 300k", "write -z 2M 64k"])
     imgs.append(d / "t.qcow2")
     d = sub("zeroes")
     qimg("create", "-q", "-f", "qcow2", d / "z.qcow2", "8M")
-    qio(d / "z.qcow2", ["write -P 1 0 4M", "write -z 0 1M", "write -z -u 1M 1M", "discard 2M 1M", "write -z 6M 1M", "write -z -u 7M 64k"])
+    qio(
+        d / "z.qcow2",
+        [
+            "write -P 1 0 4M",
+            "write -z 0 1M",
+            "write -z -u 1M 1M",
+            "discard 2M 1M",
+            "write -z 6M 1M",
+            "write -z -u 7M 64k",
+        ],
+    )
     imgs.append(d / "z.qcow2")
     return imgs
 
@@ -570,7 +725,7 @@ def test_map_agrees_with_qemu_img(image_zoo) -> None:
     jobs = [(img, c) for img in imgs for c in _map_cmds(img)]
     results = br_batch([["img", *c] for _, c in jobs], cwd=tmp_path)
     bad = []
-    for (img, c), (rc, out, err) in zip(jobs, results):
+    for (img, c), (rc, out, err) in zip(jobs, results, strict=True):
         q = qimg(*c, cwd=tmp_path)
         name = f"{img.relative_to(tmp_path)} {' '.join(c[:-1])}"
         if rc != 0:
@@ -583,7 +738,10 @@ def test_map_agrees_with_qemu_img(image_zoo) -> None:
             continue
         want = json.loads(q.stdout)
         if got != want:
-            diff = next((i for i, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
+            diff = next(
+                (i for i, (x, y) in enumerate(zip(got, want, strict=False)) if x != y),
+                min(len(got), len(want)),
+            )
             bad.append(
                 f"{name}: first difference at extent {diff}: blockrep "
                 f"{got[diff] if diff < len(got) else None} vs qemu {want[diff] if diff < len(want) else None}"
@@ -618,7 +776,7 @@ def test_info_and_check_agree_with_qemu_img(image_zoo) -> None:
     jobs = [(img, c) for img in imgs for c in _info_cmds(img)]
     results = br_batch([["img", *c] for _, c in jobs], cwd=tmp_path)
     bad = []
-    for (img, c), (rc, out, err) in zip(jobs, results):
+    for (img, c), (rc, out, err) in zip(jobs, results, strict=True):
         q = qimg(*c, cwd=tmp_path, ok=None)
         name = f"{img.relative_to(tmp_path)} {' '.join(c[:-1])}"
         if rc != q.returncode:
@@ -641,7 +799,10 @@ def _header(path: Path) -> dict[str, int]:
     b = path.read_bytes()[:104]
     f = struct.unpack(">4sIQIIQIIQQIIQ", b[:72])
     return {
-        "cluster_bits": f[4], "l1_size": f[7], "l1_offset": f[8], "rt_offset": f[9],
+        "cluster_bits": f[4],
+        "l1_size": f[7],
+        "l1_offset": f[8],
+        "rt_offset": f[9],
         "refcount_order": struct.unpack(">I", b[96:100])[0] if f[1] >= 3 else 4,
     }
 
@@ -708,7 +869,14 @@ def test_check_leaks_and_corruption_like_qemu(tmp_path: Path, compat: str) -> No
     for n in names:
         cmds += [["img", "check", "--output", "json", f"{n}.qcow2"], ["img", "check", f"{n}.qcow2"]]
     results = br_batch(cmds, cwd=tmp_path)
-    expected_rc = {"clean": 0, "leak-l1": 3, "leak-free-cluster": 3, "corrupt-rc0": 2, "corrupt-rc2": 2, "corrupt-l1-rc0": 2}
+    expected_rc = {
+        "clean": 0,
+        "leak-l1": 3,
+        "leak-free-cluster": 3,
+        "corrupt-rc0": 2,
+        "corrupt-rc2": 2,
+        "corrupt-l1-rc0": 2,
+    }
     bad = []
     for i, n in enumerate(names):
         for j, c in enumerate((["check", "--output", "json"], ["check"])):
@@ -717,7 +885,9 @@ def test_check_leaks_and_corruption_like_qemu(tmp_path: Path, compat: str) -> No
             if q.returncode != expected_rc[n]:
                 bad.append(f"{n}: the test's premise is wrong, qemu-img check exits {q.returncode}")
             if rc != q.returncode:
-                bad.append(f"{n} {c}: blockrep exit {rc} vs qemu-img {q.returncode}: {err.strip()[:300]}")
+                bad.append(
+                    f"{n} {c}: blockrep exit {rc} vs qemu-img {q.returncode}: {err.strip()[:300]}"
+                )
             elif "--output" in c and json.loads(out) != json.loads(q.stdout):
                 bad.append(f"{n} {c}:\n  blockrep {out}\n  qemu-img {q.stdout}")
             elif "--output" not in c and out != q.stdout:
@@ -736,7 +906,9 @@ def test_check_leaks_and_corruption_like_qemu(tmp_path: Path, compat: str) -> No
         bj.pop("filename"), qj.pop("filename")
         assert bj == qj
         qemu_check_ok(mine)
-        assert_same_bytes(qemu_content(mine, tmp_path), qemu_content(theirs, tmp_path), f"{n} repaired content")
+        assert_same_bytes(
+            qemu_content(mine, tmp_path), qemu_content(theirs, tmp_path), f"{n} repaired content"
+        )
 
 
 # -- 6. compare and convert ------------------------------------------------------------
@@ -746,7 +918,19 @@ def test_compare_and_convert_agree_with_qemu_img(tmp_path: Path) -> None:
     d = tmp_path
     qimg("create", "-q", "-f", "raw", d / "base.raw", "8M")
     qio(d / "base.raw", ["write -P 0x10 0 3M"], fmt="raw")
-    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.raw", "-F", "raw", d / "mid.qcow2")
+    qimg(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        d / "mid.qcow2",
+    )
     qio(d / "mid.qcow2", ["write -P 0x20 1M 100k", "write -z 2M 64k", "write -c -P 0x21 5M 64k"])
     qimg("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", d / "top.qcow2")
     qio(d / "top.qcow2", ["write -P 0x30 100 5000", "discard 6M 1M", "write -P 0x31 8388000 192"])
@@ -781,11 +965,13 @@ def test_compare_and_convert_agree_with_qemu_img(tmp_path: Path) -> None:
     ]
     results = br_batch([["img", *c] for c in compares + converts], cwd=d)
     bad = []
-    for c, (rc, out, err) in zip(compares, results[: len(compares)]):
+    for c, (rc, out, err) in zip(compares, results[: len(compares)], strict=True):
         q = qimg(*c, cwd=d, ok=None)
         if rc != q.returncode or out != q.stdout:
-            bad.append(f"{c}: blockrep ({rc}, {out!r}, {err.strip()!r}) vs qemu-img ({q.returncode}, {q.stdout!r}, {q.stderr.strip()!r})")
-    for c, (rc, out, err) in zip(converts, results[len(compares) :]):
+            bad.append(
+                f"{c}: blockrep ({rc}, {out!r}, {err.strip()!r}) vs qemu-img ({q.returncode}, {q.stdout!r}, {q.stderr.strip()!r})"
+            )
+    for c, (rc, _out, err) in zip(converts, results[len(compares) :], strict=True):
         if rc != 0:
             bad.append(f"{c}: blockrep exit {rc}: {err}")
             continue
@@ -794,9 +980,18 @@ def test_compare_and_convert_agree_with_qemu_img(tmp_path: Path) -> None:
             p = qimg("check", dst, ok=None)
             if p.returncode != 0:
                 bad.append(f"{c}: qemu-img check exit {p.returncode}: {p.stdout}")
-            if "compat=0.10" in c and json.loads(qimg("info", "--output", "json", dst).stdout)["format-specific"]["data"]["compat"] != "0.10":
+            if (
+                "compat=0.10" in c
+                and json.loads(qimg("info", "--output", "json", dst).stdout)["format-specific"][
+                    "data"
+                ]["compat"]
+                != "0.10"
+            ):
                 bad.append(f"{c}: not a v2 image")
-            if "cluster_size=512" in c and json.loads(qimg("info", "--output", "json", dst).stdout)["cluster-size"] != 512:
+            if (
+                "cluster_size=512" in c
+                and json.loads(qimg("info", "--output", "json", dst).stdout)["cluster-size"] != 512
+            ):
                 bad.append(f"{c}: cluster size not honoured")
         p = qimg("compare", src, dst, ok=None)
         if p.returncode != 0:
@@ -811,7 +1006,9 @@ def test_compare_and_convert_agree_with_qemu_img(tmp_path: Path) -> None:
 def test_compare_console_script_exit_codes(tmp_path: Path) -> None:
     qimg("create", "-q", "-f", "qcow2", tmp_path / "a.qcow2", "1M")
     qimg("create", "-q", "-f", "qcow2", tmp_path / "b.qcow2", "1M")
-    assert br("img", "compare", "a.qcow2", "b.qcow2", cwd=tmp_path).stdout == "Images are identical.\n"
+    assert (
+        br("img", "compare", "a.qcow2", "b.qcow2", cwd=tmp_path).stdout == "Images are identical.\n"
+    )
     qio(tmp_path / "b.qcow2", ["write -P 7 512k 1"])
     p = br("img", "compare", "a.qcow2", "b.qcow2", cwd=tmp_path, ok=(1,))
     assert p.stdout == qimg("compare", "a.qcow2", "b.qcow2", cwd=tmp_path, ok=(1,)).stdout
@@ -823,7 +1020,20 @@ def test_compare_console_script_exit_codes(tmp_path: Path) -> None:
 async def _random_ops(node, model: Model, rnd: random.Random, count: int, path: Path) -> object:
     size, cs = model.size, model.cs
     for _ in range(count):
-        op = rnd.choice(["write", "write", "write", "zero", "zero", "discard", "discard", "read", "reopen", "empty"])
+        op = rnd.choice(
+            [
+                "write",
+                "write",
+                "write",
+                "zero",
+                "zero",
+                "discard",
+                "discard",
+                "read",
+                "reopen",
+                "empty",
+            ]
+        )
         if rnd.random() < 0.5:  # aligned-ish to clusters, else anywhere
             off = rnd.randrange(0, max(1, size // cs)) * cs
             n = rnd.randrange(1, 4) * cs
@@ -879,7 +1089,9 @@ RANDOM_CHAINS = [
 RANDOM_REFCOUNT_BITS = {10: {0: 1}, 11: {1: 64}, 12: {0: 8, 1: 2}}
 
 
-@pytest.mark.parametrize("seed,layers", RANDOM_CHAINS, ids=[f"seed{s}-depth{len(lay)}" for s, lay in RANDOM_CHAINS])
+@pytest.mark.parametrize(
+    "seed,layers", RANDOM_CHAINS, ids=[f"seed{s}-depth{len(lay)}" for s, lay in RANDOM_CHAINS]
+)
 async def test_random_blockrep_writes_judged_by_qemu(tmp_path: Path, seed: int, layers) -> None:
     rnd = random.Random(seed)
     rbits = RANDOM_REFCOUNT_BITS.get(seed, {})
@@ -900,8 +1112,13 @@ async def test_random_blockrep_writes_judged_by_qemu(tmp_path: Path, seed: int, 
             content = bytes(data)
         else:
             await api_create(
-                path, size, cluster_size=cs, version=version, refcount_bits=rbits.get(i, 16),
-                backing_file=prev[0] if prev else None, backing_format=prev[1] if prev else None,
+                path,
+                size,
+                cluster_size=cs,
+                version=version,
+                refcount_bits=rbits.get(i, 16),
+                backing_file=prev[0] if prev else None,
+                backing_format=prev[1] if prev else None,
             )
             model = Model(size, cs, version >= 3, content)
             node = await _open_rw(path)
@@ -923,13 +1140,19 @@ async def test_random_blockrep_writes_judged_by_qemu(tmp_path: Path, seed: int, 
     assert_same_bytes(qemu_content(top, tmp_path), content, "QEMU's reading vs model")
     # and on these blockrep-written images the two maps agree too
     results = br_batch([["img", "map", "--output", "json", p.name] for p in written], cwd=tmp_path)
-    for p, (rc, out, err) in zip(written, results):
+    for p, (rc, out, err) in zip(written, results, strict=True):
         assert rc == 0, err
-        assert json.loads(out) == json.loads(qimg("map", "--output", "json", p.name, cwd=tmp_path).stdout), p.name
+        assert json.loads(out) == json.loads(
+            qimg("map", "--output", "json", p.name, cwd=tmp_path).stdout
+        ), p.name
 
 
-@pytest.mark.parametrize("depth,bottom,cs,compat", QEMU_WRITTEN[::2] + [QEMU_WRITTEN[3], QEMU_WRITTEN[7]])
-async def test_blockrep_writes_into_qemu_written_images(tmp_path: Path, depth, bottom, cs, compat) -> None:
+@pytest.mark.parametrize(
+    "depth,bottom,cs,compat", QEMU_WRITTEN[::2] + [QEMU_WRITTEN[3], QEMU_WRITTEN[7]]
+)
+async def test_blockrep_writes_into_qemu_written_images(
+    tmp_path: Path, depth, bottom, cs, compat
+) -> None:
     """Images QEMU wrote (compressed, zero and discarded clusters, v2 and v3) written on by
     blockrep, then judged by QEMU; then written on by QEMU again and read by blockrep."""
     size = _size_for(cs)
@@ -949,7 +1172,9 @@ async def test_blockrep_writes_into_qemu_written_images(tmp_path: Path, depth, b
     finally:
         await node._interop_graph.close_all()
     qemu_check_ok(top)
-    assert_same_bytes(qemu_content(top, tmp_path), bytes(model.data), "QEMU reading blockrep's writes")
+    assert_same_bytes(
+        qemu_content(top, tmp_path), bytes(model.data), "QEMU reading blockrep's writes"
+    )
     # QEMU writes again on top of blockrep's metadata; blockrep reads it back
     cmds = [f"write -P 0x99 {cs // 2} {3 * cs}", f"write -z {6 * cs} {cs}"]
     # QEMU compresses only into unallocated clusters (else EIO)
@@ -957,7 +1182,8 @@ async def test_blockrep_writes_into_qemu_written_images(tmp_path: Path, depth, b
         cmds += [f"discard {14 * cs} {cs}", f"write -c -P 0x98 {14 * cs} {cs}"]
     else:
         free = [
-            e["start"] for e in json.loads(qimg("map", "--output", "json", top).stdout)
+            e["start"]
+            for e in json.loads(qimg("map", "--output", "json", top).stdout)
             if e["depth"] > 0 or not e["present"]
         ]
         free = [c for c in free if c % cs == 0 and c >= 7 * cs and c + cs <= size]
@@ -965,4 +1191,6 @@ async def test_blockrep_writes_into_qemu_written_images(tmp_path: Path, depth, b
             cmds.append(f"write -c -P 0x98 {free[0]} {cs}")
     qio(top, cmds)
     qemu_check_ok(top)
-    assert_same_bytes(await br_read_all(top), qemu_content(top, tmp_path), "blockrep reading QEMU's writes")
+    assert_same_bytes(
+        await br_read_all(top), qemu_content(top, tmp_path), "blockrep reading QEMU's writes"
+    )

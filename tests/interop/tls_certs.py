@@ -18,9 +18,12 @@ CLIENT_SUBJ = "/C=XX/O=blockrep test/CN=client-good"
 OTHER_CLIENT_SUBJ = "/C=XX/O=blockrep test/CN=client-other"
 ROGUE_CLIENT_SUBJ = "/C=XX/O=rogue/CN=client-good"
 
-# RFC 4514 order (most specific first), as QEMU (gnutls_x509_crt_get_dn) and blockrep print it
-CLIENT_DN = "CN=client-good,O=blockrep test,C=XX"
-OTHER_CLIENT_DN = "CN=client-other,O=blockrep test,C=XX"
+# The DN as QEMU's authz check sees it: gnutls_x509_crt_get_dn() prints the RDNs in the
+# certificate's order ("C=..,O=..,CN=.."), not RFC 4514's reversed "CN=..,O=..,C=.." order
+# (checked against qemu-nbd --tls-authz in test_tls_authz_dn_format_matches_qemu_nbd).
+CLIENT_DN = "C=XX,O=blockrep test,CN=client-good"
+OTHER_CLIENT_DN = "C=XX,O=blockrep test,CN=client-other"
+CLIENT_DN_RFC4514 = "CN=client-good,O=blockrep test,C=XX"
 
 
 def _ssl(*args: str, cwd: str) -> None:

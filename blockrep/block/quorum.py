@@ -1,0 +1,212 @@
+"""The ``quorum`` filter: N children, writes to all, reads by fifo or by vote.
+
+Writes go to every child in parallel and succeed when at least vote-threshold
+children succeeded; each failed child is reported (QUORUM_REPORT_BAD). If too
+few succeed the quorum fails (QUORUM_FAILURE) with the most common error. Fifo
+reads try children in order; quorum reads read all children and vote on the
+content. Children can be added and removed at runtime (x-blockdev-change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+from collections import Counter
+from typing import Any
+
+from .graph import Graph, register
+from .node import BlockError, Extent, Node
+from .options import OptionError
+
+
+@register
+class QuorumNode(Node):
+    driver_name = "quorum"
+    is_filter = True
+    schema = {
+        "children": ("list", "ref"),
+        "vote-threshold": "int",
+        "blkverify": "bool",
+        "rewrite-corrupted": "bool",
+        "read-pattern": ("enum", ("quorum", "fifo")),
+    }
+
+    def __init__(self, node_name: str, options: dict[str, Any]) -> None:
+        super().__init__(node_name, options)
+        self.threshold = 0
+        self.fifo = False
+        self.rewrite = False
+        self.next_index = 0
+
+    @classmethod
+    async def open(cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool) -> QuorumNode:
+        node = cls(name, opts)
+        refs = opts.get("children") or []
+        if len(refs) < 1:
+            raise OptionError("Number of provided children must be 1 or more")
+        if "vote-threshold" not in opts:
+            raise OptionError("Parameter 'vote-threshold' is missing")
+        node.threshold = opts["vote-threshold"]
+        node.fifo = opts.get("read-pattern", "quorum") == "fifo"
+        if opts.get("blkverify"):
+            raise OptionError("blkverify mode is not supported by blockrep")
+        if not node.fifo:
+            if node.threshold < 1:
+                raise OptionError("Parameter 'vote-threshold' expects a value >= 1")
+            if node.threshold > len(refs):
+                raise OptionError("threshold may not exceed children count")
+        node.rewrite = bool(opts.get("rewrite-corrupted"))
+        if node.rewrite and node.fifo:
+            raise OptionError("rewrite-corrupted=on requires read-pattern=quorum")
+        opened: list[Node] = []
+        try:
+            for i, ref in enumerate(refs):
+                child = await graph.open_child({**opts, f"children.{i}": ref}, f"children.{i}", typed=typed)
+                assert child is not None
+                opened.append(child)
+        except BaseException:
+            for c in opened:
+                if not c.parents and c.node_name not in graph.monitor_owned:
+                    await graph.close_node(c)
+            raise
+        for i, c in enumerate(opened):
+            node.attach_child(f"children.{i}", c)
+        node.next_index = len(opened)
+        node.length = opened[0].length
+        node.read_only = all(c.read_only for c in opened) or node.read_only
+        return node
+
+    # -- children ------------------------------------------------------------------
+
+    def child_list(self) -> list[Node]:
+        return [c.node for role, c in self.children.items() if role.startswith("children.")]
+
+    def add_child(self, node: Node) -> str:
+        """x-blockdev-change add: the child gets the next ``children.N`` name."""
+        if node.length != self.length:
+            raise BlockError(errno.EINVAL, "The length of the new child differs from the quorum's")
+        role = f"children.{self.next_index}"
+        self.next_index += 1
+        self.attach_child(role, node)
+        return role
+
+    def del_child(self, role: str) -> Node:
+        if role not in self.children:
+            raise BlockError(errno.ENOENT, f"Node '{self.node_name}' does not have child '{role}'")
+        if len(self.child_list()) <= self.threshold:
+            raise BlockError(
+                errno.EINVAL, f"The number of children cannot be lower than the vote threshold {self.threshold}"
+            )
+        node = self.detach_child(role)
+        # QEMU renumbers so that the last index can be reused only if it was the last
+        if role == f"children.{self.next_index - 1}":
+            self.next_index -= 1
+        return node
+
+    def describe_filename(self) -> str:
+        return "json:{\"driver\": \"quorum\", ...}"
+
+    # -- events --------------------------------------------------------------------
+
+    def _report_bad(self, kind: str, child: Node, offset: int, nbytes: int, err: BlockError | None) -> None:
+        data: dict[str, Any] = {"type": kind}
+        if err is not None:
+            data["error"] = os.strerror(err.errno)
+        data.update(
+            {
+                "node-name": child.node_name,
+                "sector-num": offset // 512,
+                "sectors-count": -(-(offset % 512 + nbytes) // 512),
+            }
+        )
+        if self.graph is not None:
+            self.graph.emit("QUORUM_REPORT_BAD", data)
+
+    def _failure(self, offset: int, nbytes: int) -> None:
+        if self.graph is not None:
+            ref = self.graph.device_of(self) or self.node_name
+            self.graph.emit(
+                "QUORUM_FAILURE",
+                {"reference": ref, "sector-num": offset // 512, "sectors-count": -(-(offset % 512 + nbytes) // 512)},
+            )
+
+    # -- I/O -------------------------------------------------------------------------
+
+    async def _all(self, kind: str, offset: int, nbytes: int, op) -> None:
+        kids = self.child_list()
+        results = await asyncio.gather(*(op(c) for c in kids), return_exceptions=True)
+        errors: list[BlockError] = []
+        for c, r in zip(kids, results, strict=True):
+            if isinstance(r, BaseException):
+                if not isinstance(r, BlockError):
+                    raise r
+                errors.append(r)
+                self._report_bad(kind, c, offset, nbytes, r)
+        if len(kids) - len(errors) >= self.threshold:
+            return
+        self._failure(offset, nbytes)
+        most = Counter(e.errno for e in errors).most_common(1)[0][0]
+        raise BlockError(most, os.strerror(most))
+
+    async def _co_write(self, offset: int, data: bytes, fua: bool) -> None:
+        await self._all("write", offset, len(data), lambda c: c.write(offset, data, fua))
+
+    async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
+        await self._all("write", offset, nbytes, lambda c: c.write_zeroes(offset, nbytes, may_unmap, fua))
+
+    async def _co_discard(self, offset: int, nbytes: int) -> None:
+        await self._all("write", offset, nbytes, lambda c: c.discard(offset, nbytes))
+
+    async def _co_flush(self) -> None:
+        await self._all("flush", 0, 0, lambda c: c.flush())
+
+    async def _co_read(self, offset: int, nbytes: int) -> bytes:
+        kids = self.child_list()
+        if self.fifo:
+            last: BlockError | None = None
+            for c in kids:
+                try:
+                    return await c.read(offset, nbytes)
+                except BlockError as e:
+                    self._report_bad("read", c, offset, nbytes, e)
+                    last = e
+            assert last is not None
+            raise last
+        results = await asyncio.gather(*(c.read(offset, nbytes) for c in kids), return_exceptions=True)
+        votes: Counter[bytes] = Counter()
+        data_by_hash: dict[bytes, bytes] = {}
+        for c, r in zip(kids, results, strict=True):
+            if isinstance(r, BlockError):
+                self._report_bad("read", c, offset, nbytes, r)
+                continue
+            if isinstance(r, BaseException):
+                raise r
+            h = hashlib.sha256(r).digest()
+            votes[h] += 1
+            data_by_hash[h] = r
+        if not votes:
+            self._failure(offset, nbytes)
+            raise BlockError(errno.EIO)
+        winner, count = votes.most_common(1)[0]
+        if count < self.threshold:
+            self._failure(offset, nbytes)
+            raise BlockError(errno.EIO)
+        for c, r in zip(kids, results, strict=True):
+            if isinstance(r, bytes) and hashlib.sha256(r).digest() != winner:
+                self._report_bad("read", c, offset, nbytes, None)
+                if self.rewrite:
+                    try:
+                        await c.write(offset, data_by_hash[winner])
+                    except BlockError:
+                        pass
+        return data_by_hash[winner]
+
+    async def _co_block_status(self, offset: int, nbytes: int) -> list[Extent]:
+        return [Extent(offset, nbytes, True, False, True, 0, None, None)]
+
+    async def reopen(self, read_only: bool) -> None:
+        for c in self.child_list():
+            await c.reopen(read_only)
+        self.read_only = read_only

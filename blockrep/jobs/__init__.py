@@ -1,0 +1,1 @@
+"""Block jobs: the job base (state machine, events) and backup, commit, mirror."""

@@ -1,0 +1,163 @@
+"""Starting jobs from QMP arguments: resolve nodes, check them with QEMU's texts."""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+from ..block.graph import Graph
+from ..block.node import BlockError, Node
+from .backup import BackupJob
+from .base import JobError, JobManager
+from .commit import ActiveCommitJob, CommitJob
+from .mirror import MirrorJob, check_sync
+
+
+def _common(a: dict[str, Any], device: str) -> dict[str, Any]:
+    return {
+        "device": device,
+        "auto_finalize": a.get("auto-finalize", True),
+        "auto_dismiss": a.get("auto-dismiss", True),
+        "speed": a.get("speed", 0),
+    }
+
+
+def _job_id(jobs: JobManager, a: dict[str, Any], graph: Graph, device_node: Node, device: str) -> str:
+    job_id = a.get("job-id")
+    if job_id is None:
+        dev = graph.device_of(device_node)
+        if dev is None:
+            raise JobError("An explicit job ID is required for this node")
+        job_id = dev
+    jobs.check_id(job_id)
+    return job_id
+
+
+def _busy(node: Node) -> None:
+    if getattr(node, "job_busy", None):
+        raise BlockError(errno.EBUSY, f"Node '{node.node_name}' is busy: block device is in use by block job: {node.job_busy}")
+
+
+async def start_backup(graph: Graph, jobs: JobManager, a: dict[str, Any], *, internal: bool = False) -> BackupJob:
+    source = graph.lookup(a["device"])
+    target = graph.lookup(a["target"])
+    sync = a["sync"]
+    if sync not in ("full", "none"):
+        raise JobError(f"blockrep supports backup sync=full and sync=none, not '{sync}'")
+    if target is source:
+        raise BlockError(errno.EINVAL, "Source and target cannot be the same")
+    if target.read_only:
+        raise BlockError(errno.EPERM, "Block node is read-only")
+    _busy(source)
+    job_id = _job_id(jobs, a, graph, source, a["device"])
+    job = BackupJob(
+        jobs, job_id, graph, source, target, sync,
+        filter_node_name=a.get("filter-node-name"),
+        on_source_error=a.get("on-source-error", "report"),
+        on_target_error=a.get("on-target-error", "report"),
+        internal=internal,
+        **_common(a, job_id),
+    )
+    await job.install()
+    job.start()
+    return job
+
+
+def _chain_contains(top: Node, node: Node) -> bool:
+    cur: Node | None = top
+    while cur is not None:
+        if cur is node:
+            return True
+        cur = cur.backing
+    return False
+
+
+def _skip_filters(node: Node) -> Node:
+    while node.is_filter and node.file is not None and node.backing is None:
+        node = node.file
+    return node
+
+
+async def start_commit(graph: Graph, jobs: JobManager, a: dict[str, Any], *, internal: bool = False,
+                       auto_complete: bool = False) -> CommitJob | ActiveCommitJob:
+    root = graph.lookup(a["device"])
+    active = _skip_filters(root)
+    if "top-node" in a and "top" in a:
+        raise BlockError(errno.EINVAL, "'top-node' and 'top' are mutually exclusive")
+    if "base-node" in a and "base" in a:
+        raise BlockError(errno.EINVAL, "'base-node' and 'base' are mutually exclusive")
+    top = active
+    if "top-node" in a:
+        top = graph.get_node(a["top-node"])
+        if not _chain_contains(active, top):
+            raise BlockError(errno.EINVAL, f"'{a['top-node']}' is not in this backing file chain")
+    elif "top" in a:
+        top = _find_by_filename(active, a["top"])
+        if top is None:
+            raise BlockError(errno.EINVAL, f"Top image file {a['top']} not found")
+    if "base-node" in a:
+        base = graph.get_node(a["base-node"])
+        if not _chain_contains(top, base):
+            raise BlockError(errno.EINVAL, f"'{a['base-node']}' is not in this backing file chain")
+    elif "base" in a:
+        base = _find_by_filename(top, a["base"])
+        if base is None:
+            raise BlockError(errno.EINVAL, f"Can't find '{a['base']}' in the backing chain")
+    else:
+        base = top
+        while base.backing is not None:
+            base = base.backing
+    if base is top:
+        raise BlockError(errno.EINVAL, "cannot commit an image into itself")
+    _busy(top)
+    job_id = _job_id(jobs, a, graph, root, a["device"])
+    common = _common(a, job_id)
+    if top is active:
+        if a.get("backing-file"):
+            raise BlockError(errno.EINVAL, "'backing-file' specified, but 'top' is the active layer")
+        job: CommitJob | ActiveCommitJob = ActiveCommitJob(
+            jobs, job_id, graph, top, base, auto_complete=auto_complete, internal=internal, **common
+        )
+    else:
+        job = CommitJob(jobs, job_id, graph, top, base, a.get("backing-file"), internal=internal, **common)
+    job.start()
+    return job
+
+
+def _find_by_filename(top: Node, name: str) -> Node | None:
+    cur: Node | None = top
+    while cur is not None:
+        fn = cur.describe_filename()
+        if fn == name or os.path.realpath(fn) == os.path.realpath(name):
+            return cur
+        cur = cur.backing
+    return None
+
+
+async def start_mirror(graph: Graph, jobs: JobManager, a: dict[str, Any], fmt: str | None) -> MirrorJob:
+    source = graph.lookup(a["device"])
+    check_sync(a["sync"])
+    if fmt is not None or "mode" in a:
+        # drive-mirror: the target is a file name or an NBD URI of an existing image
+        if a.get("mode", "absolute-paths") != "existing":
+            raise JobError("blockrep drive-mirror supports mode=existing only")
+        tgt = a["target"]
+        if tgt.startswith("nbd:") or tgt.startswith("nbd+"):
+            opts: dict[str, Any] = {"driver": "nbd", "filename": tgt}
+        else:
+            opts = {"driver": fmt or "raw", "file": {"driver": "file", "filename": tgt}}
+        if a.get("node-name"):
+            opts["node-name"] = a["node-name"]
+        target = await graph.add(opts)
+    else:
+        target = graph.lookup(a["target"])
+    if target is source:
+        raise BlockError(errno.EINVAL, "Can't mirror node into itself")
+    if target.length != source.length:
+        raise BlockError(errno.EINVAL, "Source and target image have different sizes")
+    _busy(source)
+    job_id = _job_id(jobs, a, graph, source, a["device"])
+    job = MirrorJob(jobs, job_id, graph, source, target, on_error=a.get("on-source-error", "report"), **_common(a, job_id))
+    job.start()
+    return job
