@@ -323,8 +323,9 @@ def test_bad_command_lines_are_refused_by_name(args, message):
 def test_reference_command_lines_parse(tmp_path):
     """REFERENCE-QEMU.md's secondary and primary command lines, with blockrep daemon.
 
-    Until the replication issue lands, the `replication` driver is unknown: this
-    test pins that the command line itself parses up to that driver.
+    The primary's runs. Until the replication issue lands, the `replication`
+    driver is unknown: this test pins that the secondary's command line parses up
+    to that driver.
     """
     sec = tmp_path / "sec.raw"
     prim = tmp_path / "prim.raw"
@@ -338,8 +339,20 @@ def test_reference_command_lines_parse(tmp_path):
         "-qmp", f"unix:{tmp_path}/P.qmp,server=on,wait=off",
         "-drive", f"if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0.file.filename={prim},children.0.driver=raw",
     ]
-    r = subprocess.run([*BLOCKREP, "daemon", *primary], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and "Unknown driver 'quorum'" in r.stderr
+    d = DaemonProc(primary, f"{tmp_path}/P.qmp", str(tmp_path / "P.log"))
+    try:
+        d.wait_ready()
+
+        async def check(sock):
+            c = await client(sock)
+            blocks = await c.execute("query-block")
+            await c.disconnect()
+            return blocks
+
+        blocks = asyncio.run(check(f"{tmp_path}/P.qmp"))
+        assert blocks[0]["device"] == "colo-disk0" and blocks[0]["inserted"]["drv"] == "quorum"
+    finally:
+        assert d.stop() == 0
     secondary = [
         "-qmp", f"unix:{tmp_path}/S.qmp,server=on,wait=off",
         "-drive", f"if=none,id=parent0,driver=raw,file.filename={sec}",
