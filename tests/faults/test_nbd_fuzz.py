@@ -24,8 +24,6 @@ import struct
 import threading
 import time
 
-import pytest
-
 from blockrep.block import Graph
 from blockrep.nbd import proto as p
 from blockrep.objects import TLSCredsX509

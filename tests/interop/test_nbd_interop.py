@@ -649,7 +649,7 @@ def test_tls_authz_dn_format_matches_qemu_nbd(tmp_path, pki):
             r = qemu_tls(pki["other"], port, "qemu-img", "info")
             assert r.returncode != 0
 
-            async def node_checks():  # blockrep's client against QEMU's TLS server
+            async def node_checks(port=port):  # blockrep's client against QEMU's TLS server
                 g, n = await _tls_node(port, pki["client"])
                 try:
                     await n.write(0, b"q" * 4096)

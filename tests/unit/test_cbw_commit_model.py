@@ -71,7 +71,7 @@ def test_cbw_target_holds_first_preimages(tmp_path_factory, seed, epochs, writes
                 else:
                     await cbw.discard(off, n)
             await asyncio.gather(*(one(*o) for o in ops))
-            for kind, off, n, data in ops:
+            for _kind, off, n, _data in ops:
                 touched.update(range(off // cs, (off + n - 1) // cs + 1))
             # source: later writes may overlap earlier ones; read it back as the truth of
             # ordering is the event loop's, but every byte must come from some write or
