@@ -27,6 +27,7 @@ from .nbd.server import Export, NBDServer
 from .objects import AuthzSimple, TLSCredsX509, create_object
 from .qmp.commands import build_commands
 from .qmp.server import QMPServer
+from .replication import ReplicationRegistry
 
 log = logging.getLogger("blockrep.daemon")
 
@@ -125,6 +126,7 @@ class Daemon:
         self.chardevs: dict[str, dict[str, Any]] = {}
         self.graph.emit = self.emit
         self.jobs = JobManager(self.emit)
+        self.replication = ReplicationRegistry(self.graph, self.jobs)
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
         self.qmp.emit(name, data)
@@ -132,7 +134,10 @@ class Daemon:
     # -- startup -----------------------------------------------------------------
 
     async def apply(self, cfg: DaemonConfig) -> None:
-        for name, value in cfg.items:
+        # monitors last: once a QMP socket exists, the whole command line is in effect
+        late = ("qmp", "monitor")
+        items = [i for i in cfg.items if i[0] not in late] + [i for i in cfg.items if i[0] in late]
+        for name, value in items:
             try:
                 await self._apply_one(name, value)
             except (BlockError, OptionError) as e:
@@ -268,6 +273,8 @@ class Daemon:
         for exp in list(self.exports.values()):
             if exp.node is node:
                 await self.export_del(exp.id, "hard")
+        if node.op_blocker:
+            raise BlockError(errno.EBUSY, f"Node '{dev_id}' is busy: {node.op_blocker}")
         del self.graph.devices[dev_id]
         if not node.parents and not self.graph.has_backend(node):
             await node.flush()
@@ -305,6 +312,8 @@ class Daemon:
             raise BlockError(errno.ENOENT, f"Failed to find node with node-name='{name}'")
         if name not in self.graph.monitor_owned:
             raise BlockError(errno.EBUSY, f"Node {name} is not owned by the monitor")
+        if node.op_blocker:
+            raise BlockError(errno.EBUSY, f"Node '{name}' is busy: {node.op_blocker}")
         if node.parents or self.graph.has_backend(node):
             raise BlockError(errno.EBUSY, f"Node {name} is in use")
         try:

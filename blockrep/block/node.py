@@ -169,6 +169,8 @@ class Node:
         self.closed = False
         self.graph: Any = None  # set by Graph.add; drivers emit events through it
         self.dirty_bitmaps: list[DirtyBitmap] = []
+        # set while an operation forbids management commands on the node (QEMU's op blockers)
+        self.op_blocker: str | None = None
 
     # -- graph helpers --------------------------------------------------------
 

@@ -35,8 +35,8 @@ def _job_id(jobs: JobManager, a: dict[str, Any], graph: Graph, device_node: Node
 
 
 def _busy(node: Node) -> None:
-    if getattr(node, "job_busy", None):
-        raise BlockError(errno.EBUSY, f"Node '{node.node_name}' is busy: block device is in use by block job: {node.job_busy}")
+    if node.op_blocker:
+        raise BlockError(errno.EBUSY, f"Node '{node.node_name}' is busy: {node.op_blocker}")
 
 
 async def start_backup(graph: Graph, jobs: JobManager, a: dict[str, Any], *, internal: bool = False) -> BackupJob:
@@ -49,7 +49,8 @@ async def start_backup(graph: Graph, jobs: JobManager, a: dict[str, Any], *, int
         raise BlockError(errno.EINVAL, "Source and target cannot be the same")
     if target.read_only:
         raise BlockError(errno.EPERM, "Block node is read-only")
-    _busy(source)
+    if not internal:
+        _busy(source)
     job_id = _job_id(jobs, a, graph, source, a["device"])
     job = BackupJob(
         jobs, job_id, graph, source, target, sync,
@@ -110,6 +111,8 @@ async def start_commit(graph: Graph, jobs: JobManager, a: dict[str, Any], *, int
             base = base.backing
     if base is top:
         raise BlockError(errno.EINVAL, "cannot commit an image into itself")
+    if not internal:
+        _busy(root)
     _busy(top)
     job_id = _job_id(jobs, a, graph, root, a["device"])
     common = _common(a, job_id)

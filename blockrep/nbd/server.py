@@ -107,6 +107,7 @@ class NBDServer:
             writer.close()
             return
         conn = NBDClientConn(self, reader, writer)
+        conn.task = asyncio.current_task()
         self.clients.add(conn)
         try:
             await conn.run()
@@ -128,9 +129,13 @@ class NBDServer:
         for s in self.servers:
             await s.wait_closed()
         self.servers.clear()
-        for c in list(self.clients):
+        clients = list(self.clients)
+        for c in clients:
             await c.drain()
             c.writer.close()
+        tasks = [c.task for c in clients if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
 
     def drop_export_clients(self, export: Export) -> None:
         for c in list(export.clients):
@@ -148,6 +153,7 @@ class NBDClientConn:
         self.tls_done = False
         self.wlock = asyncio.Lock()
         self.tasks: set[asyncio.Task] = set()
+        self.task: asyncio.Task | None = None
         self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     async def _read(self, n: int) -> bytes:

@@ -379,6 +379,56 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
             raise guard(e) if isinstance(e, BlockError) else QMPError(e.desc, e.cls) from None
         return {}
 
+    # -- replication ----------------------------------------------------------------
+
+    from ..block.replication import PRIMARY, SECONDARY
+    from ..replication import ReplicationError
+
+    @command("xen-set-replication")
+    async def xen_set_replication(args: dict[str, Any]) -> Any:
+        a = args_of({"enable": "bool", "primary": "bool", "failover": "bool"}, args, ("enable", "primary"))
+        mode = PRIMARY if a["primary"] else SECONDARY
+        if "failover" in a and a["enable"]:
+            raise QMPError("Parameter 'failover' is only for stopping replication")
+        try:
+            if a["enable"]:
+                await d.replication.start_all(mode)
+            elif a.get("failover"):
+                # QEMU drops every error of a failover stop; so does blockrep, but
+                # query-replication shows them per node
+                try:
+                    await d.replication.stop_all(True)
+                except ReplicationError:
+                    pass
+            else:
+                await d.replication.stop_all(False)
+        except ReplicationError as e:
+            raise QMPError(str(e)) from None
+        return {}
+
+    @command("xen-colo-do-checkpoint")
+    async def xen_colo_do_checkpoint(args: dict[str, Any]) -> Any:
+        args_of({}, args)
+        try:
+            await d.replication.do_checkpoint_all()
+        except ReplicationError as e:
+            raise QMPError(str(e)) from None
+        return {}
+
+    @command("query-xen-replication-status")
+    async def query_xen_replication_status(args: dict[str, Any]) -> Any:
+        args_of({}, args)
+        try:
+            d.replication.get_error_all()
+        except ReplicationError as e:
+            return {"error": True, "desc": str(e)}
+        return {"error": False}
+
+    @command("query-replication")
+    async def query_replication(args: dict[str, Any]) -> Any:
+        args_of({}, args)
+        return [await d.replication.status(n) for n in d.replication.nodes]
+
     @command("human-monitor-command")
     async def human_monitor_command(args: dict[str, Any]) -> Any:
         a = args_of({"command-line": "str", "cpu-index": "int"}, args, ("command-line",))

@@ -67,6 +67,7 @@ class QMPServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = QMPSession(self, reader, writer)
+        session.task = asyncio.current_task()
         self.sessions.add(session)
         try:
             await session.run()
@@ -87,8 +88,13 @@ class QMPServer:
     async def close(self) -> None:
         for s in self.servers:
             s.close()
-        for s in list(self.sessions):
+        sessions = list(self.sessions)
+        for s in sessions:
             s.writer.close()
+        # let each session see its end and return, so nothing is left to cancel
+        tasks = [s.task for s in sessions if s.task is not None and s.task is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
 
 
 class QMPSession:
@@ -98,6 +104,7 @@ class QMPSession:
         self.writer = writer
         self.negotiated = False
         self.decoder = json.JSONDecoder()
+        self.task: asyncio.Task | None = None
 
     def send_nowait(self, msg: dict[str, Any]) -> None:
         if not self.writer.is_closing():
