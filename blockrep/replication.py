@@ -51,6 +51,35 @@ async def _allocated_bytes(node: Node | None) -> int:
     return sum(e.length for e in await node.block_status(0, node.length) if e.present and e.depth == 0)
 
 
+async def disk_identity(node: Node) -> dict[str, Any]:
+    """What identifies the shared disk, so both sides can be checked to use the same one.
+
+    ``device``/``inode`` of the file under the node (equal on both nodes of one host,
+    or of one shared file system); ``fingerprint``: sha256 of the first 64 KiB and
+    of 64 KiB at a few fixed offsets, read through the node.
+    """
+    import hashlib
+    import os
+
+    f: Node | None = node
+    while f is not None and getattr(f, "fd", None) is None:
+        f = f.file or f.backing
+    ident: dict[str, Any] = {"size": node.length}
+    if f is not None and getattr(f, "fd", -1) >= 0:
+        st = os.fstat(f.fd)  # type: ignore[attr-defined]
+        ident["device"] = st.st_dev
+        ident["inode"] = st.st_ino
+        ident["filename"] = f.describe_filename()
+    h = hashlib.sha256()
+    for frac in (0, 1, 2, 3):
+        off = (node.length * frac // 4) & ~0xFFFF
+        n = min(65536, node.length - off)
+        if n > 0:
+            h.update(await node.read(off, n))
+    ident["fingerprint"] = h.hexdigest()
+    return ident
+
+
 class ReplicationRegistry:
     def __init__(self, graph: Graph, jobs: JobManager) -> None:
         self.graph = graph
@@ -106,7 +135,9 @@ class ReplicationRegistry:
                 f"The parameter mode's value is invalid, needs {MODE_NUMBER[s.mode]}, but got {MODE_NUMBER[mode]}"
             )
         if s.mode == SECONDARY:
-            await self._start_secondary(s)
+            await (self._start_secondary_shared(s) if s.shared_disk else self._start_secondary(s))
+        elif s.shared_disk:
+            await self._start_primary_shared(s)
         s.stage = RUNNING
         s.epoch = 0
         if s.mode == SECONDARY:
@@ -156,6 +187,61 @@ class ReplicationRegistry:
         s.backup_job = job
         job.on_conclude.append(lambda j: self._backup_completed(s, j))
 
+    async def _start_primary_shared(self, s: ReplicationNode) -> None:
+        """Shared disk, primary: copy-before-write on the shared disk, into S's hidden disk.
+
+        The filter's target is this replication node, whose forwarding path records
+        a failure and reports success: so a copy S could not take never fails P's
+        consumer (SPEC §6 case 2), and a consumer write reaches the shared disk only
+        after S acknowledged the original contents.
+        """
+        disk = self.graph.find(s.shared_disk_id or "")
+        if disk is None:
+            raise ReplicationError(f"Cannot find device='{s.shared_disk_id}' nor node-name='{s.shared_disk_id}'")
+        if disk.length != s.length:
+            raise ReplicationError("The shared disk and the hidden disk's length are not the same")
+        s.stage = RUNNING  # the filter's target (this node) must accept writes from now on
+        try:
+            job = await launch.start_backup(
+                self.graph,
+                self.jobs,
+                {"job-id": f"replication-backup-{s.node_name.lstrip('#')}", "device": disk.node_name,
+                 "target": s.node_name, "sync": "none"},
+                internal=True,
+            )
+        except Exception as e:
+            s.stage = NONE
+            raise ReplicationError(str(getattr(e, "message", e))) from None
+        s.backup_job = job
+        s.shared = disk  # type: ignore[attr-defined]
+        job.on_conclude.append(lambda j: self._backup_completed(s, j))
+
+    async def _start_secondary_shared(self, s: ReplicationNode) -> None:
+        """Shared disk, secondary: no backup job; P writes pre-images into hidden.
+
+        Checks, in order: active has a backing file (the hidden disk); the hidden
+        disk has one (the shared disk); the hidden disk has a user (the NBD export
+        P writes to); equal lengths; make_empty support; top-id valid.
+        """
+        active = s.file
+        if active is None or active.backing is None:
+            raise ReplicationError("Active disk doesn't have backing file")
+        hidden = active.backing
+        if hidden.backing is None:
+            raise ReplicationError("Hidden disk doesn't have backing file")
+        shared = hidden.backing
+        if not self.graph.has_backend(hidden):
+            raise ReplicationError("The hidden disk doesn't have block backend")
+        if not (active.length == hidden.length == shared.length):
+            raise ReplicationError("Active disk, hidden disk, secondary disk's length are not the same")
+        if not active.supports_make_empty() or not hidden.supports_make_empty():
+            raise ReplicationError("Active disk or hidden disk doesn't support make_empty")
+        top = self.graph.find(s.top_id or "")
+        if top is None or not self.graph.is_root(top) or not _contains(top, s):
+            raise ReplicationError("No top_bs or it is invalid")
+        s.attach_child("hidden", hidden)
+        s.attach_child("secondary", shared)
+
     async def _reopen_backing(self, s: ReplicationNode, hidden: Node, secondary: Node, writable: bool) -> None:
         if writable:
             s.orig_ro = {"hidden": hidden.read_only, "secondary": secondary.read_only}
@@ -186,21 +272,26 @@ class ReplicationRegistry:
         if s.mode == SECONDARY:
             await self._secondary_checkpoint(s)
         elif s.stage == RUNNING:
+            if s.backup_job is not None:
+                # shared disk: P's writes are drained; a new epoch of copies begins
+                await s.backup_job.cbw.drain()
+                s.backup_job.checkpoint()
             s.epoch += 1
 
     async def _secondary_checkpoint(self, s: ReplicationNode) -> None:
         job = s.backup_job
-        if job is None:
+        if job is None and not s.shared_disk:
             raise ReplicationError("Backup job was cancelled unexpectedly")
         active, hidden = s.file, s.child_node("hidden")
         assert active is not None and hidden is not None
         # No request may be half-way while the buffers are emptied: a copy landing
         # in hidden after the re-arm would be a pre-image from the wrong epoch.
-        if job.cbw is not None:
+        if job is not None and job.cbw is not None:
             await job.cbw.drain()
         await active.drain()
         await hidden.drain()
-        job.checkpoint()
+        if job is not None:
+            job.checkpoint()
         try:
             await active.make_empty()
         except BlockError as e:
@@ -229,6 +320,12 @@ class ReplicationRegistry:
         if s.stage == FAILOVER_FAILED:
             raise ReplicationError("Block replication is not running")
         if s.mode == PRIMARY:
+            s.stage = DONE
+            s.error = 0
+            await self._cancel_backup(s)
+            return
+        if not failover and s.shared_disk:
+            await self._secondary_checkpoint(s)
             s.stage = DONE
             s.error = 0
             return
@@ -302,4 +399,9 @@ class ReplicationRegistry:
         }
         if s.shared_disk:
             out["shared-disk"] = True
+            disk = getattr(s, "shared", None) if s.mode == PRIMARY else s.child_node("secondary")
+            if disk is None and s.mode == PRIMARY:
+                disk = self.graph.find(s.shared_disk_id or "")
+            if disk is not None:
+                out["shared-disk-identity"] = await disk_identity(disk)
         return out

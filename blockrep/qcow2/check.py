@@ -191,9 +191,19 @@ async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
             res.leaks += 1
             res.messages.append(f"Leaked cluster {c} refcount={s} reference={r}")
         fixes.append((c, r - s))
-    # Like QEMU, refcounts of clusters past the end of the file are not looked at
+    # Like QEMU, refcounts of clusters past the end of the file are not reported
     # (a writer killed after counting a cluster but before writing it leaves
-    # those); counting them would make leak totals differ from qemu-img's.
+    # those), so leak totals match qemu-img's. A repair still drops them: they
+    # would turn into leaks as soon as the file grows over them.
+    beyond: list[tuple[int, int]] = []
+    for bi, blk in blocks.items():
+        base = bi * block_entries
+        if base + block_entries <= upper:
+            continue
+        for k in range(max(0, upper - base), block_entries):
+            s = rc_get(blk, k, h.refcount_order)
+            if s:
+                beyond.append((base + k, -s))
     for kind, idx, e, c in copied_checks:
         expect = stored(c) == 1 and refs.get(c, 0) == 1
         if bool(e & OFLAG_COPIED) != expect:
@@ -210,8 +220,9 @@ async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
     # QEMU's image end: the last cluster that is referenced or has a refcount
     in_use = [c for c in range(upper) if refs.get(c, 0) or stored(c)]
     res.image_end_offset = ((max(in_use) + 1) * cs) if in_use else cs
-    if repair and fixes:
-        await _repair(node, fixes, res)
+    if repair and (fixes or beyond):
+        await _repair(node, fixes + beyond, res)
+        res.leaks_fixed -= len(beyond)
     return res
 
 
