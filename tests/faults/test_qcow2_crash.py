@@ -389,16 +389,18 @@ def crash_run(
     rc, data, text = qemu_check(img)
     assert rc in (0, 3), f"{where} qemu-img check exit {rc} after the crash:\n{text}"
 
-    # 2. blockrep's own check agrees; repairing leaks gives a clean image
+    # 2. blockrep's own check agrees; repairing leaks gives a clean image. The
+    # repair runs even when nothing is reported: refcounts a killed writer left
+    # past the end of the file are invisible to both checks, but the repair must
+    # drop them, or they become leaks once the file grows over them (step 3).
     brc, btext = blockrep_img("check", "--output", "json", str(img))
     assert brc == rc, f"{where} blockrep img check exit {brc}, qemu-img {rc}:\n{btext}\n{text}"
-    if rc == 3:
-        bleaks = json.loads(btext).get("leaks", 0)
-        assert bleaks == data.get("leaks"), f"{where} leak counts differ:\n{btext}\n{text}"
-        brc, btext = blockrep_img("check", "-r", "leaks", str(img))
-        assert brc == 0, f"{where} blockrep img check -r leaks exit {brc}:\n{btext}"
-        rc, data, text = qemu_check(img)
-        assert rc == 0, f"{where} qemu-img check after blockrep repair exit {rc}:\n{text}"
+    bleaks = json.loads(btext).get("leaks", 0)
+    assert bleaks == data.get("leaks", 0), f"{where} leak counts differ:\n{btext}\n{text}"
+    brc, btext = blockrep_img("check", "-r", "leaks", str(img))
+    assert brc == 0, f"{where} blockrep img check -r leaks exit {brc}:\n{btext}"
+    rc, data, text = qemu_check(img)
+    assert rc == 0, f"{where} qemu-img check after blockrep repair exit {rc}:\n{text}"
 
     # 3. what was flushed is there
     model = Model(c, base is not None)
