@@ -100,7 +100,8 @@ class Graph:
                 self.devices[dev] = new
 
     def is_root(self, node: Node) -> bool:
-        return not node.parents
+        """No other node uses it (devices, exports and jobs may: QEMU's root node)."""
+        return all(c.parent is None for c in node.parents)
 
     def auto_name(self) -> str:
         self._auto += 1

@@ -60,6 +60,8 @@ class ReplicationNode(Node):
         self.commit_job: Any = None
         self.epoch = 0
         self.orig_ro: dict[str, bool] = {}
+        # primary: bytes forwarded to the secondary and not yet acknowledged
+        self.unacked_bytes = 0
 
     @classmethod
     async def open(cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool) -> ReplicationNode:
@@ -78,19 +80,18 @@ class ReplicationNode(Node):
             raise OptionError("Missing the option shared-disk-id")
         if mode == PRIMARY and "shared-disk-id" in opts and not opts.get("shared-disk"):
             raise OptionError("The option shared-disk-id needs shared-disk=on")
+        if mode == PRIMARY and opts.get("shared-disk"):
+            # before the child opens: a failed open must leave no NBD link behind
+            if graph.find(opts["shared-disk-id"]) is None:
+                raise OptionError(
+                    f"Cannot find device='{opts['shared-disk-id']}' nor node-name='{opts['shared-disk-id']}'"
+                )
         node = cls(name, opts)
         f = await graph.open_child(opts, "file", typed=typed)
         assert f is not None
         node.attach_child("file", f)
         node.length = f.length
         node.read_only = node.read_only or f.read_only
-        if mode == PRIMARY and node.shared_disk:
-            disk = graph.find(opts["shared-disk-id"])
-            if disk is None:
-                node.detach_child("file")
-                raise OptionError(
-                    f"Cannot find device='{opts['shared-disk-id']}' nor node-name='{opts['shared-disk-id']}'"
-                )
         return node
 
     # -- helpers for the control plane ---------------------------------------------------
@@ -137,11 +138,14 @@ class ReplicationNode(Node):
             if self.mode == SECONDARY:
                 await op(self._pass(), offset, nbytes)
                 return
+            self.unacked_bytes += nbytes
             try:
                 await op(self._pass(), offset, nbytes)
             except BlockError as e:
                 # the consumer is not to see the secondary's trouble: record, succeed
                 self.record_error(e)
+            finally:
+                self.unacked_bytes -= nbytes
             return
         await self._failover_failed_write(op, offset, nbytes)
 

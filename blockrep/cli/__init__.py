@@ -7,25 +7,45 @@ import sys
 USAGE = """usage: blockrep COMMAND [ARGS...]
 
 commands:
-  daemon    the block daemon: QEMU-style -drive/-blockdev, QMP, NBD server and exports
-  img       image utility (qemu-img forms): create, info, check, map, compare, convert
+  primary     run the Primary of a replicated disk (HA manager)
+  secondary   run the Secondary of a replicated disk (HA manager)
+  checkpoint  take a checkpoint now (on the primary's QMP socket)
+  failover    fail the secondary over now (on the secondary's QMP socket)
+  status      role, stage, peer, epoch, buffers, pauses, errors (--json, --watch)
+  demo        start a pair on loopback, run a workload, fail over, prove the result
+  daemon      the block daemon: QEMU-style -drive/-blockdev, QMP, NBD server and exports
+  img         image utility (qemu-img forms): create, info, check, map, compare, convert
 """
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `blockrep img map | head` ends quietly
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    if cmd in ("primary", "secondary"):
+        from .ha import run_role
+
+        return run_role(cmd, rest)
+    if cmd in ("checkpoint", "failover", "status"):
+        from . import ha
+
+        return {"checkpoint": ha.cmd_checkpoint, "failover": ha.cmd_failover, "status": ha.cmd_status}[cmd](rest)
+    if cmd == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
     if cmd == "daemon":
         from ..daemon import main as daemon_main
 
         return daemon_main(rest)
     if cmd == "img":
+        import signal
+
+        # `blockrep img map | head` ends quietly. Only here: a daemon must survive a
+        # peer (QMP or NBD client) that hangs up while it writes (EPIPE, not death).
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         from .img import main as img_main
 
         return img_main(rest)

@@ -41,6 +41,30 @@ class Export:
         self.description = description
         self.id = id or name
         self.clients: set = set()
+        # quiescing (checkpoints): new requests wait at the gate, in-flight ones finish
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.active = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def enter(self) -> None:
+        await self.gate.wait()
+        self.active += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self.idle.set()
+
+    async def quiesce(self) -> None:
+        """Hold new requests back and wait until none is in flight."""
+        self.gate.clear()
+        await self.idle.wait()
+
+    def resume(self) -> None:
+        self.gate.set()
 
     @property
     def node(self) -> Node:
@@ -401,6 +425,15 @@ class NBDClientConn:
             await self._send(p.pack_simple_reply(req.handle, err))
 
     async def _handle(self, req: p.Request, payload: bytes) -> None:
+        exp = self.export
+        assert exp is not None
+        await exp.enter()
+        try:
+            await self._handle_admitted(req, payload)
+        finally:
+            exp.leave()
+
+    async def _handle_admitted(self, req: p.Request, payload: bytes) -> None:
         err = self._check(req)
         if err:
             await self._error(req, err, "invalid request")

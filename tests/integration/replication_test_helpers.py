@@ -12,7 +12,7 @@ import re
 import time
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 from tests.daemon_harness import DaemonProc
 from tests.helpers import tool
@@ -30,9 +30,17 @@ class Q:
 
     @classmethod
     async def connect(cls, name: str, proc: DaemonProc) -> Q:
-        c = QMPClient(name)
-        await asyncio.wait_for(c.connect(proc.qmp_sock), 10)
-        return cls(name, c, proc)
+        # the socket file appears at bind(), a moment before listen(): retry a refusal
+        deadline = time.monotonic() + 10
+        while True:
+            c = QMPClient(name)
+            try:
+                await asyncio.wait_for(c.connect(proc.qmp_sock), 10)
+                return cls(name, c, proc)
+            except ConnectError:
+                if time.monotonic() > deadline or proc.proc.poll() is not None:
+                    raise
+                await asyncio.sleep(0.05)
 
     async def run(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 60) -> Any:
         return await asyncio.wait_for(self.c.execute(cmd, args or {}), timeout)

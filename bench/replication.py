@@ -1,0 +1,1149 @@
+#!/usr/bin/env python3
+"""Replication benchmark: a blockrep pair vs a QEMU 7.2 pair vs an unreplicated export, one run.
+
+Configurations (issue 5, "Benchmark (bench/replication)"):
+
+* blockrep pair: two ``python -m blockrep.cli daemon`` processes with the command lines and
+  the QMP sequence of /work/shared/REFERENCE-QEMU.md §2; replication link (P's NBD client ->
+  S's NBD server, export ``parent0``) over TCP on 127.0.0.1 and, separately, a unix socket.
+* QEMU pair: the same recipe with ``qemu-system-x86_64 -machine none -nodefaults -display none``
+  (QEMU 7.2's NBD server does not set TCP_NODELAY, REFERENCE-QEMU.md §4.7: its TCP figures are
+  the reference as shipped, the unix ones show it without that defect).
+* baselines, no replication: a blockrep export of a raw file (the baseline the issue asks for),
+  plus P's quorum without its replication child, and the same two with QEMU.
+
+The consumer writes to P through an NBD export of ``colo-disk0`` on a unix socket (nbd-server-start
++ nbd-server-add on P, both implementations), driven by fio's nbd engine. Measured:
+
+* 1 MiB sequential writes at qd 8 over SIZE MiB right after a checkpoint (every cluster needs a
+  copy-before-write on S), then again over the same range (a rewrite: no copies left to make);
+* 4 KiB random writes at qd 32 over the same range for RUNTIME seconds, right after a checkpoint;
+* checkpoint time with 0, SIZE/4 and SIZE MiB buffered (``xen-colo-do-checkpoint`` on S, then
+  on P; the figure is the wall time of the S call, median of --repeats);
+* failover time with SIZE/4 and SIZE MiB buffered, on a fresh pair each (S: nbd-server-stop, then
+  xen-set-replication enable=false primary=false failover=true, until done: blockrep polls
+  query-replication until the stage is "done", QEMU polls query-block until the image chain of
+  childs0 no longer names active.qcow2). Afterwards S's secondary disk must equal the
+  checkpointed contents (sha256) - a failover that loses data does not count as fast.
+
+After every consumer run ``query-xen-replication-status`` is asked on P and S, because a
+primary replication node reports forwarding errors as success to the consumer.
+
+Results: bench/results/replication.json and bench/results/replication.md, with every figure and
+the ratios blockrep/QEMU. A shared-disk variant (issue 6) is prepared behind --shared; it runs the
+seed's layout (SPEC.md §3) and records a failure instead of aborting while that mode is missing.
+
+Run: .venv/bin/python bench/replication.py [--quick] [--size-mib 256] [--runtime 8]
+     [--dir DIR] [--buffer-dir /dev/shm] [--repeats 3] [--links tcp,unix] [--shared]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from qemu.qmp import QMPClient  # noqa: E402
+
+MiB = 1 << 20
+QEMU = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none"]
+_venv_py = os.path.join(ROOT, ".venv", "bin", "python")
+BLOCKREP = [
+    _venv_py if os.path.exists(_venv_py) else sys.executable,
+    "-m",
+    "blockrep.cli",
+    "daemon",
+]
+
+QMP_TIMEOUT = 60.0  # any single QMP command
+START_TIMEOUT = 30.0  # a daemon's QMP socket appearing
+STOP_TIMEOUT = 15.0  # SIGTERM -> exit, then SIGKILL
+
+LIVE: dict[
+    int, subprocess.Popen
+] = {}  # every process we started, by pid, for the last-resort cleanup
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sh(*args: str, timeout: float = 120) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+# ---------------------------------------------------------------------------------------------
+# processes and QMP
+
+
+class Daemon:
+    """One blockrep daemon or QEMU process with a QMP unix socket, stopped by pid."""
+
+    def __init__(self, name: str, cmd: list[str], qmp_path: str, log_path: str) -> None:
+        self.name = name
+        self.qmp_path = qmp_path
+        self.log_path = log_path
+        self.qmp: QMPClient | None = None
+        if os.path.exists(qmp_path):
+            os.unlink(qmp_path)
+        self.logf = open(log_path, "wb")
+        self.logf.write((" ".join(cmd) + "\n").encode())
+        self.logf.flush()
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=self.logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        LIVE[self.proc.pid] = self.proc
+        self.killed = False
+
+    async def connect(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
+            if os.path.exists(self.qmp_path):
+                try:
+                    c = QMPClient(self.name)
+                    await asyncio.wait_for(c.connect(self.qmp_path), 10)
+                    self.qmp = c
+                    return
+                except (TimeoutError, OSError, Exception):  # noqa: BLE001 - retried until deadline
+                    if time.monotonic() > deadline:
+                        raise
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.name}: no QMP socket after {START_TIMEOUT}s: {self.tail()}"
+                )
+            await asyncio.sleep(0.05)
+
+    async def cmd(
+        self, name: str, args: dict[str, Any] | None = None, timeout: float = QMP_TIMEOUT
+    ) -> Any:
+        assert self.qmp is not None
+        try:
+            return await asyncio.wait_for(self.qmp.execute(name, args), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{self.name}: {name} took longer than {timeout}s") from None
+        except Exception as e:
+            raise RuntimeError(f"{self.name}: {name} {json.dumps(args)} failed: {e}") from e
+
+    def tail(self, n: int = 3000) -> str:
+        with contextlib.suppress(Exception):
+            self.logf.flush()
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    async def stop(self) -> None:
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.disconnect(), 5)
+            self.qmp = None
+        p = self.proc
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while p.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if p.poll() is None:
+                self.killed = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(5)
+        LIVE.pop(p.pid, None)
+        with contextlib.suppress(Exception):
+            self.logf.close()
+
+
+def kill_leftovers() -> None:
+    for pid, p in list(LIVE.items()):
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                p.wait(5)
+        LIVE.pop(pid, None)
+
+
+async def run_proc(cmd: list[str], timeout: float) -> tuple[int, str, str]:
+    """Run a helper (fio) with a deadline; it is killed by pid on timeout or cancellation."""
+    p = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        out, err = await asyncio.wait_for(p.communicate(), timeout)
+    except TimeoutError:
+        raise TimeoutError(f"{cmd[0]} took longer than {timeout:.0f}s: {' '.join(cmd)}") from None
+    finally:
+        if p.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(p.wait(), 5)
+    return p.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# fio through the consumer export
+
+
+async def fio(uri: str, args: list[str], timeout: float) -> dict[str, Any]:
+    cmd = ["fio", "--name=c", "--ioengine=nbd", f"--uri={uri}", "--output-format=json", *args]
+    rc, out, err = await run_proc(cmd, timeout)
+    if "{" not in out:
+        raise RuntimeError(f"fio failed (rc {rc}): {err.strip()[-2000:]} {out.strip()[-2000:]}")
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    if rc != 0 or job.get("error"):
+        raise RuntimeError(f"fio error {job.get('error')} (rc {rc}): {err.strip()[-2000:]}")
+    w = job["write"]
+    pct = w.get("clat_ns", {}).get("percentile", {})
+    p99 = pct.get("99.000000")
+    return {
+        "mib_s": w["bw"] / 1024.0,
+        "iops": w["iops"],
+        "io_mib": w["io_bytes"] / MiB,
+        "runtime_s": w["runtime"] / 1000.0,
+        "clat_p99_ms": p99 / 1e6 if p99 is not None else None,
+    }
+
+
+async def fio_seq(uri: str, mib: int, fsync: bool) -> dict[str, Any]:
+    args = ["--rw=write", "--bs=1M", "--iodepth=8", "--offset=0", f"--size={mib}M"]
+    if fsync:
+        args.append("--end_fsync=1")
+    # 0.5 MiB/s is far below anything acceptable; beyond that something hangs
+    return await fio(uri, args, timeout=120 + 2 * mib)
+
+
+async def fio_rand(uri: str, mib: int, runtime: int) -> dict[str, Any]:
+    args = [
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=32",
+        "--offset=0",
+        f"--size={mib}M",
+        "--time_based",
+        f"--runtime={runtime}",
+        "--randrepeat=1",
+    ]
+    return await fio(uri, args, timeout=runtime * 4 + 120)
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+
+class Images:
+    """The raw disks (identical at the start) and the empty qcow2 buffers of one pair."""
+
+    def __init__(self, data_dir: str, buf_dir: str, golden: str, size_mib: int) -> None:
+        self.d = tempfile.mkdtemp(prefix="pair-", dir=data_dir)
+        self.bd = tempfile.mkdtemp(prefix="buf-", dir=buf_dir)
+        self.size = size_mib * MiB
+        self.prim = os.path.join(self.d, "prim.raw")
+        self.sec = os.path.join(self.d, "sec.raw")
+        self.hidden = os.path.join(self.bd, "hidden.qcow2")
+        self.active = os.path.join(self.bd, "active.qcow2")
+        self.golden = golden
+
+    def make(self, raws: tuple[str, ...] = ("prim", "sec"), qcow2: bool = True) -> None:
+        for r in raws:
+            shutil.copyfile(self.golden, getattr(self, r))
+        if qcow2:
+            for q in (self.hidden, self.active):
+                sh("qemu-img", "create", "-q", "-f", "qcow2", q, str(self.size))
+
+    def sock(self, name: str) -> str:
+        return os.path.join(self.d, name)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.d, ignore_errors=True)
+        shutil.rmtree(self.bd, ignore_errors=True)
+
+
+def make_golden(path: str, size_mib: int) -> str:
+    """A non-zero, non-repeating-per-MiB raw image (written, not sparse), and its sha256."""
+    h = hashlib.sha256()
+    seed = hashlib.sha256(b"blockrep-bench").digest()
+    with open(path, "wb") as f:
+        for i in range(size_mib):
+            block = hashlib.sha256(seed + i.to_bytes(4, "little")).digest() * (MiB // 32)
+            f.write(block)
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# configurations
+
+
+class Setup:
+    """A running configuration: P (and S for replicated ones) with the consumer export on P."""
+
+    impl: str  # "blockrep" | "qemu"
+    replicated: bool
+    shared: bool = False
+
+    def __init__(self, impl: str, link: str | None, img: Images) -> None:
+        self.impl = impl
+        self.link = link
+        self.img = img
+        self.P: Daemon | None = None
+        self.S: Daemon | None = None
+        self.consumer_sock = img.sock("consumer.sock")
+        self.consumer_export = "colo-disk0"
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///{self.consumer_export}?socket={self.consumer_sock}"
+
+    def daemon(self, role: str, args: list[str]) -> Daemon:
+        qmp = self.img.sock(f"{role}.qmp")
+        cmd = [
+            *(BLOCKREP if self.impl == "blockrep" else QEMU),
+            "-qmp",
+            f"unix:{qmp},server=on,wait=off",
+            *args,
+        ]
+        return Daemon(f"{self.impl}-{role}", cmd, qmp, os.path.join(self.img.d, f"{role}.log"))
+
+    async def export_consumer(self, device: str) -> None:
+        assert self.P is not None
+        self.consumer_export = device
+        await self.P.cmd(
+            "nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.consumer_sock}}}
+        )
+        await self.P.cmd("nbd-server-add", {"device": device, "writable": True})
+
+    async def stop(self) -> None:
+        for d in (self.P, self.S):
+            if d is not None:
+                await d.stop()
+
+    def killed(self) -> list[str]:
+        return [d.name for d in (self.P, self.S) if d is not None and d.killed]
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {d.name} log tail ---\n{d.tail(1500)}" for d in (self.P, self.S) if d is not None
+        )
+
+
+class Baseline(Setup):
+    """No replication: a raw file ("raw"), or P's quorum without its replication child ("quorum")."""
+
+    replicated = False
+
+    def __init__(self, impl: str, layout: str, img: Images) -> None:
+        super().__init__(impl, None, img)
+        self.layout = layout
+
+    async def start(self) -> None:
+        self.img.make(("prim",), qcow2=False)
+        if self.layout == "raw":
+            args = ["-drive", f"if=none,id=disk0,driver=raw,file.filename={self.img.prim}"]
+            dev = "disk0"
+        else:
+            args = [
+                "-drive",
+                "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,"
+                f"children.0.file.filename={self.img.prim},children.0.driver=raw",
+            ]
+            dev = "colo-disk0"
+        self.P = self.daemon("P", args)
+        await self.P.connect()
+        await self.export_consumer(dev)
+
+
+class Pair(Setup):
+    """Non-shared COLO pair, REFERENCE-QEMU.md §2, command lines and QMP sequence."""
+
+    replicated = True
+
+    def link_addrs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(nbd-server-start addr on S, blockdev-add server on P)."""
+        if self.link == "tcp":
+            port = str(free_port())
+            return (
+                {"type": "inet", "data": {"host": "127.0.0.1", "port": port}},
+                {"type": "inet", "host": "127.0.0.1", "port": port},
+            )
+        path = self.img.sock("link.sock")
+        return {"type": "unix", "data": {"path": path}}, {"type": "unix", "path": path}
+
+    async def start(self) -> None:
+        i = self.img
+        i.make()
+        self.S = self.daemon(
+            "S",
+            [
+                "-drive",
+                f"if=none,id=parent0,driver=raw,file.filename={i.sec}",
+                "-drive",
+                "if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,"
+                f"file.driver=qcow2,file.node-name=active0,file.file.filename={i.active},"
+                f"file.backing.driver=qcow2,file.backing.node-name=hidden0,file.backing.file.filename={i.hidden},"
+                "file.backing.backing=parent0",
+                "-drive",
+                "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0",
+            ],
+        )
+        self.P = self.daemon(
+            "P",
+            [
+                "-drive",
+                "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,"
+                f"children.0.file.filename={i.prim},children.0.driver=raw",
+            ],
+        )
+        await self.S.connect()
+        await self.P.connect()
+        s_addr, p_server = self.link_addrs()
+        await self.S.cmd("nbd-server-start", {"addr": s_addr})
+        await self.S.cmd("nbd-server-add", {"device": "parent0", "writable": True})
+        await self.P.cmd(
+            "blockdev-add",
+            {
+                "driver": "replication",
+                "node-name": "replication0",
+                "mode": "primary",
+                "file": {"driver": "nbd", "export": "parent0", "server": p_server},
+            },
+        )
+        await self.P.cmd("x-blockdev-change", {"parent": "colo-disk0", "node": "replication0"})
+        await self.S.cmd(
+            "xen-set-replication", {"enable": True, "primary": False}
+        )  # secondary first
+        await self.P.cmd("xen-set-replication", {"enable": True, "primary": True})
+        await self.check_status("start")
+        await self.export_consumer("colo-disk0")
+
+    async def check_status(self, step: str) -> None:
+        """query-xen-replication-status on both: forwarding errors are invisible to the consumer."""
+        for d in (self.S, self.P):
+            assert d is not None
+            st = await d.cmd("query-xen-replication-status")
+            if st.get("error"):
+                raise RuntimeError(f"{d.name} replication status after {step}: {st}")
+
+    async def checkpoint(self) -> tuple[float, float]:
+        assert self.S is not None and self.P is not None
+        t0 = time.perf_counter()
+        await self.S.cmd("xen-colo-do-checkpoint")
+        t1 = time.perf_counter()
+        await self.P.cmd("xen-colo-do-checkpoint")
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    async def buffered_info(self) -> dict[str, Any] | None:
+        """blockrep only: what S holds in hidden/active (proves the buffering happened)."""
+        if self.impl != "blockrep":
+            return None
+        assert self.S is not None
+        nodes = await self.S.cmd("query-replication")
+        return {
+            n["node-name"]: {
+                k: n.get(k)
+                for k in (
+                    "stage",
+                    "epoch",
+                    "hidden-allocated-bytes",
+                    "active-allocated-bytes",
+                    "clusters-copied",
+                )
+            }
+            for n in nodes
+        }
+
+    # -- failover on S ----------------------------------------------------------------------------
+
+    def chain_text(self, blocks: list[dict[str, Any]], device: str) -> str | None:
+        for b in blocks:
+            if b.get("device") == device or b.get("qdev") == device:
+                return json.dumps(b.get("inserted", {}))
+        return None
+
+    async def failover(self, timeout: float, poll: float = 0.01) -> dict[str, Any]:
+        assert self.S is not None
+        S = self.S
+        active_name = os.path.basename(self.img.active)
+        if self.impl == "qemu":
+            chain = self.chain_text(await S.cmd("query-block"), "childs0")
+            if chain is None or active_name not in chain:
+                raise RuntimeError(f"cannot detect the end of failover: childs0 chain is {chain}")
+        t0 = time.perf_counter()
+        await S.cmd("nbd-server-stop")
+        t_stop = time.perf_counter()
+        await S.cmd(
+            "xen-set-replication",
+            {"enable": False, "primary": False, "failover": True},
+            timeout=timeout,
+        )
+        t_call = time.perf_counter()
+        deadline = t0 + timeout
+        polls = 0
+        final: Any = None
+        while True:
+            polls += 1
+            if self.impl == "blockrep":
+                nodes = await S.cmd("query-replication")
+                stages = [n["stage"] for n in nodes]
+                final = nodes
+                if all(s in ("done", "failover-failed") for s in stages):
+                    break
+            else:
+                chain = self.chain_text(await S.cmd("query-block"), "childs0")
+                final = chain
+                if chain is not None and active_name not in chain:
+                    break
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"failover not done after {timeout}s: {final}")
+            await asyncio.sleep(poll)
+        t_done = time.perf_counter()
+        out: dict[str, Any] = {
+            "s": t_done - t0,
+            "nbd_server_stop_s": t_stop - t0,
+            "xen_set_replication_call_s": t_call - t_stop,
+            "polls": polls,
+        }
+        if self.impl == "blockrep":
+            out["stage"] = [n["stage"] for n in final]
+            out["error"] = [n.get("error") for n in final if n.get("error")]
+        else:
+            out["stage"] = ["done"]
+            out["status"] = await S.cmd("query-xen-replication-status")
+        return out
+
+
+class SharedPair(Pair):
+    """Shared-disk pair (issue 6 hook): the seed's layout, SPEC.md §3, both on one raw file.
+
+    Not implemented in blockrep yet; run with --shared. The consumer writes P's primary_disk0;
+    the failover result is checked on the shared file itself."""
+
+    shared = True
+
+    async def start(self) -> None:
+        i = self.img
+        i.make(("prim",))  # prim.raw is the shared disk
+        self.S = self.daemon(
+            "S",
+            [
+                "-drive",
+                f"if=none,driver=qcow2,file.filename={i.hidden},id=hidden_disk0,"
+                f"backing.driver=raw,backing.file.filename={i.prim}",
+                "-drive",
+                "if=none,id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,"
+                f"top-id=active-disk0,file.file.filename={i.active},file.backing=hidden_disk0,shared-disk=on",
+            ],
+        )
+        self.P = self.daemon(
+            "P", ["-drive", f"if=none,id=primary_disk0,driver=raw,file.filename={i.prim}"]
+        )
+        await self.S.connect()
+        await self.P.connect()
+        s_addr, _ = self.link_addrs()
+        await self.S.cmd("nbd-server-start", {"addr": s_addr})
+        await self.S.cmd("nbd-server-add", {"device": "hidden_disk0", "writable": True})
+        server = {
+            "type": s_addr["type"],
+            "data": s_addr["data"],
+        }  # the seed's SocketAddressLegacy form
+        await self.P.cmd(
+            "blockdev-add",
+            {
+                "driver": "replication",
+                "node-name": "rep",
+                "mode": "primary",
+                "shared-disk-id": "primary_disk0",
+                "shared-disk": True,
+                "file": {"driver": "nbd", "export": "hidden_disk0", "server": server},
+            },
+        )
+        await self.S.cmd("xen-set-replication", {"enable": True, "primary": False})
+        await self.P.cmd("xen-set-replication", {"enable": True, "primary": True})
+        await self.check_status("start")
+        await self.export_consumer("primary_disk0")
+
+    @property
+    def result_disk(self) -> str:
+        return self.img.prim
+
+
+# ---------------------------------------------------------------------------------------------
+# the measurements
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, data_dir: str, buf_dir: str) -> None:
+        self.a = args
+        self.data_dir = data_dir
+        self.buf_dir = buf_dir
+        self.size = args.size_mib
+        self.golden = os.path.join(data_dir, "golden.raw")
+        log(f"writing the {self.size} MiB golden image")
+        self.golden_sha = make_golden(self.golden, self.size)
+        self.ckpt_sizes = sorted({0, max(1, self.size // 4), self.size})
+        self.failover_sizes = sorted({max(1, self.size // 4), self.size})
+
+    def images(self) -> Images:
+        return Images(self.data_dir, self.buf_dir, self.golden, self.size)
+
+    async def with_setup(
+        self, make: Callable[[Images], Setup], body: Callable[[Setup], Any]
+    ) -> Any:
+        img = self.images()
+        st = make(img)
+        try:
+            await st.start()
+            return await body(st)
+        except BaseException as e:
+            if isinstance(e, Exception):
+                e.args = (*e.args, st.logs())  # keep the daemons' own words with the failure
+            raise
+        finally:
+            await st.stop()
+            if st.killed():
+                log(
+                    f"WARNING: {st.killed()} did not exit on SIGTERM within {STOP_TIMEOUT}s, killed"
+                )
+            img.remove()
+
+    async def throughput(self, st: Setup, res: dict[str, Any]) -> None:
+        rep = isinstance(st, Pair)
+        if rep:
+            await st.checkpoint()
+        r = await fio_seq(st.uri, self.size, self.a.fsync)
+        res["seq_write"] = r
+        log(
+            f"  seq write 1M qd8 {self.size} MiB{' after checkpoint' if rep else ''}: {r['mib_s']:.0f} MiB/s"
+        )
+        if rep:
+            res["buffered_after_seq_write"] = await st.buffered_info()
+            await st.check_status("seq write")
+        r = await fio_seq(st.uri, self.size, self.a.fsync)
+        res["seq_rewrite"] = r
+        log(f"  seq rewrite 1M qd8: {r['mib_s']:.0f} MiB/s")
+        if rep:
+            await st.check_status("seq rewrite")
+            await st.checkpoint()
+        r = await fio_rand(st.uri, self.size, self.a.runtime)
+        res["randwrite_4k_qd32"] = r
+        log(
+            f"  rand write 4k qd32 {self.a.runtime}s: {r['iops']:.0f} IOPS (p99 {r['clat_p99_ms'] or 0:.1f} ms)"
+        )
+        if rep:
+            await st.check_status("random writes")
+
+    async def checkpoints(self, st: Pair, res: dict[str, Any]) -> None:
+        out = []
+        for buf in self.ckpt_sizes:
+            row: dict[str, Any] = {
+                "buffered_mib": buf,
+                "s_ms": [],
+                "p_ms": [],
+                "fill": [],
+                "buffered": [],
+            }
+            for _ in range(self.a.repeats):
+                await st.checkpoint()
+                if buf:
+                    row["fill"].append(await fio_seq(st.uri, buf, self.a.fsync))
+                    await st.check_status(f"buffering {buf} MiB")
+                info = await st.buffered_info()
+                if info is not None:
+                    row["buffered"].append(info)
+                ts, tp = await st.checkpoint()
+                row["s_ms"].append(ts * 1000)
+                row["p_ms"].append(tp * 1000)
+            await st.check_status("checkpoints")
+            row["s_ms_median"] = median(row["s_ms"])
+            row["p_ms_median"] = median(row["p_ms"])
+            log(
+                f"  checkpoint with {buf} MiB buffered: S {row['s_ms_median']:.1f} ms "
+                f"(all {', '.join(f'{x:.1f}' for x in row['s_ms'])}), P {row['p_ms_median']:.1f} ms"
+            )
+            out.append(row)
+        res["checkpoint"] = out
+
+    async def one_failover(self, make: Callable[[Images], Setup], buf: int) -> dict[str, Any]:
+        async def body(st: Setup) -> dict[str, Any]:
+            assert isinstance(st, Pair)
+            await st.checkpoint()
+            fill = await fio_seq(st.uri, buf, self.a.fsync)
+            await st.check_status(f"buffering {buf} MiB")
+            info = await st.buffered_info()
+            r = await st.failover(self.a.timeout)
+            r.update(
+                {
+                    "buffered_mib": buf,
+                    "fill": fill,
+                    "buffered": info,
+                    "commit_mib_s": buf / r["s"] if r["s"] > 0 else None,
+                }
+            )
+            await st.stop()  # flush and close before reading the result
+            disk = st.result_disk if isinstance(st, SharedPair) else st.img.sec
+            r["result_sha256_ok"] = sha256_file(disk) == self.golden_sha
+            return r
+
+        r = await self.with_setup(make, body)
+        log(
+            f"  failover with {buf} MiB buffered: {r['s'] * 1000:.0f} ms ({r['commit_mib_s']:.0f} MiB/s), "
+            f"stage {r['stage']}, secondary disk = checkpoint: {r['result_sha256_ok']}"
+        )
+        return r
+
+    async def run_config(self, name: str, make: Callable[[Images], Setup]) -> dict[str, Any]:
+        log(f"== {name}")
+        res: dict[str, Any] = {"name": name}
+        t0 = time.monotonic()
+        try:
+
+            async def body(st: Setup) -> None:
+                res["impl"] = st.impl
+                res["link"] = st.link
+                res["replicated"] = st.replicated
+                await self.throughput(st, res)
+                if isinstance(st, Pair):
+                    await self.checkpoints(st, res)
+
+            await self.with_setup(make, body)
+            if res.get("replicated"):
+                res["failover"] = [
+                    await self.one_failover(make, buf) for buf in self.failover_sizes
+                ]
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one broken configuration must not hide the others
+            res["failed"] = f"{type(e).__name__}: {e.args[0] if e.args else e}"
+            res["failed_logs"] = (
+                e.args[-1] if len(e.args) > 1 and isinstance(e.args[-1], str) else ""
+            )
+            res["traceback"] = traceback.format_exc()
+            log(f"  FAILED: {res['failed']}")
+            if res["failed_logs"]:
+                print(res["failed_logs"], flush=True)
+        res["wall_s"] = time.monotonic() - t0
+        return res
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def g(d: dict[str, Any] | None, *path: Any) -> Any:
+    for p in path:
+        if d is None:
+            return None
+        if isinstance(p, int):
+            d = d[p] if isinstance(d, list) and p < len(d) else None
+        else:
+            d = d.get(p) if isinstance(d, dict) else None
+    return d
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def fnum(x: float | None, unit: str = "", prec: int = 0) -> str:
+    return "-" if x is None else f"{x:.{prec}f}{unit}"
+
+
+def frat(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+THROUGHPUT = [
+    ("seq write 1M qd8 after checkpoint (MiB/s)", ("seq_write", "mib_s")),
+    ("seq rewrite 1M qd8 (MiB/s)", ("seq_rewrite", "mib_s")),
+    ("rand write 4k qd32 (IOPS)", ("randwrite_4k_qd32", "iops")),
+]
+
+
+def analyse(results: dict[str, Any], links: list[str]) -> None:
+    c = results["configs"]
+    ratios: dict[str, Any] = {}
+    goals: dict[str, Any] = {}
+    for link in links:
+        b, q = c.get(f"blockrep-{link}"), c.get(f"qemu-{link}")
+        r: dict[str, Any] = {}
+        for label, path in THROUGHPUT:
+            r[label] = ratio(g(b, *path), g(q, *path))
+        for i, row in enumerate(g(b, "checkpoint") or []):
+            r[f"checkpoint {row['buffered_mib']} MiB (time)"] = ratio(
+                row["s_ms_median"], g(q, "checkpoint", i, "s_ms_median")
+            )
+        for i, row in enumerate(g(b, "failover") or []):
+            r[f"failover {row['buffered_mib']} MiB (time)"] = ratio(
+                row["s"], g(q, "failover", i, "s")
+            )
+            r[f"failover {row['buffered_mib']} MiB (commit rate)"] = ratio(
+                row["commit_mib_s"], g(q, "failover", i, "commit_mib_s")
+            )
+        ratios[link] = r
+    results["ratios_blockrep_over_qemu"] = ratios
+    # goals of issue 5
+    tcp = ratios.get("tcp", {})
+    tp = {label: tcp.get(label) for label, _ in THROUGHPUT}
+    goals["P throughput >= 2x QEMU pair on TCP"] = {
+        "ratios": tp,
+        "met": all(v is not None and v >= 2.0 for v in tp.values()) if tp else None,
+    }
+    ck: dict[str, Any] = {}
+    for link in links:
+        rows = g(c.get(f"blockrep-{link}"), "checkpoint") or []
+        ck[link] = {str(r["buffered_mib"]): r["s_ms_median"] for r in rows}
+    vals = [v for d in ck.values() for v in d.values() if v is not None]
+    flat = []
+    for d in ck.values():
+        xs = [v for v in d.values() if v is not None]
+        if xs:
+            flat.append(max(xs) <= max(2.0 * min(xs), min(xs) + 2.0))
+    goals["checkpoint <= 10 ms and flat in the buffered size"] = {
+        "ms": ck,
+        "max_ms": max(vals) if vals else None,
+        "met": (max(vals) <= 10.0 and all(flat)) if vals else None,
+        "flat_rule": "largest median <= max(2 x smallest, smallest + 2 ms), per link",
+    }
+    cr = {link: {k: v for k, v in ratios[link].items() if "commit rate" in k} for link in links}
+    allc = [v for d in cr.values() for v in d.values()]
+    goals["commit at least QEMU's rate"] = {
+        "ratios": cr,
+        "met": (all(v is not None and v >= 1.0 for v in allc)) if allc else None,
+    }
+    results["goals"] = goals
+
+
+def markdown(results: dict[str, Any], links: list[str]) -> str:
+    c = results["configs"]
+    m = results["machine"]
+    a = results["args"]
+    L = [
+        "# Replication benchmark: blockrep pair vs QEMU 7.2 pair vs unreplicated (same run)",
+        "",
+        f"{results['qemu_version']}; {results['fio_version']}; Python {m['python']}; {m['cpus']} CPUs; "
+        f"load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}; blockrep {results['blockrep_rev']}.",
+        f"Disk {a['size_mib']} MiB raw (written, not sparse) in `{a['dir_kind']}`, hidden/active in `{a['buffer_dir_kind']}`; "
+        f"random writes {a['runtime']} s; checkpoint figures are medians of {a['repeats']}; "
+        f"end_fsync={'on' if a['fsync'] else 'off'}{'; QUICK run (small sizes)' if a['quick'] else ''}.",
+        "The consumer (fio, nbd engine) writes to P through an NBD export of colo-disk0 on a unix socket; "
+        '"link" is the replication link P -> S (S\'s NBD server, export parent0). '
+        "QEMU 7.2's NBD server lacks TCP_NODELAY (REFERENCE-QEMU.md §4.7), which its TCP figures include.",
+        "",
+        "## Goals (issue 5)",
+        "",
+    ]
+    for name, gl in results["goals"].items():
+        met = {True: "**met**", False: "**not met**", None: "not measured"}[gl["met"]]
+        L.append(f"* {name}: {met}")
+    L += [
+        "",
+        "## P throughput",
+        "",
+        "| case | "
+        + " | ".join(f"blockrep {k} | QEMU {k} | ratio {k}" for k in links)
+        + " | blockrep unreplicated raw | blockrep unreplicated quorum | QEMU unreplicated raw | QEMU unreplicated quorum |",
+        "|---|" + "---|---|---|" * len(links) + "---|---|---|---|",
+    ]
+    for label, path in THROUGHPUT:
+        cells = [label]
+        for k in links:
+            b, q = g(c.get(f"blockrep-{k}"), *path), g(c.get(f"qemu-{k}"), *path)
+            cells += [fnum(b), fnum(q), frat(ratio(b, q))]
+        for base in ("blockrep-raw", "blockrep-quorum", "qemu-raw", "qemu-quorum"):
+            cells.append(fnum(g(c.get(base), *path)))
+        L.append("| " + " | ".join(cells) + " |")
+    L += [
+        "",
+        "Replication cost, blockrep P / blockrep unreplicated raw: "
+        + "; ".join(
+            f"{k} {label.split(' (')[0]} {frat(ratio(g(c.get(f'blockrep-{k}'), *path), g(c.get('blockrep-raw'), *path)))}"
+            for k in links
+            for label, path in THROUGHPUT
+        ),
+    ]
+    L += [
+        "",
+        "## Checkpoint (wall time of xen-colo-do-checkpoint on S; median)",
+        "",
+        "| link | buffered | blockrep S | QEMU S | ratio | blockrep P | QEMU P | blockrep hidden after buffering |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k in links:
+        brows = g(c.get(f"blockrep-{k}"), "checkpoint") or []
+        qrows = g(c.get(f"qemu-{k}"), "checkpoint") or []
+        for i in range(max(len(brows), len(qrows))):
+            b = brows[i] if i < len(brows) else {}
+            q = qrows[i] if i < len(qrows) else {}
+            buf = b.get("buffered_mib", q.get("buffered_mib"))
+            hid = g(b, "buffered", 0)
+            hid_mib = None
+            if hid:
+                hid_mib = sum((v.get("hidden-allocated-bytes") or 0) for v in hid.values()) / MiB
+            L.append(
+                f"| {k} | {buf} MiB | {fnum(b.get('s_ms_median'), ' ms', 1)} | {fnum(q.get('s_ms_median'), ' ms', 1)} | "
+                f"{frat(ratio(b.get('s_ms_median'), q.get('s_ms_median')))} | {fnum(b.get('p_ms_median'), ' ms', 1)} | "
+                f"{fnum(q.get('p_ms_median'), ' ms', 1)} | {fnum(hid_mib, ' MiB', 1)} |"
+            )
+    L += [
+        "",
+        "## Failover on S (nbd-server-stop + xen-set-replication failover, until done)",
+        "",
+        "| link | buffered | blockrep time | QEMU time | time ratio | blockrep commit MiB/s | QEMU commit MiB/s | rate ratio | result = checkpoint (blockrep / QEMU) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in links:
+        brows = g(c.get(f"blockrep-{k}"), "failover") or []
+        qrows = g(c.get(f"qemu-{k}"), "failover") or []
+        for i in range(max(len(brows), len(qrows))):
+            b = brows[i] if i < len(brows) else {}
+            q = qrows[i] if i < len(qrows) else {}
+            buf = b.get("buffered_mib", q.get("buffered_mib"))
+            bs = b.get("s")
+            qs = q.get("s")
+            L.append(
+                f"| {k} | {buf} MiB | {fnum(bs and bs * 1000, ' ms')} | {fnum(qs and qs * 1000, ' ms')} | "
+                f"{frat(ratio(bs, qs))} | {fnum(b.get('commit_mib_s'))} | {fnum(q.get('commit_mib_s'))} | "
+                f"{frat(ratio(b.get('commit_mib_s'), q.get('commit_mib_s')))} | "
+                f"{b.get('result_sha256_ok', '-')} / {q.get('result_sha256_ok', '-')} |"
+            )
+    shared = [v for n, v in c.items() if n.startswith("blockrep-shared")]
+    L += ["", "## Shared-disk variant (issue 6)", ""]
+    if not shared:
+        L.append("Not run (pass --shared once shared-disk mode exists).")
+    for v in shared:
+        if v.get("failed"):
+            L.append(f"* {v['name']}: failed: {v['failed'].splitlines()[0][:300]}")
+        else:
+            L.append(
+                f"* {v['name']}: "
+                + ", ".join(f"{label} {fnum(g(v, *path))}" for label, path in THROUGHPUT)
+                + "; checkpoint S ms "
+                + ", ".join(
+                    f"{r['buffered_mib']} MiB {fnum(r['s_ms_median'], '', 1)}"
+                    for r in v.get("checkpoint", [])
+                )
+                + "; failover ms "
+                + ", ".join(
+                    f"{r['buffered_mib']} MiB {fnum(r['s'] * 1000)}" for r in v.get("failover", [])
+                )
+            )
+    failed = [
+        v for v in c.values() if v.get("failed") and not v["name"].startswith("blockrep-shared")
+    ]
+    if failed:
+        L += ["", "## Failures", ""]
+        for v in failed:
+            L.append(f"* {v['name']}: {v['failed'].splitlines()[0][:500]}")
+    L += ["", "## Goals in detail", "", "```", json.dumps(results["goals"], indent=1), "```"]
+    return "\n".join(L) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+async def amain(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, task.cancel)
+
+    data_dir = tempfile.mkdtemp(prefix="blockrep-replbench-", dir=args.dir)
+    buf_dir = (
+        tempfile.mkdtemp(prefix="blockrep-replbench-buf-", dir=args.buffer_dir)
+        if args.buffer_dir
+        else data_dir
+    )
+    links = [x for x in args.links.split(",") if x]
+    results: dict[str, Any] = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        },
+        "qemu_version": sh("qemu-system-x86_64", "--version").splitlines()[0],
+        "fio_version": sh("fio", "--version").strip(),
+        "blockrep_rev": subprocess.run(
+            ["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True
+        ).stdout.strip()
+        or "?",
+        "args": {
+            "size_mib": args.size_mib,
+            "runtime": args.runtime,
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "fsync": args.fsync,
+            "links": links,
+            "dir_kind": os.path.dirname(data_dir),
+            "buffer_dir_kind": os.path.dirname(buf_dir)
+            if args.buffer_dir
+            else os.path.dirname(data_dir),
+            "timeout_s": args.timeout,
+        },
+        "configs": {},
+    }
+    t0 = time.monotonic()
+    try:
+        bench = Bench(args, data_dir, buf_dir)
+        plan: list[tuple[str, Callable[[Images], Setup]]] = []
+        for link in links:
+            for impl in args.impls.split(","):
+                plan.append(
+                    (f"{impl}-{link}", lambda img, impl=impl, link=link: Pair(impl, link, img))
+                )
+        if args.shared:
+            for link in links:
+                plan.append(
+                    (
+                        f"blockrep-shared-{link}",
+                        lambda img, link=link: SharedPair("blockrep", link, img),
+                    )
+                )
+        if args.baselines:
+            for impl in args.impls.split(","):
+                for layout in ("raw", "quorum"):
+                    plan.append(
+                        (
+                            f"{impl}-{layout}",
+                            lambda img, impl=impl, layout=layout: Baseline(impl, layout, img),
+                        )
+                    )
+        for name, make in plan:
+            results["configs"][name] = await bench.run_config(name, make)
+    finally:
+        kill_leftovers()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        if buf_dir != data_dir:
+            shutil.rmtree(buf_dir, ignore_errors=True)
+    results["wall_s"] = time.monotonic() - t0
+    results["machine"]["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    analyse(results, links)
+    md = markdown(results, links)
+    out_dir = os.path.join(HERE, "results")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{args.name}.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out_dir, f"{args.name}.md"), "w") as f:
+        f.write(md)
+    print(md)
+    log(f"wrote bench/results/{args.name}.json and .md in {results['wall_s']:.0f} s")
+    return (
+        1
+        if any(
+            v.get("failed") and not v["name"].startswith("blockrep-shared")
+            for v in results["configs"].values()
+        )
+        else 0
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 32 MiB, 2 s random writes, 1 repeat"
+    )
+    ap.add_argument(
+        "--size-mib",
+        type=int,
+        default=None,
+        help="disk size = sequential write size = largest buffered size (256)",
+    )
+    ap.add_argument("--runtime", type=int, default=None, help="seconds of 4 KiB random writes (8)")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="checkpoints measured per buffered size (3)"
+    )
+    ap.add_argument(
+        "--dir",
+        default=None,
+        help="where the raw images go (a temp dir is made inside; default $TMPDIR)",
+    )
+    ap.add_argument(
+        "--buffer-dir",
+        default=None,
+        help="where hidden/active qcow2 go, e.g. /dev/shm (default: --dir)",
+    )
+    ap.add_argument("--links", default="tcp,unix", help="replication links to measure")
+    ap.add_argument("--impls", default="blockrep,qemu", help="implementations to measure")
+    ap.add_argument(
+        "--no-baselines", dest="baselines", action="store_false", help="skip the unreplicated runs"
+    )
+    ap.add_argument(
+        "--shared", action="store_true", help="also run the shared-disk variant (issue 6)"
+    )
+    ap.add_argument(
+        "--fsync", action="store_true", help="end every sequential fio run with a flush"
+    )
+    ap.add_argument(
+        "--timeout", type=float, default=600, help="bound on a failover or checkpoint wait (s)"
+    )
+    ap.add_argument("--name", default="replication", help="results file name under bench/results")
+    args = ap.parse_args()
+    if args.size_mib is None:
+        args.size_mib = 32 if args.quick else 256
+    if args.runtime is None:
+        args.runtime = 2 if args.quick else 8
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    for tool in ("fio", "qemu-system-x86_64", "qemu-img"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found (make debs)")
+    try:
+        rc = asyncio.run(amain(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        kill_leftovers()
+        sys.exit("interrupted; every started process was stopped and the temp files removed")
+    finally:
+        kill_leftovers()
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""``blockrep primary|secondary|checkpoint|failover|status``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disk", required=True, help="the disk (raw file) this node serves")
+    p.add_argument("--shared", action="store_true", help="shared-disk mode (SPEC §3)")
+    p.add_argument("--export", required=True, help="consumer NBD export address (HOST:PORT or unix:PATH), export name 'disk'")
+    p.add_argument("--qmp", help="QMP socket (unix:PATH) for status, checkpoint and failover")
+    p.add_argument("--metrics", help="serve Prometheus metrics on HOST:PORT")
+    p.add_argument("--tls-dir", help="x509 certificates (QEMU layout) for the control channel")
+    p.add_argument("--state-file", help="generation state file (default: DISK.blockrep-state.json)")
+    p.add_argument("--heartbeat-interval", type=float, default=0.5)
+    p.add_argument("--heartbeat-timeout", type=float, default=3.0)
+    p.add_argument("--log", default=os.environ.get("BLOCKREP_LOG", "WARNING"))
+
+
+def primary_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blockrep primary", description="run the Primary of a replicated disk")
+    _common(p)
+    p.add_argument("--secondary", required=True, help="the secondary's control address (HOST:PORT or unix:PATH)")
+    p.add_argument("--checkpoint-interval", type=float, default=2.0, help="seconds between checkpoints (0: only on demand)")
+    p.add_argument("--assume-synced", action="store_true", help="do not compare the disks before starting")
+    p.add_argument("--initial-sync", action="store_true", help="copy this disk to the secondary first")
+    p.add_argument("--connect-timeout", type=float, default=30.0)
+    p.add_argument("--reconnect", action="store_true", help="keep trying to pair again after losing the secondary")
+    p.add_argument("--progress", action="store_true", default=sys.stderr.isatty(), help="progress bars on stderr")
+    return p
+
+
+def secondary_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blockrep secondary", description="run the Secondary of a replicated disk")
+    _common(p)
+    p.add_argument("--listen", required=True, help="control address the primary connects to (HOST:PORT or unix:PATH)")
+    p.add_argument("--buffer-dir", help="where the hidden/active overlays go (default /dev/shm when present)")
+    p.add_argument("--auto-failover", action="store_true", help="fail over by itself when the primary is lost (needs --fence-command)")
+    p.add_argument("--failover-timeout", type=float, default=5.0, help="seconds without the primary before it counts as lost")
+    p.add_argument("--fence-command", help="command that makes sure the primary is dead; must exit 0 before an automatic failover")
+    return p
+
+
+def run_role(kind: str, argv: list[str]) -> int:
+    from ..block.node import BlockError
+    from ..ha.manager import Primary, Secondary
+
+    args = (primary_parser() if kind == "primary" else secondary_parser()).parse_args(argv)
+    logging.basicConfig(level=args.log.upper(), format=f"blockrep {kind}: %(message)s")
+
+    async def main() -> int:
+        node = Primary(args) if kind == "primary" else Secondary(args)
+        try:
+            await node.setup()
+        except (BlockError, OSError, RuntimeError, ValueError) as e:
+            print(f"blockrep {kind}: {getattr(e, 'message', e)}", file=sys.stderr)
+            await node.shutdown()
+            return 1
+        print(f"blockrep {kind}: ready", file=sys.stderr, flush=True)
+        await node.run_forever()
+        return 0
+
+    return asyncio.run(main())
+
+
+# -- a tiny synchronous QMP client for the control commands ------------------------------------
+
+
+def qmp_call(path: str, cmd: str, args: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
+    if path.startswith("unix:"):
+        path = path[5:]
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(path)
+    f = s.makefile("rwb")
+
+    def send(obj: dict[str, Any]) -> dict[str, Any]:
+        f.write(json.dumps(obj).encode() + b"\n")
+        f.flush()
+        while True:
+            line = f.readline()
+            if not line:
+                raise ConnectionError("QMP connection closed")
+            msg = json.loads(line)
+            if "event" not in msg:
+                return msg
+
+    json.loads(f.readline())  # greeting
+    send({"execute": "qmp_capabilities"})
+    reply = send({"execute": cmd, "arguments": args or {}})
+    s.close()
+    if "error" in reply:
+        raise RuntimeError(reply["error"]["desc"])
+    return reply["return"]
+
+
+def _qmp_arg(prog: str, argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("--qmp", required=True, help="the node's QMP socket (unix:PATH)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true", help="keep showing status (with progress of long jobs)")
+    return p.parse_args(argv)
+
+
+def cmd_checkpoint(argv: list[str]) -> int:
+    a = _qmp_arg("blockrep checkpoint", argv)
+    try:
+        r = qmp_call(a.qmp, "replication-checkpoint")
+    except (OSError, RuntimeError) as e:
+        print(f"blockrep checkpoint: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(r) if a.json else f"checkpoint done: epoch {r['epoch']}, consumer paused {r['pause-ms']:.2f} ms")
+    return 0
+
+
+def cmd_failover(argv: list[str]) -> int:
+    a = _qmp_arg("blockrep failover", argv)
+    try:
+        qmp_call(a.qmp, "ha-failover", timeout=3600)
+    except (OSError, RuntimeError) as e:
+        print(f"blockrep failover: {e}", file=sys.stderr)
+        return 1
+    if not a.json:
+        print("failed over: this node now holds the last checkpoint plus its own writes")
+    return 0
+
+
+def human_status(s: dict[str, Any]) -> str:
+    af = s["auto-failover"]
+    lines = [
+        f"role:        {s['role']} ({s['mode']} disks)",
+        f"stage:       {s['stage']}",
+        f"peer:        {s['peer']}",
+        f"epoch:       {s['epoch']} ({s['epoch-uuid'] or '-'}), age {s['epoch-age']:.1f} s",
+        f"buffered:    hidden {s['hidden-bytes']} B, active {s['active-bytes']} B",
+        f"unacked:     {s['unacked-bytes']} B forwarded, not yet acknowledged",
+        f"checkpoints: {s['checkpoints']}, last pause {s['last-checkpoint-pause-ms']:.2f} ms "
+        f"(p50 {s['checkpoint-pause-p50-ms']:.2f}, p99 {s['checkpoint-pause-p99-ms']:.2f})",
+        f"failover:    {'automatic' if af['enabled'] else 'manual'}" + (f" — {af['reason']}" if af.get("reason") else ""),
+    ]
+    if s.get("replication-error"):
+        lines.append(f"replication: {s['replication-error']}")
+    if s.get("alone-since"):
+        lines.append(f"alone since: {s['alone-since']}, wrote {len(s['written-alone'])} region(s)")
+    if s.get("split-brain"):
+        sb = s["split-brain"]
+        lines.append(
+            f"SPLIT BRAIN since epoch {sb['common-epoch']}: primary wrote {sb['primary']['written']}, "
+            f"secondary wrote {sb['secondary']['written']}"
+        )
+    for e in s["errors"][-5:]:
+        lines.append(f"error:       {e}")
+    for j in s["jobs"]:
+        pct = 100.0 * j["current"] / j["total"] if j["total"] else 0.0
+        lines.append(f"job:         {j['id']} ({j['type']}) {j['status']} {pct:.1f}%")
+    return "\n".join(lines)
+
+
+def cmd_status(argv: list[str]) -> int:
+    a = _qmp_arg("blockrep status", argv)
+    try:
+        if not a.watch:
+            s = qmp_call(a.qmp, "query-ha-status")
+            print(json.dumps(s, indent=2) if a.json else human_status(s))
+            return 0
+        from tqdm import tqdm
+
+        bars: dict[str, Any] = {}
+        while True:
+            s = qmp_call(a.qmp, "query-ha-status")
+            for j in s["jobs"] + ([{"id": "sync", **s["sync"]}] if s.get("sync") else []):
+                bar = bars.get(j["id"])
+                if bar is None:
+                    bar = bars[j["id"]] = tqdm(total=j["total"] or 1, desc=j["id"], unit="B", unit_scale=True)
+                bar.total = j["total"] or 1
+                bar.update(j["current"] - bar.n)
+            if not bars:
+                print(human_status(s), "\n")
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
+    except (OSError, RuntimeError) as e:
+        print(f"blockrep status: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,1 @@
+"""The HA manager: roles, control channel, generation state, heartbeat and failover policy."""

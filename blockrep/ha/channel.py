@@ -1,0 +1,178 @@
+"""The P↔S control channel: JSON lines, requests with ids, optional TLS.
+
+The primary connects and asks (hello, start, checkpoint, heartbeat); the
+secondary answers. Each message is one JSON object on one line:
+``{"id": 7, "op": "checkpoint", ...}`` → ``{"id": 7, "ok": true, ...}`` or
+``{"id": 7, "ok": false, "error": "text"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+MAX_LINE = 16 << 20
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class ChannelError(Exception):
+    pass
+
+
+def parse_addr(addr: str) -> tuple[str, str | int]:
+    """``unix:PATH`` → ("unix", PATH); ``HOST:PORT`` or ``tcp:HOST:PORT`` → (HOST, PORT)."""
+    if addr.startswith("unix:"):
+        return "unix", addr[5:]
+    if addr.startswith("tcp:"):
+        addr = addr[4:]
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"bad address '{addr}' (use HOST:PORT or unix:PATH)")
+    return host.strip("[]"), int(port)
+
+
+def tls_contexts(tls_dir: str | None) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """(server, client) contexts from a directory in QEMU's x509 layout."""
+    if not tls_dir:
+        return None, None
+    srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    srv.load_cert_chain(os.path.join(tls_dir, "server-cert.pem"), os.path.join(tls_dir, "server-key.pem"))
+    srv.verify_mode = ssl.CERT_REQUIRED
+    srv.load_verify_locations(os.path.join(tls_dir, "ca-cert.pem"))
+    cli = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cli.check_hostname = False
+    cli.load_verify_locations(os.path.join(tls_dir, "ca-cert.pem"))
+    cli.load_cert_chain(os.path.join(tls_dir, "client-cert.pem"), os.path.join(tls_dir, "client-key.pem"))
+    return srv, cli
+
+
+async def listen(addr: str, on_conn: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                 tls: ssl.SSLContext | None = None) -> asyncio.AbstractServer:
+    host, port = parse_addr(addr)
+    if host == "unix":
+        if os.path.exists(str(port)):
+            os.unlink(str(port))
+        return await asyncio.start_unix_server(on_conn, str(port), ssl=tls, limit=MAX_LINE)
+    return await asyncio.start_server(on_conn, host, port, ssl=tls, reuse_address=True, limit=MAX_LINE)
+
+
+async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handlers: dict[str, Handler],
+                on_message: Callable[[], None] | None = None) -> None:
+    """Answer requests on one connection until it closes."""
+    lock = asyncio.Lock()
+
+    async def answer(msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        h = handlers.get(str(msg.get("op")))
+        try:
+            if h is None:
+                raise ChannelError(f"unknown operation {msg.get('op')!r}")
+            reply = {"id": rid, "ok": True, **await h(msg)}
+        except Exception as e:  # every failure is an answer, never a dead channel
+            reply = {"id": rid, "ok": False, "error": str(getattr(e, "message", e))}
+        async with lock:
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+
+    tasks: set[asyncio.Task] = set()
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            if on_message is not None:
+                on_message()
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(msg, dict):
+                continue
+            t = asyncio.create_task(answer(msg))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+    except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+        return
+    finally:
+        for t in tasks:
+            t.cancel()
+        writer.close()
+
+
+class Client:
+    """The primary's end: ``await call(op, **args)`` returns the reply dict."""
+
+    def __init__(self) -> None:
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.pending: dict[int, asyncio.Future] = {}
+        self.ids = itertools.count(1)
+        self.task: asyncio.Task | None = None
+        self.closed = True
+
+    async def connect(self, addr: str, tls: ssl.SSLContext | None = None, timeout: float = 5.0) -> None:
+        host, port = parse_addr(addr)
+        if host == "unix":
+            coro = asyncio.open_unix_connection(str(port), ssl=tls, limit=MAX_LINE)
+        else:
+            coro = asyncio.open_connection(host, port, ssl=tls, limit=MAX_LINE)
+        self.reader, self.writer = await asyncio.wait_for(coro, timeout)
+        self.closed = False
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.reader is not None
+        try:
+            while True:
+                line = await self.reader.readline()
+                if not line:
+                    break
+                msg = json.loads(line)
+                fut = self.pending.pop(msg.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        except (ConnectionError, ValueError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed = True
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_exception(ChannelError("control channel closed"))
+            self.pending.clear()
+
+    async def call(self, op: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+        if self.closed or self.writer is None:
+            raise ChannelError("control channel closed")
+        rid = next(self.ids)
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        try:
+            self.writer.write(json.dumps({"id": rid, "op": op, **args}).encode() + b"\n")
+            await self.writer.drain()
+            reply = await asyncio.wait_for(fut, timeout)
+        except (ConnectionError, OSError) as e:
+            raise ChannelError(f"control channel: {e}") from None
+        except TimeoutError:
+            raise ChannelError(f"no answer to '{op}' within {timeout:g} s") from None
+        finally:
+            self.pending.pop(rid, None)
+        if not reply.get("ok"):
+            raise ChannelError(reply.get("error", "failed"))
+        return reply
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self.closed = True
