@@ -90,6 +90,7 @@ class Qcow2Node(Node):
     def __init__(self, node_name: str, options: dict[str, Any]) -> None:
         super().__init__(node_name, options)
         self.lock = asyncio.Lock()
+        self.pristine = False  # true from a fresh-layout make_empty until the next mapping change
         self.l1_dirty: set[int] = set()
         self.l2cache = TableCache(64)
         self.filename = ""
@@ -287,6 +288,7 @@ class Qcow2Node(Node):
             )
 
     async def _set_entry(self, cluster: int, entry: int) -> None:
+        self.pristine = False
         l2e = self.h.l2_entries
         l1i = cluster // l2e
         table = await self._l2(l1i, alloc=True)
@@ -650,6 +652,10 @@ class Qcow2Node(Node):
 
     async def _co_make_empty(self) -> None:
         async with self.lock:
+            if self.pristine:
+                # nothing was mapped since the last make_empty: the file already is
+                # what another make_empty would write (checkpoints of an idle buffer)
+                return
             await self._make_empty_locked()
 
     async def _make_empty_locked(self) -> None:
@@ -731,6 +737,7 @@ class Qcow2Node(Node):
         self.rc = Refcounts(f, h, [2 * cs], self.rc.cache.capacity, self._write_reftable_fields)
         self.rc.reftable_capacity = cs // 8
         self.rc.free_hint = nclusters
+        self.pristine = True
 
     async def _drop_all_l2_tables(self) -> None:
         """make_empty for a non-fresh layout: unmap everything through the usual
