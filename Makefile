@@ -8,7 +8,7 @@ TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
           qemu-system-x86_64:qemu-system-x86 nbdkit:nbdkit nbdinfo:libnbd-bin \
           nbdcopy:libnbd-bin fio:fio
 
-.PHONY: test venv debs lint bench clean
+.PHONY: test venv debs lint bench demo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,11 +37,18 @@ debs:
 test: venv debs
 	$(PY) -m pytest -q -x -p no:cacheprovider tests
 
+# the newcomer's first command: a pair on loopback, a workload, a failover, the proof
+demo: venv
+	$(VENV)/bin/blockrep demo
+	$(VENV)/bin/blockrep demo --mode shared
+
 lint: venv
 	$(VENV)/bin/ruff check blockrep tests bench
 
 bench: venv debs
 	$(PY) bench/qcow2.py
+	$(PY) bench/nbd.py
+	$(PY) bench/replication.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

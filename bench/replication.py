@@ -166,7 +166,7 @@ class Daemon:
         except OSError:
             return ""
 
-    async def stop(self) -> None:
+    async def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.qmp is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp.disconnect(), 5)
@@ -174,7 +174,7 @@ class Daemon:
         p = self.proc
         if p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGTERM)
+                os.kill(p.pid, sig)
             deadline = time.monotonic() + STOP_TIMEOUT
             while p.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -516,6 +516,10 @@ class Pair(Setup):
             chain = self.chain_text(await S.cmd("query-block"), "childs0")
             if chain is None or active_name not in chain:
                 raise RuntimeError(f"cannot detect the end of failover: childs0 chain is {chain}")
+        if self.shared:
+            # SPEC §3.5: P must be gone before S commits into the shared disk; it crashes here
+            assert self.P is not None
+            await self.P.stop(signal.SIGKILL)
         t0 = time.perf_counter()
         await S.cmd("nbd-server-stop")
         t_stop = time.perf_counter()
@@ -730,12 +734,18 @@ class Bench:
             await st.stop()  # flush and close before reading the result
             disk = st.result_disk if isinstance(st, SharedPair) else st.img.sec
             r["result_sha256_ok"] = sha256_file(disk) == self.golden_sha
+            # a failover that did not finish, or lost data, is not a time to compare
+            r["valid"] = r["result_sha256_ok"] and all(x == "done" for x in r["stage"])
+            if not r["valid"]:
+                r["commit_mib_s_if_valid"] = r["commit_mib_s"]
+                r["commit_mib_s"] = None
             return r
 
         r = await self.with_setup(make, body)
         log(
-            f"  failover with {buf} MiB buffered: {r['s'] * 1000:.0f} ms ({r['commit_mib_s']:.0f} MiB/s), "
+            f"  failover with {buf} MiB buffered: {r['s'] * 1000:.0f} ms ({fnum(r['commit_mib_s'])} MiB/s), "
             f"stage {r['stage']}, secondary disk = checkpoint: {r['result_sha256_ok']}"
+            + ("" if r["valid"] else f"  INVALID: {r.get('error') or ''}")
         )
         return r
 
@@ -821,11 +831,13 @@ def analyse(results: dict[str, Any], links: list[str]) -> None:
                 row["s_ms_median"], g(q, "checkpoint", i, "s_ms_median")
             )
         for i, row in enumerate(g(b, "failover") or []):
-            r[f"failover {row['buffered_mib']} MiB (time)"] = ratio(
-                row["s"], g(q, "failover", i, "s")
+            qrow = g(q, "failover", i) or {}
+            both = bool(row.get("valid") and qrow.get("valid"))
+            r[f"failover {row['buffered_mib']} MiB (time)"] = (
+                ratio(row["s"], qrow.get("s")) if both else None
             )
-            r[f"failover {row['buffered_mib']} MiB (commit rate)"] = ratio(
-                row["commit_mib_s"], g(q, "failover", i, "commit_mib_s")
+            r[f"failover {row['buffered_mib']} MiB (commit rate)"] = (
+                ratio(row["commit_mib_s"], qrow.get("commit_mib_s")) if both else None
             )
         ratios[link] = r
     results["ratios_blockrep_over_qemu"] = ratios
@@ -834,7 +846,11 @@ def analyse(results: dict[str, Any], links: list[str]) -> None:
     tp = {label: tcp.get(label) for label, _ in THROUGHPUT}
     goals["P throughput >= 2x QEMU pair on TCP"] = {
         "ratios": tp,
-        "met": all(v is not None and v >= 2.0 for v in tp.values()) if tp else None,
+        "met": (
+            all(v is not None and v >= 2.0 for v in tp.values())
+            if any(v is not None for v in tp.values())
+            else None
+        ),
     }
     ck: dict[str, Any] = {}
     for link in links:
@@ -852,13 +868,38 @@ def analyse(results: dict[str, Any], links: list[str]) -> None:
         "met": (max(vals) <= 10.0 and all(flat)) if vals else None,
         "flat_rule": "largest median <= max(2 x smallest, smallest + 2 ms), per link",
     }
-    cr = {link: {k: v for k, v in ratios[link].items() if "commit rate" in k} for link in links}
-    allc = [v for d in cr.values() for v in d.values()]
+    cr: dict[str, Any] = {}
+    verdicts = []
+    for link in links:
+        b, q = c.get(f"blockrep-{link}"), c.get(f"qemu-{link}")
+        for i, qrow in enumerate(g(q, "failover") or []):
+            brow = g(b, "failover", i)
+            if not qrow.get("valid") or brow is None:
+                continue  # nothing to compare against
+            key = f"{link} {qrow['buffered_mib']} MiB"
+            if not brow.get("valid"):
+                cr[key] = "blockrep failover invalid"
+                verdicts.append(False)
+            else:
+                cr[key] = ratio(brow["commit_mib_s"], qrow["commit_mib_s"])
+                verdicts.append(cr[key] is not None and cr[key] >= 1.0)
     goals["commit at least QEMU's rate"] = {
         "ratios": cr,
-        "met": (all(v is not None and v >= 1.0 for v in allc)) if allc else None,
+        "met": all(verdicts) if verdicts else None,
     }
     results["goals"] = goals
+
+
+def fo_state(r: dict[str, Any]) -> str:
+    if not r:
+        return "-"
+    if r.get("valid"):
+        return "ok"
+    err = "; ".join(str(e).splitlines()[0] for e in r.get("error") or [])
+    data = "ok" if r.get("result_sha256_ok") else "wrong"
+    return f"INVALID: stage {','.join(r.get('stage', []))}, data {data}" + (
+        f", {err}" if err else ""
+    )
 
 
 def markdown(results: dict[str, Any], links: list[str]) -> str:
@@ -936,7 +977,7 @@ def markdown(results: dict[str, Any], links: list[str]) -> str:
         "",
         "## Failover on S (nbd-server-stop + xen-set-replication failover, until done)",
         "",
-        "| link | buffered | blockrep time | QEMU time | time ratio | blockrep commit MiB/s | QEMU commit MiB/s | rate ratio | result = checkpoint (blockrep / QEMU) |",
+        "| link | buffered | blockrep time | QEMU time | time ratio | blockrep commit MiB/s | QEMU commit MiB/s | rate ratio | stage done and disk = checkpoint (blockrep / QEMU) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for k in links:
@@ -952,29 +993,47 @@ def markdown(results: dict[str, Any], links: list[str]) -> str:
                 f"| {k} | {buf} MiB | {fnum(bs and bs * 1000, ' ms')} | {fnum(qs and qs * 1000, ' ms')} | "
                 f"{frat(ratio(bs, qs))} | {fnum(b.get('commit_mib_s'))} | {fnum(q.get('commit_mib_s'))} | "
                 f"{frat(ratio(b.get('commit_mib_s'), q.get('commit_mib_s')))} | "
-                f"{b.get('result_sha256_ok', '-')} / {q.get('result_sha256_ok', '-')} |"
+                f"{fo_state(b)} / {fo_state(q)} |"
             )
     shared = [v for n, v in c.items() if n.startswith("blockrep-shared")]
     L += ["", "## Shared-disk variant (issue 6)", ""]
     if not shared:
-        L.append("Not run (pass --shared once shared-disk mode exists).")
-    for v in shared:
-        if v.get("failed"):
-            L.append(f"* {v['name']}: failed: {v['failed'].splitlines()[0][:300]}")
-        else:
-            L.append(
-                f"* {v['name']}: "
-                + ", ".join(f"{label} {fnum(g(v, *path))}" for label, path in THROUGHPUT)
-                + "; checkpoint S ms "
-                + ", ".join(
-                    f"{r['buffered_mib']} MiB {fnum(r['s_ms_median'], '', 1)}"
-                    for r in v.get("checkpoint", [])
+        L.append("Not run (pass --shared; it needs shared-disk mode, SPEC.md §3).")
+    else:
+        L.append(
+            "P writes its own disk (the shared file) after S acknowledged the pre-image; "
+            "before each failover P is killed (SIGKILL), as SPEC.md §3.5 requires."
+        )
+        for v in shared:
+            if v.get("failed"):
+                L.append(f"* {v['name']}: failed: {v['failed'].splitlines()[0][:300]}")
+        ok = [v for v in shared if not v.get("failed")]
+        lk = [v["link"] for v in ok]
+        L += [
+            "",
+            "| case | "
+            + " | ".join(f"shared {k} | non-shared {k} | shared / non-shared {k}" for k in lk)
+            + " | unreplicated raw |",
+            "|---|" + "---|---|---|" * len(lk) + "---|",
+        ]
+        for label, path in THROUGHPUT:
+            cells = [label]
+            for v in ok:
+                ns = g(c.get(f"blockrep-{v['link']}"), *path)
+                cells += [fnum(g(v, *path)), fnum(ns), frat(ratio(g(v, *path), ns))]
+            cells.append(fnum(g(c.get("blockrep-raw"), *path)))
+            L.append("| " + " | ".join(cells) + " |")
+        for v in ok:
+            for r in v.get("checkpoint", []):
+                L.append(
+                    f"| {v['link']}: checkpoint, {r['buffered_mib']} MiB buffered (S) | "
+                    f"{fnum(r['s_ms_median'], ' ms', 1)} |" + " |" * (3 * len(lk) - 1)
                 )
-                + "; failover ms "
-                + ", ".join(
-                    f"{r['buffered_mib']} MiB {fnum(r['s'] * 1000)}" for r in v.get("failover", [])
+            for r in v.get("failover", []):
+                L.append(
+                    f"| {v['link']}: failover, {r['buffered_mib']} MiB buffered | "
+                    f"{fnum(r['s'] * 1000, ' ms')} ({fo_state(r)}) |" + " |" * (3 * len(lk) - 1)
                 )
-            )
     failed = [
         v for v in c.values() if v.get("failed") and not v["name"].startswith("blockrep-shared")
     ]

@@ -186,6 +186,14 @@ class ReplicationRegistry:
             raise ReplicationError(str(getattr(e, "message", e))) from None
         s.backup_job = job
         job.on_conclude.append(lambda j: self._backup_completed(s, j))
+        if job.cbw is not None:
+            # a failed incoming write (its copy-before-write, or the secondary disk
+            # itself) is reported to the HA manager (SPEC §6, failures 3 and 4)
+            job.cbw.on_error.append(lambda e: self._incoming_write_failed(s, e))
+
+    def _incoming_write_failed(self, s: ReplicationNode, err: BlockError) -> None:
+        if s.stage == RUNNING:
+            s.record_error(err)
 
     async def _start_primary_shared(self, s: ReplicationNode) -> None:
         """Shared disk, primary: copy-before-write on the shared disk, into S's hidden disk.
@@ -295,10 +303,12 @@ class ReplicationRegistry:
         try:
             await active.make_empty()
         except BlockError as e:
+            s.record_error(e)  # the checkpoint failed: reported to the HA manager (SPEC §6.6)
             raise ReplicationError(f"Failed to empty the active disk: {e.message}") from None
         try:
             await hidden.make_empty()
         except BlockError as e:
+            s.record_error(e)
             raise ReplicationError(f"Failed to empty the hidden disk: {e.message}") from None
         s.epoch += 1
 

@@ -49,6 +49,9 @@ class CopyBeforeWriteNode(Node):
         self.break_guest_write = options.get("on-cbw-error", "break-guest-write") == "break-guest-write"
         self.snapshot_error: BlockError | None = None
         self.clusters_copied = 0  # this epoch
+        # called with the BlockError of every failed write-type request (copy or
+        # source write): replication's secondary reports these to the HA manager
+        self.on_error: list = []
 
     @classmethod
     async def open(cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool) -> CopyBeforeWriteNode:
@@ -150,17 +153,33 @@ class CopyBeforeWriteNode(Node):
     async def _co_read(self, offset: int, nbytes: int) -> bytes:
         return await self.source.read(offset, nbytes)
 
+    def _failed(self, e: BlockError) -> None:
+        for cb in list(self.on_error):
+            cb(e)
+
     async def _co_write(self, offset: int, data: bytes, fua: bool) -> None:
-        await self._before_write(offset, len(data))
-        await self.source.write(offset, data, fua)
+        try:
+            await self._before_write(offset, len(data))
+            await self.source.write(offset, data, fua)
+        except BlockError as e:
+            self._failed(e)
+            raise
 
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
-        await self._before_write(offset, nbytes)
-        await self.source.write_zeroes(offset, nbytes, may_unmap, fua)
+        try:
+            await self._before_write(offset, nbytes)
+            await self.source.write_zeroes(offset, nbytes, may_unmap, fua)
+        except BlockError as e:
+            self._failed(e)
+            raise
 
     async def _co_discard(self, offset: int, nbytes: int) -> None:
-        await self._before_write(offset, nbytes)
-        await self.source.discard(offset, nbytes)
+        try:
+            await self._before_write(offset, nbytes)
+            await self.source.discard(offset, nbytes)
+        except BlockError as e:
+            self._failed(e)
+            raise
 
     async def _co_flush(self) -> None:
         await self.source.flush()

@@ -86,7 +86,7 @@ class Role:
         self.errors: list[str] = []
         self.stats = Stats()
         self.epoch_started = time.monotonic()
-        self.top: Node | None = None
+        self.top_device = ""  # the consumer's device; its root may change (filters)
         self.consumer: NBDServer | None = None
         self.consumer_export: Export | None = None
         self.alone_bitmap: DirtyBitmap | None = None
@@ -111,6 +111,10 @@ class Role:
 
     async def _qmp_status(self, args: dict[str, Any]) -> Any:
         return await self.status()
+
+    @property
+    def top(self) -> Node | None:
+        return self.d.graph.devices.get(self.top_device)
 
     async def start_consumer_export(self) -> None:
         assert self.top is not None
@@ -279,7 +283,7 @@ class Secondary(Role):
         if self.failed_over:
             # this node went on alone before: it is a plain disk now, never a secondary
             await d.drive_add(f"if=none,id=colo-disk0,driver=raw,file.filename={esc(self.disk)}")
-            self.top = d.graph.devices["colo-disk0"]
+            self.top_device = "colo-disk0"
             self.peer = "failed-over"
         elif not self.shared:
             await d.drive_add(f"if=none,id=parent0,driver=raw,file.filename={esc(self.disk)}")
@@ -290,7 +294,7 @@ class Secondary(Role):
                 f"file.backing.file.filename={esc(self.hidden)},file.backing.backing=parent0"
             )
             await d.drive_add("if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0")
-            self.top = d.graph.devices["colo-disk0"]
+            self.top_device = "colo-disk0"
             self.link_export = "parent0"
         else:
             await d.drive_add(
@@ -301,7 +305,7 @@ class Secondary(Role):
                 "if=none,id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,"
                 f"top-id=active-disk0,file.file.filename={esc(self.active)},file.backing=hidden_disk0,shared-disk=on"
             )
-            self.top = d.graph.devices["active-disk0"]
+            self.top_device = "active-disk0"
             self.link_export = "hidden_disk0"
         if not self.failed_over:
             # the replication link: an NBD server next to the control address
@@ -475,13 +479,13 @@ class Primary(Role):
         d = self.d
         if self.shared:
             await d.drive_add(f"if=none,id=primary_disk0,driver=raw,file.filename={esc(self.disk)}")
-            self.top = d.graph.devices["primary_disk0"]
+            self.top_device = "primary_disk0"
         else:
             await d.drive_add(
                 "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,"
                 f"children.0.driver=raw,children.0.file.filename={esc(self.disk)}"
             )
-            self.top = d.graph.devices["colo-disk0"]
+            self.top_device = "colo-disk0"
         if self.state.alone_since is not None:
             # went on alone in an earlier life: keep recording where it writes
             self.track_alone_writes("degraded")

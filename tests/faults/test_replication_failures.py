@@ -137,10 +137,14 @@ async def set_rules(q: Q, node: str, rules: list[dict]) -> None:
     assert await q.run("x-blkdebug-set-rules", {"node-name": node, "inject-error": rules}) == {}
 
 
-async def events_named(q: Q, name: str) -> list[dict]:
-    """Events the client has seen so far with this name (drains them)."""
+async def drain_events(q: Q) -> list[tuple[str, dict]]:
+    """The events the client has received so far (and forget them)."""
     await asyncio.sleep(0.05)  # let the reader task dispatch what has arrived
-    return [ev["data"] for ev in q.c.events.clear() if ev["event"] == name]
+    return [(ev["event"], ev.get("data", {})) for ev in q.c.events.clear()]
+
+
+def named(events: list[tuple[str, dict]], name: str) -> list[dict]:
+    return [data for ev, data in events if ev == name]
 
 
 # -- 1 ----------------------------------------------------------------------------------------
@@ -152,22 +156,27 @@ def test_1_primary_disk_io_error(tmp_path):
     because fifo falls back to the replication child, which never serves reads."""
 
     async def body(pair: Pair, p: Q, s: Q):
-        await events_named(p, "QUORUM_REPORT_BAD")
+        await drain_events(p)
         await set_rules(p, "pbd", EIO + EIO_READ)
         await p.write_ok("colo-disk0", 0x55, 0, C)
-        bad = await events_named(p, "QUORUM_REPORT_BAD")
+        evs = await drain_events(p)
+        bad = named(evs, "QUORUM_REPORT_BAD")
         assert [(e["type"], e["node-name"], e["sector-num"], e["sectors-count"]) for e in bad] == [
             ("write", "plocal", 0, C // 512)
         ]
         assert "error" in bad[0]
+        # no quorum failure: one success meets the threshold
+        assert named(evs, "QUORUM_FAILURE") == []
         assert await p.status() == OK  # the replication side did its job
-        # the read: fails over fifo from children.0 to the replication child, which fails
+        # the read: fifo falls back from children.0 to the replication child, which fails
         out = await p.read_fails("colo-disk0", 0, C)
-        bad = await events_named(p, "QUORUM_REPORT_BAD")
+        evs = await drain_events(p)
+        bad = named(evs, "QUORUM_REPORT_BAD")
         assert [(e["type"], e["node-name"]) for e in bad] == [("read", "plocal"), ("read", "replication0")]
-        # no quorum failure on the write: one success meets the threshold
-        assert await events_named(p, "QUORUM_FAILURE") == []
+        assert named(evs, "QUORUM_FAILURE") == []  # QEMU's fifo reads never vote
         assert out.startswith("read failed: ")
+        # a read error on P is no replication error
+        assert await p.status() == OK
         # the write reached S (the secondary disk has it, hidden has the pre-image)...
         assert pair.sec_bytes(0, C) == b"\x55" * C
         # ...and not the local disk, which failed it
@@ -281,6 +290,7 @@ def test_4_secondary_disk_io_error(tmp_path):
 
 def test_5_active_disk_io_error(tmp_path):
     async def body(pair: Pair, p: Q, s: Q):
+        await s.write_ok("colo-disk0", 0x65, MiB + C, C)
         await set_rules(s, "actbd", EIO)
         out = await s.write_fails("colo-disk0", 0x66, MiB, C)
         assert out.startswith("write failed: ")
@@ -289,9 +299,9 @@ def test_5_active_disk_io_error(tmp_path):
         await p.write_ok("colo-disk0", 0x55, 0, C)
         assert await p.status() == OK
         assert pair.sec_bytes(0, C) == b"\x55" * C
-        # reads of the active disk fail too, for the consumer only
+        # reads of data in the active disk fail too, for the consumer only
         await set_rules(s, "actbd", EIO_READ)
-        await s.read_fails("colo-disk0", MiB, C)
+        await s.read_fails("colo-disk0", MiB + C, C)
         assert await s.status() == OK
         # the disk heals: S writes again, and the checkpoint works
         await set_rules(s, "actbd", [])
@@ -322,7 +332,7 @@ def test_6_make_empty_failed(tmp_path, disk):
         await s.write_ok("colo-disk0", 0x67, 3 * MiB, C)
         await set_rules(s, "actbd" if disk == "active" else "hidbd", EIO)
         desc = await s.error("xen-colo-do-checkpoint")
-        assert desc  # an explanation, whatever its words
+        assert "empty" in desc and disk in desc, desc
         # reported to the HA manager
         assert await s.status() == IOERR
         r = await s.rep()

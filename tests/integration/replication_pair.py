@@ -145,14 +145,17 @@ class Side:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name} not ready: {self.output()}")
             await asyncio.sleep(0.02)
-        self.qmp = QMPClient(self.name)
-        for _ in range(100):
+        # the socket file can exist a moment before the server listens on it
+        while True:
+            self.qmp = QMPClient(self.name)
             try:
                 await asyncio.wait_for(self.qmp.connect(self.qmp_path), 10)
                 return
-            except (ConnectionError, OSError):
+            except Exception:  # qemu.qmp's ConnectError wraps ConnectionRefusedError
+                self.qmp = None
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
                 await asyncio.sleep(0.05)
-        raise TimeoutError(f"{self.name}: cannot connect QMP")
 
     def output(self) -> str:
         if not self.log.closed:
@@ -343,7 +346,7 @@ class Pair:
 
     # -- failovers --------------------------------------------------------------------------
 
-    async def s_failover(self, write_during: tuple[int, bytes] | None = None) -> None:
+    async def s_failover(self, write_during: tuple[int, bytes] | list | None = None) -> None:
         """The Primary dies; S stops its NBD server and fails over (REFERENCE §2)."""
         S = self.S
         if self.p_client is not None:
@@ -356,8 +359,9 @@ class Pair:
         await S.cmd("nbd-server-stop")
         await S.cmd("xen-set-replication", {"enable": False, "primary": False, "failover": True})
         self.model.s_failover()
-        if write_during is not None:  # S's consumer keeps writing while the commit runs
-            await self.s_write(*write_during, via="hmp")
+        # S's consumer keeps writing while the commit runs (a tuple or a list of them)
+        for w in [write_during] if isinstance(write_during, tuple) else (write_during or []):
+            await self.s_write(*w, via="hmp")
         await self.wait_failover_done()
         self.s_state = "done"
         if S.kind == "blockrep" and self.want_exports:

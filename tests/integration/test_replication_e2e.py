@@ -87,8 +87,16 @@ async def test_two_daemons_checkpoints_and_secondary_failover():
         await pair.s_write(11 * MiB, rnd_bytes(rng, 3 * 64 * KiB + 17))
         await pair.check("epoch 3")
 
+        # lots buffered, so that the failover commit has work to do while S writes
+        await pair.p_write(8 * MiB, rnd_bytes(rng, 3 * MiB))
+        await pair.s_write(8 * MiB + 1 * MiB + 5, rnd_bytes(rng, 3 * MiB))
+        await pair.check("epoch 3, buffered")
+
         # S failover: P dies; secondary disk = last checkpoint + S's writes
-        await pair.s_failover(write_during=(13 * MiB, b"\x5a" * 65536))
+        during = [(13 * MiB, b"\x5a" * 65536)] + [
+            (rng.randrange(7 * MiB, 12 * MiB), bytes([i + 1]) * rng.randrange(1, 100000)) for i in range(8)
+        ]
+        await pair.s_failover(write_during=during)
         await pair.check("after S failover")
         (s_node,) = await replication_nodes(S)
         assert s_node["stage"] == "done" and s_node["error"] is None and s_node["jobs"] == []
