@@ -337,10 +337,17 @@ def test_6_make_empty_failed(tmp_path, disk):
         assert await s.status() == IOERR
         r = await s.rep()
         assert r["error"]
+        # P is not affected (once the disk works again, its forwards succeed)
+        await set_rules(s, "actbd" if disk == "active" else "hidbd", [])
+        await p.write_ok("colo-disk0", 0x58, 2 * MiB + C, C)
+        assert await p.status() == OK
         await p.quit()
         await s.quit()
 
-    run_pair(tmp_path, body)
+    pair = run_pair(tmp_path, body)
+    # the failed make_empty left consistent images
+    assert_check_clean(pair.active)
+    assert_check_clean(pair.hidden)
 
 
 # -- 7 ----------------------------------------------------------------------------------------
