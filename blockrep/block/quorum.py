@@ -57,9 +57,8 @@ class QuorumNode(Node):
                 raise OptionError("Parameter 'vote-threshold' expects a value >= 1")
             if node.threshold > len(refs):
                 raise OptionError("threshold may not exceed children count")
-        node.rewrite = bool(opts.get("rewrite-corrupted"))
-        if node.rewrite and node.fifo:
-            raise OptionError("rewrite-corrupted=on requires read-pattern=quorum")
+        # QEMU ignores rewrite-corrupted under read-pattern=fifo (it never votes)
+        node.rewrite = bool(opts.get("rewrite-corrupted")) and not node.fifo
         opened: list[Node] = []
         try:
             for i, ref in enumerate(refs):
@@ -71,6 +70,11 @@ class QuorumNode(Node):
                 if not c.parents and c.node_name not in graph.monitor_owned:
                     await graph.close_node(c)
             raise
+        if len({c.length for c in opened}) > 1:
+            for c in opened:
+                if not c.parents and c.node_name not in graph.monitor_owned:
+                    await graph.close_node(c)
+            raise BlockError(errno.EIO, "Could not refresh total sector count: Input/output error")
         for i, c in enumerate(opened):
             node.attach_child(f"children.{i}", c)
         node.next_index = len(opened)

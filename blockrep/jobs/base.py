@@ -83,6 +83,7 @@ class Job:
         self._rate_bytes = 0
         # called with the job when it concluded (replication chains its steps on this)
         self.on_conclude: list[Callable[[Job], None]] = []
+        self._blocked: list[Any] = []
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -94,6 +95,20 @@ class Job:
         self.manager.register(self)
         self._transition("created")
         self.task = asyncio.create_task(self._main())
+
+    def block_nodes(self, *nodes: Any) -> None:
+        """Forbid management commands on these nodes while the job runs (QEMU's blockers)."""
+        reason = f"block device is in use by block job: {self.job_type}"
+        for n in nodes:
+            if n is not None and not n.op_blocker:
+                n.op_blocker = reason
+                self._blocked.append(n)
+
+    def _unblock(self) -> None:
+        for n in self._blocked:
+            if n.op_blocker and n.op_blocker.startswith("block device is in use by block job"):
+                n.op_blocker = None
+        self._blocked.clear()
 
     def _block_job_data(self) -> dict[str, Any]:
         return {"type": self.job_type, "device": self.device, "len": self.total, "offset": self.current, "speed": self.speed}
@@ -116,6 +131,7 @@ class Job:
             self._transition("waiting")
             self._transition("pending")
             if not self.auto_finalize:
+                self.manager.emit("BLOCK_JOB_PENDING", {"type": self.job_type, "id": self.id})
                 await self._finalize.wait()
             try:
                 if not self.cancel_requested:
@@ -140,6 +156,7 @@ class Job:
             await self.clean()
         except BlockError as e:
             log.error("job %s clean-up failed: %s", self.id, e.message)
+        self._unblock()
         self._transition("concluded")
         for cb in list(self.on_conclude):
             cb(self)

@@ -15,6 +15,8 @@ from .mirror import MirrorJob, check_sync
 
 
 def _common(a: dict[str, Any], device: str) -> dict[str, Any]:
+    if a.get("speed", 0) < 0:
+        raise JobError("Parameter 'speed' expects a non-negative value")
     return {
         "device": device,
         "auto_finalize": a.get("auto-finalize", True),
@@ -61,6 +63,8 @@ async def start_backup(graph: Graph, jobs: JobManager, a: dict[str, Any], *, int
         **_common(a, job_id),
     )
     await job.install()
+    if not internal:
+        job.block_nodes(source, target)
     job.start()
     return job
 
@@ -124,6 +128,8 @@ async def start_commit(graph: Graph, jobs: JobManager, a: dict[str, Any], *, int
         )
     else:
         job = CommitJob(jobs, job_id, graph, top, base, a.get("backing-file"), internal=internal, **common)
+    if not internal:
+        job.block_nodes(root if root is not top else None, top, base)
     job.start()
     return job
 
@@ -157,10 +163,9 @@ async def start_mirror(graph: Graph, jobs: JobManager, a: dict[str, Any], fmt: s
         target = graph.lookup(a["target"])
     if target is source:
         raise BlockError(errno.EINVAL, "Can't mirror node into itself")
-    if target.length != source.length:
-        raise BlockError(errno.EINVAL, "Source and target image have different sizes")
     _busy(source)
     job_id = _job_id(jobs, a, graph, source, a["device"])
     job = MirrorJob(jobs, job_id, graph, source, target, on_error=a.get("on-source-error", "report"), **_common(a, job_id))
+    job.block_nodes(source, target)
     job.start()
     return job

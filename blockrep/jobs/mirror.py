@@ -96,6 +96,9 @@ class DirtyCopyJob(Job):
             i = j
 
     async def run(self) -> None:
+        if self.target.length != self.source.length:
+            # QEMU starts the job and fails it (not the command)
+            raise BlockError(22, "Source and target image have different sizes")
         bm = DirtyBitmap(GRANULARITY, self.source.length)
         self.bitmap = bm
         self.source.dirty_bitmaps.append(bm)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from typing import Any
 
@@ -148,14 +147,3 @@ def allocated_ranges(path, fmt: str = "qcow2") -> list[tuple[int, int]]:
         if e.get("depth", 0) == 0 and e.get("data") and e.get("present", True):
             out.append((e["start"], e["length"]))
     return out
-
-
-def image_info(path) -> dict[str, Any]:
-    r = tool("qemu-img", "info", "--output=json", "-U", str(path))
-    return json.loads(r.stdout)
-
-
-def failed_errno_text(out: str) -> str:
-    m = re.match(r"(?:read|write) failed: (.*)\r\n", out)
-    assert m, out
-    return m.group(1)

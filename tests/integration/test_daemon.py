@@ -323,9 +323,7 @@ def test_bad_command_lines_are_refused_by_name(args, message):
 def test_reference_command_lines_parse(tmp_path):
     """REFERENCE-QEMU.md's secondary and primary command lines, with blockrep daemon.
 
-    The primary's runs. Until the replication issue lands, the `replication`
-    driver is unknown: this test pins that the secondary's command line parses up
-    to that driver.
+    Both run as written and build the documented graphs.
     """
     sec = tmp_path / "sec.raw"
     prim = tmp_path / "prim.raw"
@@ -360,6 +358,22 @@ def test_reference_command_lines_parse(tmp_path):
         f"file.driver=qcow2,file.node-name=active0,file.file.filename={tmp_path}/active.qcow2,"
         f"file.backing.driver=qcow2,file.backing.node-name=hidden0,file.backing.file.filename={tmp_path}/hidden.qcow2,"
         "file.backing.backing=parent0",
+        "-drive", "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0",
     ]
-    r = subprocess.run([*BLOCKREP, "daemon", *secondary], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and "Unknown driver 'replication'" in r.stderr
+    d = DaemonProc(secondary, f"{tmp_path}/S.qmp", str(tmp_path / "S.log"))
+    try:
+        d.wait_ready()
+
+        async def check_s(sock):
+            c = await client(sock)
+            nodes = {n["node-name"]: n for n in await c.execute("query-named-block-nodes")}
+            blocks = {b["device"]: b for b in await c.execute("query-block")}
+            await c.disconnect()
+            return nodes, blocks
+
+        nodes, blocks = asyncio.run(check_s(f"{tmp_path}/S.qmp"))
+        assert nodes["active0"]["drv"] == "qcow2" and nodes["hidden0"]["drv"] == "qcow2"
+        assert blocks["childs0"]["inserted"]["drv"] == "replication"
+        assert blocks["colo-disk0"]["inserted"]["drv"] == "quorum"
+    finally:
+        assert d.stop() == 0

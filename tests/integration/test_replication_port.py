@@ -23,6 +23,8 @@ stop of the secondary without failover.
 
 from __future__ import annotations
 
+import asyncio
+
 from tests.daemon_harness import DaemonProc, daemon
 from tests.integration.replication_test_helpers import (
     MiB,
@@ -365,8 +367,17 @@ def test_secondary_stop_without_failover_checkpoints_cleanly(tmp_path):
 
         async def go():
             s = await Q.connect("S", d)
+
+            async def read_only_of(filename) -> set[bool]:
+                nodes = await s.run("query-named-block-nodes")
+                return {n["ro"] for n in nodes if n["drv"] == "qcow2" and n["file"] == str(filename)}
+
             await start_secondary(s, SMALL)
+            # the hidden disk is opened read-only as a backing file...
+            assert await read_only_of(imgs.hidden) == {True}
             await start_s(s)
+            # ...reopened read-write by the start...
+            assert await read_only_of(imgs.hidden) == {False}
             await s.write_ok(S_LOCAL_DISK_ID, 0x22, SMALL // 2, SMALL // 2)
             await s.write_ok(S_ID, 0x33, 0, SMALL // 2)
             r = await s.rep()
@@ -377,6 +388,12 @@ def test_secondary_stop_without_failover_checkpoints_cleanly(tmp_path):
             assert (r["hidden-allocated-bytes"], r["active-allocated-bytes"]) == (0, 0)
             assert await s.status() == {"error": False}
             assert await s.run("query-jobs") == []
+            # ...and back to read-only by the stop
+            for _ in range(100):
+                if await read_only_of(imgs.hidden) == {True}:
+                    break
+                await asyncio.sleep(0.02)
+            assert await read_only_of(imgs.hidden) == {True}
             # the buffers were emptied by the final checkpoint: the top reads the secondary disk
             await s.read_ok(S_ID, 0x11, 0, SMALL // 2)
             await s.read_ok(S_ID, 0x22, SMALL // 2, SMALL // 2)
