@@ -29,7 +29,17 @@ class DaemonProc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.output()}")
             if path and os.path.exists(path):
-                return
+                # the file appears at bind(), a moment before listen(): connect to be sure
+                import socket
+
+                probe = socket.socket(socket.AF_UNIX)
+                try:
+                    probe.connect(path)
+                    return
+                except OSError:
+                    pass
+                finally:
+                    probe.close()
             time.sleep(0.02)
         raise TimeoutError(f"daemon not ready: {self.output()}")
 

@@ -455,17 +455,23 @@ class Qcow2Node(Node):
             need_head = pos > run_start
             need_tail = end < run_end
             host = await self.rc.alloc(n)
-            if not (need_head or need_tail):
-                # whole clusters: the guest data goes out as it is, no copy
-                await self._file.write(host, data[pos - offset : w_end - offset])
-            else:
-                buf = bytearray(n * cs)
-                if need_head:
-                    buf[:cs] = await self._old_cluster(cluster, entries[0])
-                if need_tail and (n > 1 or not need_head):
-                    buf[(n - 1) * cs :] = await self._old_cluster(cluster + n - 1, entries[-1])
-                buf[pos - run_start : w_end - run_start] = data[pos - offset : w_end - offset]
-                await self._file.write(host, memoryview(buf))
+            try:
+                if not (need_head or need_tail):
+                    # whole clusters: the guest data goes out as it is, no copy
+                    await self._file.write(host, data[pos - offset : w_end - offset])
+                else:
+                    buf = bytearray(n * cs)
+                    if need_head:
+                        buf[:cs] = await self._old_cluster(cluster, entries[0])
+                    if need_tail and (n > 1 or not need_head):
+                        buf[(n - 1) * cs :] = await self._old_cluster(cluster + n - 1, entries[-1])
+                    buf[pos - run_start : w_end - run_start] = data[pos - offset : w_end - offset]
+                    await self._file.write(host, memoryview(buf))
+            except BlockError:
+                # nothing references the new clusters yet: give them back (QEMU's
+                # qcow2_alloc_cluster_abort), or the image leaks them
+                await self.rc._undo_alloc(host, n)
+                raise
             for i, old in enumerate(entries):
                 await self._set_entry(cluster + i, (host + i * cs) | OFLAG_COPIED)
                 self._release(old)

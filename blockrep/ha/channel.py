@@ -119,7 +119,9 @@ class Client:
     async def connect(self, addr: str, tls: ssl.SSLContext | None = None, timeout: float = 5.0) -> None:
         host, port = parse_addr(addr)
         if host == "unix":
-            coro = asyncio.open_unix_connection(str(port), ssl=tls, limit=MAX_LINE)
+            # asyncio wants a server name with TLS; the client context does not check it
+            coro = asyncio.open_unix_connection(str(port), ssl=tls, limit=MAX_LINE,
+                                                server_hostname="localhost" if tls is not None else None)
         else:
             coro = asyncio.open_connection(host, port, ssl=tls, limit=MAX_LINE)
         self.reader, self.writer = await asyncio.wait_for(coro, timeout)

@@ -118,6 +118,7 @@ class Role:
 
     async def start_consumer_export(self) -> None:
         assert self.top is not None
+        self._attach_write_bitmap()
         self.consumer_export = Export("disk", self.top, writable=True, id="consumer")
         self.consumer = NBDServer({"disk": self.consumer_export})
         host, port = channel.parse_addr(self.args.export)
@@ -171,14 +172,31 @@ class Role:
 
     # -- going alone (failover / degraded) ------------------------------------------------
 
-    def track_alone_writes(self, kind: str) -> None:
-        """From now on this node writes without its peer: record where."""
-        self.state.go_alone(kind)
+    def _attach_write_bitmap(self) -> None:
+        """Track the consumer's writes since the last agreed checkpoint (and while alone)."""
         if self.top is not None and self.alone_bitmap is None:
             bm = DirtyBitmap(CHUNK, self.top.length)
             self.top.dirty_bitmaps.append(bm)
             self.alone_bitmap = bm
             self.tasks.append(asyncio.create_task(self._persist_alone_writes()))
+
+    def agreed_epoch(self, gen: str) -> None:
+        """Both nodes hold the same data now: a new epoch, nothing written since."""
+        self.state.new_epoch(gen)
+        if self.alone_bitmap is not None:
+            self.alone_bitmap.dirty.clear()
+        self.epoch_started = time.monotonic()
+
+    def track_alone_writes(self, kind: str) -> None:
+        """From now on this node writes without its peer: record where.
+
+        What the consumer wrote since the last agreed checkpoint counts too: the peer
+        may not hold it (P: forwards that failed before the loss was noticed; S: its
+        own writes, kept by the failover commit).
+        """
+        self.state.go_alone(kind)
+        self._attach_write_bitmap()
+        self.flush_alone_writes()
 
     async def _persist_alone_writes(self) -> None:
         while True:
@@ -187,7 +205,7 @@ class Role:
 
     def flush_alone_writes(self) -> None:
         bm = self.alone_bitmap
-        if bm is None:
+        if bm is None or self.state.alone_since is None:
             return
         new = bm.dirty - self.state.written_chunks
         if new:
@@ -222,7 +240,10 @@ class Role:
             "errors": list(self.errors),
             "auto-failover": self.auto_failover_status(),
             "alone-since": self.state.alone_since,
-            "written-alone": chunks_to_ranges(self.state.written_chunks | (self.alone_bitmap.dirty if self.alone_bitmap else set())),
+            "written-alone": chunks_to_ranges(
+                self.state.written_chunks
+                | (self.alone_bitmap.dirty if self.alone_bitmap and self.state.alone_since else set())
+            ),
             "jobs": jobs,
         }
         return out
@@ -269,6 +290,16 @@ class Secondary(Role):
         if not a.fence_command:
             return {"enabled": False, "reason": "no --fence-command configured: automatic failover is off"}
         return {"enabled": True, "timeout": a.failover_timeout, "reason": self.auto_failover_reason}
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        # the overlays are throw-away buffers (a restart makes new ones): free the tmpfs
+        for path in (getattr(self, "hidden", None), getattr(self, "active", None)):
+            if path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     async def setup(self) -> None:
         size = os.path.getsize(self.disk)
@@ -386,8 +417,7 @@ class Secondary(Role):
     async def _checkpoint(self, msg: dict[str, Any]) -> dict[str, Any]:
         self.d.replication.get_error_all()
         await self.d.replication.do_checkpoint_all()
-        self.state.new_epoch(str(msg["gen"]))
-        self.epoch_started = time.monotonic()
+        self.agreed_epoch(str(msg["gen"]))
         self.stats.checkpoints += 1
         return {"epoch": len(self.state.generations)}
 
@@ -504,26 +534,32 @@ class Primary(Role):
         a = self.args
         ch = channel.Client()
         deadline = time.monotonic() + (a.connect_timeout if first else 1.0)
+        assert self.top is not None
         while True:
             try:
                 await ch.connect(a.secondary, self.tls_client)
+                hello = await ch.call("hello", size=self.top.length, shared=self.shared, history=self.state.generations)
                 break
-            except (OSError, TimeoutError) as e:
-                if time.monotonic() >= deadline:
-                    self.peer = "degraded"
-                    self.error(f"cannot reach the secondary at {a.secondary}: {e}")
-                    if first:
-                        self.track_alone_writes("degraded")
+            except channel.ChannelError as e:
+                if not ch.closed:  # the secondary answered: a real refusal
+                    await ch.close()
+                    self.peer = "refused"
+                    self.error(f"secondary refused pairing: {e}")
                     return False
-                await asyncio.sleep(0.2)
-        assert self.top is not None
-        try:
-            hello = await ch.call("hello", size=self.top.length, shared=self.shared, history=self.state.generations)
-        except channel.ChannelError as e:
-            await ch.close()
-            self.peer = "refused"
-            self.error(f"secondary refused pairing: {e}")
-            return False
+                # the channel died before an answer (secondary not up yet, a proxy,
+                # a TLS mismatch): a transport failure, retried like a failed connect
+                await ch.close()
+                ch = channel.Client()
+                err: Exception = e
+            except (OSError, TimeoutError) as e:
+                err = e
+            if time.monotonic() >= deadline:
+                self.peer = "degraded"
+                self.error(f"cannot reach the secondary at {a.secondary}: {err}")
+                if first:
+                    self.track_alone_writes("degraded")
+                return False
+            await asyncio.sleep(0.2)
         rel = compare(self.state.generations, hello["history"])
         self.flush_alone_writes()
         if hello.get("failed-over") or rel.relation in ("self-behind", "diverged"):
@@ -553,16 +589,25 @@ class Primary(Role):
             self.error(f"the secondary is in stage {hello.get('stage')}; restart it to pair again")
             await ch.close()
             return False
+        # a live consumer waits while the disks are brought in sync and replication
+        # starts: a write landing on an already copied region would be lost on S
+        exp = self.consumer_export
+        if exp is not None:
+            await exp.quiesce()
         try:
-            await self._bring_in_sync(hello, rel.relation)
-        except BlockError as e:
-            self.peer = "refused"
-            self.error(e.message)
-            await ch.close()
-            if first:
-                raise
-            return False
-        await self._start_replication(hello, ch)
+            try:
+                await self._bring_in_sync(hello, rel.relation)
+            except BlockError as e:
+                self.peer = "refused"
+                self.error(e.message)
+                await ch.close()
+                if first:
+                    raise
+                return False
+            await self._start_replication(hello, ch)
+        finally:
+            if exp is not None:
+                exp.resume()
         return True
 
     async def _bring_in_sync(self, hello: dict[str, Any], relation: str) -> None:
@@ -623,15 +668,18 @@ class Primary(Role):
         assert top is not None
         bar = tqdm(total=len(chunks) * CHUNK, unit="B", unit_scale=True, desc=what, disable=not self.args.progress)
         self.sync_progress = {"what": what, "current": 0, "total": len(chunks) * CHUNK}
-        for c in chunks:
-            off = c * CHUNK
-            n = min(CHUNK, top.length - off)
-            if n > 0:
-                await link.write(off, await top.read(off, n))
-            bar.update(CHUNK)
-            self.sync_progress["current"] += CHUNK
-        await link.flush()
-        bar.close()
+        try:
+            for c in chunks:
+                off = c * CHUNK
+                n = min(CHUNK, top.length - off)
+                if n > 0:
+                    await link.write(off, await top.read(off, n))
+                bar.update(CHUNK)
+                self.sync_progress["current"] += CHUNK
+            await link.flush()
+        finally:
+            bar.close()
+            self.sync_progress = None  # status shows "sync" only during a sync (README)
 
     async def _start_replication(self, hello: dict[str, Any], ch: channel.Client) -> None:
         d = self.d
@@ -657,10 +705,7 @@ class Primary(Role):
         self.peer = "connected"
         # the first epoch, agreed by both
         await ch.call("checkpoint", gen=gen)
-        self.state.new_epoch(gen)
-        if self.alone_bitmap is not None:
-            self.alone_bitmap.dirty.clear()
-        self.epoch_started = time.monotonic()
+        self.agreed_epoch(gen)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -683,8 +728,7 @@ class Primary(Role):
                 gen = str(uuid.uuid4())
                 await self.ch.call("checkpoint", gen=gen, timeout=max(5.0, self.args.heartbeat_timeout))
                 await self.d.replication.do_checkpoint_all()
-                self.state.new_epoch(gen)
-                self.epoch_started = time.monotonic()
+                self.agreed_epoch(gen)
             except (channel.ChannelError, ReplicationError) as e:
                 await self.degrade(f"checkpoint failed: {e}")
                 raise

@@ -24,6 +24,8 @@ log = logging.getLogger("blockrep.nbd.server")
 MAX_IN_FLIGHT = 64  # per client; more requests wait in the socket buffer
 # StreamReader pauses the socket past 2x this; a few full-size writes must fit
 STREAM_LIMIT = 16 << 20
+BIG_REPLY = 64 << 10  # read replies at least this large are sent without joining
+REPLY_HIGH_WATER = 8 << 20  # queued reply bytes before a request waits for the socket
 
 
 class Export:
@@ -176,6 +178,8 @@ class NBDClientConn:
         self.export: Export | None = None
         self.tls_done = False
         self.wlock = asyncio.Lock()
+        self.outq: list[bytes] = []
+        self.out_scheduled = False
         self.tasks: set[asyncio.Task] = set()
         self.task: asyncio.Task | None = None
         self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -189,11 +193,33 @@ class NBDClientConn:
             await self.writer.drain()
 
     async def _send_two(self, head: bytes, body: bytes) -> None:
-        """A header and a large body without joining them (no copy of the body)."""
+        """A header and a body; a large body is written without joining (no copy)."""
+        if len(body) < BIG_REPLY:
+            await self._reply(head, body)
+            return
         async with self.wlock:
+            self._flush_replies()
             self.writer.write(head)
             self.writer.write(body)
             await self.writer.drain()
+
+    async def _reply(self, *parts: bytes) -> None:
+        """Queue a transmission-phase reply; all replies made in one turn of the
+        event loop leave in one send (one syscall for many 4 KiB replies)."""
+        self.outq.extend(parts)
+        if not self.out_scheduled:
+            self.out_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_replies)
+        if self.writer.transport.get_write_buffer_size() > REPLY_HIGH_WATER:
+            async with self.wlock:
+                await self.writer.drain()
+
+    def _flush_replies(self) -> None:
+        self.out_scheduled = False
+        if self.outq:
+            if not self.writer.is_closing():
+                self.writer.write(b"".join(self.outq))
+            self.outq.clear()
 
     # -- handshake ---------------------------------------------------------------
 
@@ -464,9 +490,9 @@ class NBDClientConn:
 
     async def _error(self, req: p.Request, err: int, msg: str = "") -> None:
         if self.structured and (req.type in (p.CMD_READ, p.CMD_BLOCK_STATUS)):
-            await self._send(p.pack_error_chunk(req.handle, err, msg))
+            await self._reply(p.pack_error_chunk(req.handle, err, msg))
         else:
-            await self._send(p.pack_simple_reply(req.handle, err))
+            await self._reply(p.pack_simple_reply(req.handle, err))
 
     async def _handle(self, req: p.Request, payload: bytes) -> None:
         exp = self.export
@@ -495,7 +521,7 @@ class NBDClientConn:
                         )
                         await self._send_two(hdr + struct.pack(">Q", req.offset), data)
                     else:
-                        await self._send(p.pack_chunk(req.handle, p.REPLY_TYPE_NONE))
+                        await self._reply(p.pack_chunk(req.handle, p.REPLY_TYPE_NONE))
                 else:
                     await self._send_two(p.pack_simple_reply(req.handle), data)
                 return
@@ -519,7 +545,7 @@ class NBDClientConn:
         except BlockError as e:
             await self._error(req, p.errno_to_nbd(e.errno), e.message)
             return
-        await self._send(p.pack_simple_reply(req.handle))
+        await self._reply(p.pack_simple_reply(req.handle))
 
     async def _block_status(self, req: p.Request) -> None:
         node = self.export.node  # type: ignore[union-attr]
@@ -538,7 +564,7 @@ class NBDClientConn:
             descs = descs[:1]
         descs = descs[:1 << 16]
         payload = struct.pack(">I", 0) + b"".join(struct.pack(">II", ln, fl) for ln, fl in descs)
-        await self._send(p.pack_chunk(req.handle, p.REPLY_TYPE_BLOCK_STATUS, payload))
+        await self._reply(p.pack_chunk(req.handle, p.REPLY_TYPE_BLOCK_STATUS, payload))
 
 
 class _RequestReader(asyncio.BufferedProtocol):

@@ -7,6 +7,7 @@ the reply. ``drive_add -n buddy OPTS`` adds a node; ``drive_del ID`` removes a d
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from collections.abc import Awaitable, Callable
@@ -130,7 +131,8 @@ async def qemu_io(node: Node, command: str) -> str:
         if cmd == "length":
             return f"{_human(node.length)}\n"
     except BlockError as e:
-        return f"{cmd} failed: {e.message}\n"
+        # qemu-io's wording: the errno's text
+        return f"{cmd} failed: {os.strerror(e.errno)}\n"
     except HMPError as e:
         return f"{e}\n"
     raise HMPError(f"command \"{cmd}\" not found")

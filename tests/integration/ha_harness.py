@@ -152,7 +152,10 @@ class Node:
         return await asyncio.to_thread(self.status)
 
     async def qmp_async(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 60) -> Any:
-        return await asyncio.to_thread(qmp_call, self.qmp, cmd, args, timeout)
+        try:
+            return await asyncio.to_thread(qmp_call, self.qmp, cmd, args, timeout)
+        except RuntimeError as e:
+            raise AssertionError(f"{self.name}: {cmd}: {e}\n{self.log_text()}") from None
 
     async def wait_status(self, pred, timeout: float = 15.0, what: str = "") -> dict[str, Any]:
         deadline = time.monotonic() + timeout
