@@ -13,7 +13,6 @@ import asyncio
 import errno
 import hashlib
 import os
-from collections import Counter
 from typing import Any
 
 from .graph import Graph, register
@@ -52,11 +51,11 @@ class QuorumNode(Node):
         node.fifo = opts.get("read-pattern", "quorum") == "fifo"
         if opts.get("blkverify"):
             raise OptionError("blkverify mode is not supported by blockrep")
-        if not node.fifo:
-            if node.threshold < 1:
-                raise OptionError("Parameter 'vote-threshold' expects a value >= 1")
-            if node.threshold > len(refs):
-                raise OptionError("threshold may not exceed children count")
+        # QEMU validates the threshold whatever the read pattern
+        if node.threshold < 1:
+            raise OptionError("Parameter 'vote-threshold' expects a value >= 1")
+        if node.threshold > len(refs):
+            raise OptionError("threshold may not exceed children count")
         # QEMU ignores rewrite-corrupted under read-pattern=fifo (it never votes)
         node.rewrite = bool(opts.get("rewrite-corrupted")) and not node.fifo
         opened: list[Node] = []
@@ -89,8 +88,7 @@ class QuorumNode(Node):
 
     def add_child(self, node: Node) -> str:
         """x-blockdev-change add: the child gets the next ``children.N`` name."""
-        if node.length != self.length:
-            raise BlockError(errno.EINVAL, "The length of the new child differs from the quorum's")
+        # QEMU does not re-check the length at add time
         role = f"children.{self.next_index}"
         self.next_index += 1
         self.attach_child(role, node)
@@ -150,8 +148,9 @@ class QuorumNode(Node):
                 self._report_bad(kind, c, offset, nbytes, r)
         if len(kids) - len(errors) >= self.threshold:
             return
-        self._failure(offset, nbytes)
-        most = Counter(e.errno for e in errors).most_common(1)[0][0]
+        if kind != "flush":  # QEMU's quorum_co_flush emits no QUORUM_FAILURE
+            self._failure(offset, nbytes)
+        most = _vote_winner([e.errno for e in errors])[0]
         raise BlockError(most, os.strerror(most))
 
     async def _co_write(self, offset: int, data: bytes, fua: bool) -> None:
@@ -179,33 +178,43 @@ class QuorumNode(Node):
             assert last is not None
             raise last
         results = await asyncio.gather(*(c.read(offset, nbytes) for c in kids), return_exceptions=True)
-        votes: Counter[bytes] = Counter()
-        data_by_hash: dict[bytes, bytes] = {}
+        errs: list[int] = []
+        good: list[tuple[Node, bytes]] = []
         for c, r in zip(kids, results, strict=True):
             if isinstance(r, BlockError):
                 self._report_bad("read", c, offset, nbytes, r)
+                errs.append(r.errno)
                 continue
             if isinstance(r, BaseException):
                 raise r
-            h = hashlib.sha256(r).digest()
-            votes[h] += 1
-            data_by_hash[h] = r
-        if not votes:
+            good.append((c, r))
+        if len(good) < self.threshold:
+            # QEMU: too few successful reads -> the voted error, QUORUM_FAILURE
             self._failure(offset, nbytes)
-            raise BlockError(errno.EIO)
-        winner, count = votes.most_common(1)[0]
+            most = _vote_winner(errs)[0]
+            raise BlockError(most, os.strerror(most))
+        if all(r == good[0][1] for _, r in good[1:]):
+            return good[0][1]
+        hashes = [hashlib.sha256(r).digest() for _, r in good]
+        winner, count = _vote_winner(hashes)
         if count < self.threshold:
             self._failure(offset, nbytes)
             raise BlockError(errno.EIO)
-        for c, r in zip(kids, results, strict=True):
-            if isinstance(r, bytes) and hashlib.sha256(r).digest() != winner:
-                self._report_bad("read", c, offset, nbytes, None)
-                if self.rewrite:
-                    try:
-                        await c.write(offset, data_by_hash[winner])
-                    except BlockError:
-                        pass
-        return data_by_hash[winner]
+        data = good[hashes.index(winner)][1]
+        # QEMU reports (and rewrites) the losers newest version first, each
+        # version's children in reverse order
+        losers = [i for i in range(len(good)) if hashes[i] != winner]
+        first_seen = {h: hashes.index(h) for h in hashes}
+        losers.sort(key=lambda i: (-first_seen[hashes[i]], -i))
+        for i in losers:
+            self._report_bad("read", good[i][0], offset, nbytes, None)
+        if self.rewrite:
+            for i in losers:
+                try:
+                    await good[i][0].write(offset, data)
+                except BlockError:
+                    pass
+        return data
 
     async def _co_block_status(self, offset: int, nbytes: int) -> list[Extent]:
         return [Extent(offset, nbytes, True, False, True, 0, None, None)]
@@ -214,3 +223,17 @@ class QuorumNode(Node):
         for c in self.child_list():
             await c.reopen(read_only)
         self.read_only = read_only
+
+
+def _vote_winner(values: list) -> tuple[Any, int]:
+    """QEMU's quorum_get_vote_winner: the most common value; a tie goes to the value
+    first seen LAST (versions are inserted at the head of the list and the winner
+    needs a strictly greater count)."""
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    best, n = None, 0
+    for v in reversed(list(counts)):
+        if counts[v] > n:
+            best, n = v, counts[v]
+    return best, n
