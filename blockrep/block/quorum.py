@@ -138,7 +138,17 @@ class QuorumNode(Node):
 
     async def _all(self, kind: str, offset: int, nbytes: int, op) -> None:
         kids = self.child_list()
-        results = await asyncio.gather(*(op(c) for c in kids), return_exceptions=True)
+        # the first child runs in this task, the others in their own: one task
+        # fewer per request, and the usual remote child (replication) overlaps
+        others = [asyncio.ensure_future(op(c)) for c in kids[1:]]
+        results: list[object] = []
+        try:
+            await op(kids[0])
+            results.append(None)
+        except BlockError as e:
+            results.append(e)
+        if others:
+            results.extend(await asyncio.gather(*others, return_exceptions=True))
         errors: list[BlockError] = []
         for c, r in zip(kids, results, strict=True):
             if isinstance(r, BaseException):
