@@ -80,6 +80,31 @@ async def disk_identity(node: Node) -> dict[str, Any]:
     return ident
 
 
+def _watch_preimages(s: ReplicationNode, hidden: Node) -> None:
+    """Shared disk, secondary: while running, only P's forwarded pre-images write the
+    hidden disk (S's own writes go to the active disk). One that fails to land is a
+    failed copy-before-write (SPEC §6 case 3): P records it, and so must S, whose view
+    of that cluster is lost — S's get_error reports it.
+    """
+    hidden._preimage_watcher = s  # type: ignore[attr-defined]
+    if getattr(hidden, "_preimage_watched", False):
+        return
+    hidden._preimage_watched = True  # type: ignore[attr-defined]
+    for meth in ("_co_write", "_co_write_zeroes"):
+        orig = getattr(hidden, meth)
+
+        async def watched(*args: Any, _orig: Any = orig, **kw: Any) -> Any:
+            try:
+                return await _orig(*args, **kw)
+            except BlockError as e:
+                w = getattr(hidden, "_preimage_watcher", None)
+                if w is not None and w.stage == RUNNING:
+                    w.record_error(e)
+                raise
+
+        setattr(hidden, meth, watched)
+
+
 class ReplicationRegistry:
     def __init__(self, graph: Graph, jobs: JobManager) -> None:
         self.graph = graph
@@ -249,6 +274,7 @@ class ReplicationRegistry:
             raise ReplicationError("No top_bs or it is invalid")
         s.attach_child("hidden", hidden)
         s.attach_child("secondary", shared)
+        _watch_preimages(s, hidden)
 
     async def _reopen_backing(self, s: ReplicationNode, hidden: Node, secondary: Node, writable: bool) -> None:
         if writable:
@@ -412,6 +438,11 @@ class ReplicationRegistry:
             disk = getattr(s, "shared", None) if s.mode == PRIMARY else s.child_node("secondary")
             if disk is None and s.mode == PRIMARY:
                 disk = self.graph.find(s.shared_disk_id or "")
+            if disk is None and s.mode == SECONDARY and s.stage == NONE:
+                # before start, so that the operator can check the pair first:
+                # the shared disk is the hidden disk's backing file
+                hidden = s.file.backing if s.file is not None else None
+                disk = hidden.backing if hidden is not None else None
             if disk is not None:
                 out["shared-disk-identity"] = await disk_identity(disk)
         return out

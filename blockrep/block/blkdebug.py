@@ -32,6 +32,29 @@ EVENT_KINDS = {
     "flush_to_os": {"flush"},
     "none": {"read", "write", "write_zeroes", "discard", "flush"},
 }
+# QEMU's BlkdebugEvent enum: every name is accepted; the ones blockrep does not
+# map to a request kind above are valid but never fire (their rules stay idle)
+QEMU_EVENTS = (
+    "l1_update l1_grow_alloc_table l1_grow_write_table l1_grow_activate_table l2_load l2_update "
+    "l2_update_compressed l2_alloc_cow_read l2_alloc_write read_aio read_backing_aio read_compressed "
+    "write_aio write_compressed vmstate_load vmstate_save cow_read cow_write reftable_load reftable_grow "
+    "reftable_update refblock_load refblock_update refblock_update_part refblock_alloc "
+    "refblock_alloc_hookup refblock_alloc_write refblock_alloc_write_blocks refblock_alloc_write_table "
+    "refblock_alloc_switch_table cluster_alloc cluster_alloc_bytes cluster_free flush_to_os flush_to_disk "
+    "pwritev_rmw_head pwritev_rmw_after_head pwritev_rmw_tail pwritev_rmw_after_tail pwritev pwritev_zero "
+    "pwritev_done empty_image_prepare l1_shrink_write_table l1_shrink_free_l2_clusters cor_write "
+    "cluster_alloc_space none"
+).split()
+
+
+def _event_kinds(ev: str) -> set[str]:
+    if ev in EVENT_KINDS:
+        return set(EVENT_KINDS[ev])
+    if ev in QEMU_EVENTS:
+        return set()
+    raise OptionError(f"Parameter 'event' does not accept value '{ev}'")
+
+
 IOTYPES = {"read": "read", "write": "write", "write-zeroes": "write_zeroes", "discard": "discard", "flush": "flush"}
 
 RULE_SCHEMA = {
@@ -71,9 +94,7 @@ def parse_rules(items: list[dict[str, Any]], typed: bool) -> list[Rule]:
     for i, item in enumerate(items):
         r = check(RULE_SCHEMA, item, typed=typed, path=f"inject-error[{i}]", required=("event",))
         ev = r["event"]
-        if ev not in EVENT_KINDS:
-            raise OptionError(f"Invalid parameter 'event': unknown blkdebug event '{ev}'")
-        kinds = set(EVENT_KINDS[ev])
+        kinds = _event_kinds(ev)
         if "iotype" in r:
             if r["iotype"] not in IOTYPES:
                 raise OptionError(f"Parameter 'iotype' does not accept value '{r['iotype']}'")
@@ -115,18 +136,17 @@ class BlkdebugNode(Node):
         if opts.get("config"):
             raise OptionError("blkdebug config files are not supported by blockrep; use inject-error")
         node = cls(name, opts)
+        # rules first, as QEMU does: a bad rule must not leave the image opened
+        node.rules = parse_rules(opts.get("inject-error", []), typed)
+        for i, item in enumerate(opts.get("set-state", [])):
+            s = check(STATE_SCHEMA, item, typed=typed, path=f"set-state[{i}]", required=("event", "new_state"))
+            node.transitions.append((_event_kinds(s["event"]), s.get("state", 0), s["new_state"]))
         role = "image" if "image" in opts else "file"
         child = await graph.open_child(opts, role, typed=typed, default_driver="file")
         assert child is not None
         node.attach_child("file", child)
         node.length = child.length
         node.read_only = node.read_only or child.read_only
-        node.rules = parse_rules(opts.get("inject-error", []), typed)
-        for i, item in enumerate(opts.get("set-state", [])):
-            s = check(STATE_SCHEMA, item, typed=typed, path=f"set-state[{i}]", required=("event", "new_state"))
-            if s["event"] not in EVENT_KINDS:
-                raise OptionError(f"Invalid parameter 'event': unknown blkdebug event '{s['event']}'")
-            node.transitions.append((EVENT_KINDS[s["event"]], s.get("state", 0), s["new_state"]))
         align = opts.get("align")
         if align:
             node.request_alignment = align
@@ -144,7 +164,7 @@ class BlkdebugNode(Node):
             if r.matches(kind, offset, nbytes, self.state):
                 if r.once:
                     self.rules.remove(r)
-                raise BlockError(r.err, f"blkdebug: injected error ({errno.errorcode.get(r.err, r.err)})")
+                raise BlockError(r.err)  # strerror, as QEMU reports it
 
     async def _co_read(self, offset: int, nbytes: int) -> bytes:
         self._maybe_fail("read", offset, nbytes)

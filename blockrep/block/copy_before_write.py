@@ -52,6 +52,9 @@ class CopyBeforeWriteNode(Node):
         # called with the BlockError of every failed write-type request (copy or
         # source write): replication's secondary reports these to the HA manager
         self.on_error: list = []
+        # called with the byte count of every copy (a backup job's progress, as
+        # QEMU's block-copy feeds the job's progress meter)
+        self.on_copied: list = []
 
     @classmethod
     async def open(cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool) -> CopyBeforeWriteNode:
@@ -133,6 +136,8 @@ class CopyBeforeWriteNode(Node):
             for c in range(first, first + n):
                 self.armed[c] = 0
             self.clusters_copied += n
+            for cb in self.on_copied:
+                cb(length)
         finally:
             for c in range(first, first + n):
                 del self.inflight[c]

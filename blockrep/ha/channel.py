@@ -158,10 +158,10 @@ class Client:
             self.writer.write(json.dumps({"id": rid, "op": op, **args}).encode() + b"\n")
             await self.writer.drain()
             reply = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:  # first: TimeoutError is an OSError since Python 3.11
+            raise ChannelError(f"no answer to '{op}' within {timeout:g} s") from None
         except (ConnectionError, OSError) as e:
             raise ChannelError(f"control channel: {e}") from None
-        except TimeoutError:
-            raise ChannelError(f"no answer to '{op}' within {timeout:g} s") from None
         finally:
             self.pending.pop(rid, None)
         if not reply.get("ok"):

@@ -52,11 +52,20 @@ class BackupJob(Job):
         opts = {"driver": "copy-before-write", "file": self.source.node_name, "target": self.target.node_name}
         if self.filter_node_name:
             opts["node-name"] = self.filter_node_name
-        cbw = await self.graph.add(opts)
+        try:
+            cbw = await self.graph.add(opts)
+        except BlockError as e:
+            raise BlockError(e.errno, f"Could not create node: {e.message}") from None
         assert isinstance(cbw, CopyBeforeWriteNode)
         self.graph.replace_node(self.source, cbw)
         self.cbw = cbw
-        self.total = self.source.length if self.sync == "full" else 0
+        # every copy counts, the guest's included (QEMU: sync=none shows them too)
+        cbw.on_copied.append(self._copied)
+        # QEMU: total-progress is the disk length for sync=none as well
+        self.total = self.source.length
+
+    def _copied(self, nbytes: int) -> None:
+        self.current += nbytes
 
     def checkpoint(self) -> None:
         """Re-arm the whole copy bitmap (replication's do_checkpoint)."""
@@ -83,14 +92,18 @@ class BackupJob(Job):
                     self.report_error("write", "ignore" if action == "ignore" else "report")
                     if action != "ignore":
                         raise
-                await self.progress(min(step * cs, cbw.length - c * cs))
+                # progress comes from the copies themselves; this keeps the rate
+                self._rate_bytes += min(step * cs, cbw.length - c * cs)
+                await self.progress(0)
                 c += step
             return
         # sync=none: copies happen in the guest's write path until cancel
         while True:
             await self.pause_point()
             self._wakeup.clear()
+            self.busy = False  # QEMU: an idle sync=none job is not busy
             await self._wakeup.wait()
+            self.busy = True
 
     async def clean(self) -> None:
         cbw = self.cbw

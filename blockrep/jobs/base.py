@@ -142,7 +142,8 @@ class Job:
             await self.commit()
             self.manager.emit("BLOCK_JOB_COMPLETED", self._block_job_data())
         else:
-            self.error = failed
+            # QEMU's job info shows strerror(ECANCELED) for a cancelled job
+            self.error = failed if failed is not None else "Operation canceled"
             self._transition("aborting")
             try:
                 await self.abort()
@@ -205,9 +206,13 @@ class Job:
         self.current += nbytes
         if self.speed > 0:
             self._rate_bytes += nbytes
+        # sleep until back under the limit; re-check often, as set-speed, cancel
+        # and pause may come in meanwhile (speed=1 keeps a job at its first chunk)
+        while self.speed > 0 and not self.cancel_requested and self._resume.is_set():
             ahead = self._rate_bytes / self.speed - (time.monotonic() - self._rate_start)
-            if ahead > 0:
-                await asyncio.sleep(min(ahead, 1.0))
+            if ahead <= 0:
+                break
+            await asyncio.sleep(min(ahead, 0.05))
 
     def transition_to_ready(self) -> None:
         if self.is_ready:

@@ -66,7 +66,9 @@ class CommitJob(Job):
             await self.base.reopen(False)
         bm = DirtyBitmap(GRANULARITY, self.top.length)
         await mark_allocated_above(self.top, self.base, bm)
-        self.total = min(bm.count() * GRANULARITY, self.top.length)
+        # QEMU's commit_run accounts the whole length of top, copied or not
+        self.total = self.top.length
+        skipped = self.top.length - min(bm.count() * GRANULARITY, self.top.length)
         while True:
             await self.pause_point()
             chunks = bm.take(16)
@@ -81,6 +83,7 @@ class CommitJob(Job):
                 else:
                     await self.base.write(start, data)
                 await self.progress(n)
+        self.current += skipped
         await self.base.flush()
 
     async def prepare(self) -> None:

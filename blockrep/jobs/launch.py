@@ -45,6 +45,8 @@ async def start_backup(graph: Graph, jobs: JobManager, a: dict[str, Any], *, int
     source = graph.lookup(a["device"])
     target = graph.lookup(a["target"])
     sync = a["sync"]
+    if sync in ("incremental", "bitmap") and not a.get("bitmap"):
+        raise JobError(f"must provide a valid bitmap name for '{sync}' sync mode")
     if sync not in ("full", "none"):
         raise JobError(f"blockrep supports backup sync=full and sync=none, not '{sync}'")
     if target is source:
@@ -53,6 +55,7 @@ async def start_backup(graph: Graph, jobs: JobManager, a: dict[str, Any], *, int
         raise BlockError(errno.EPERM, "Block node is read-only")
     if not internal:
         _busy(source)
+        _busy(target)
     job_id = _job_id(jobs, a, graph, source, a["device"])
     job = BackupJob(
         jobs, job_id, graph, source, target, sync,
@@ -86,7 +89,13 @@ def _skip_filters(node: Node) -> Node:
 
 async def start_commit(graph: Graph, jobs: JobManager, a: dict[str, Any], *, internal: bool = False,
                        auto_complete: bool = False) -> CommitJob | ActiveCommitJob:
-    root = graph.lookup(a["device"])
+    root = graph.find(a["device"])
+    if root is None:
+        err = BlockError(errno.ENODEV, f"Device '{a['device']}' not found")
+        err.qmp_class = "DeviceNotFound"  # type: ignore[attr-defined]
+        raise err
+    if not internal and root.parents:
+        raise BlockError(errno.EINVAL, "Need a root block node")
     active = _skip_filters(root)
     if "top-node" in a and "top" in a:
         raise BlockError(errno.EINVAL, "'top-node' and 'top' are mutually exclusive")
@@ -94,7 +103,7 @@ async def start_commit(graph: Graph, jobs: JobManager, a: dict[str, Any], *, int
         raise BlockError(errno.EINVAL, "'base-node' and 'base' are mutually exclusive")
     top = active
     if "top-node" in a:
-        top = graph.get_node(a["top-node"])
+        top = _node(graph, a["top-node"])
         if not _chain_contains(active, top):
             raise BlockError(errno.EINVAL, f"'{a['top-node']}' is not in this backing file chain")
     elif "top" in a:
@@ -102,7 +111,7 @@ async def start_commit(graph: Graph, jobs: JobManager, a: dict[str, Any], *, int
         if top is None:
             raise BlockError(errno.EINVAL, f"Top image file {a['top']} not found")
     if "base-node" in a:
-        base = graph.get_node(a["base-node"])
+        base = _node(graph, a["base-node"])
         if not _chain_contains(top, base):
             raise BlockError(errno.EINVAL, f"'{a['base-node']}' is not in this backing file chain")
     elif "base" in a:
@@ -134,6 +143,19 @@ async def start_commit(graph: Graph, jobs: JobManager, a: dict[str, Any], *, int
     return job
 
 
+def graph_drivers() -> set[str]:
+    from ..block.graph import DRIVERS
+
+    return set(DRIVERS)
+
+
+def _node(graph: Graph, name: str) -> Node:
+    node = graph.nodes.get(name)
+    if node is None:
+        raise BlockError(errno.ENOENT, f"Cannot find device='' nor node-name='{name}'")
+    return node
+
+
 def _find_by_filename(top: Node, name: str) -> Node | None:
     cur: Node | None = top
     while cur is not None:
@@ -147,11 +169,24 @@ def _find_by_filename(top: Node, name: str) -> Node | None:
 async def start_mirror(graph: Graph, jobs: JobManager, a: dict[str, Any], fmt: str | None) -> MirrorJob:
     source = graph.lookup(a["device"])
     check_sync(a["sync"])
+    gran = a.get("granularity", 0)
+    if gran and (gran < 512 or gran > 64 << 20):
+        raise JobError("Parameter 'granularity' expects a value in range [512B, 64MB]")
+    if gran & (gran - 1):
+        raise JobError("Parameter 'granularity' expects a power of 2")
+    if a.get("buf-size", 0) < 0:
+        raise JobError("Invalid parameter 'buf-size'")
+    if a.get("speed", 0) < 0:
+        raise JobError("Parameter 'speed' expects a non-negative value")
+    if "replaces" in a and a["replaces"] not in graph.nodes:
+        raise JobError(f"Failed to find node with node-name='{a['replaces']}'")
     if fmt is not None or "mode" in a:
         # drive-mirror: the target is a file name or an NBD URI of an existing image
         if a.get("mode", "absolute-paths") != "existing":
             raise JobError("blockrep drive-mirror supports mode=existing only")
         tgt = a["target"]
+        if fmt is not None and fmt not in graph_drivers():
+            raise JobError(f"Unknown file format '{fmt}'")
         if tgt.startswith("nbd:") or tgt.startswith("nbd+"):
             opts: dict[str, Any] = {"driver": "nbd", "filename": tgt}
         else:
@@ -159,12 +194,20 @@ async def start_mirror(graph: Graph, jobs: JobManager, a: dict[str, Any], fmt: s
         if a.get("node-name"):
             opts["node-name"] = a["node-name"]
         target = await graph.add(opts)
+        created = True
     else:
         target = graph.lookup(a["target"])
-    if target is source:
-        raise BlockError(errno.EINVAL, "Can't mirror node into itself")
-    _busy(source)
-    job_id = _job_id(jobs, a, graph, source, a["device"])
+        created = False
+    try:
+        if target is source:
+            raise BlockError(errno.EINVAL, "Can't mirror node into itself")
+        _busy(source)
+        _busy(target)
+        job_id = _job_id(jobs, a, graph, source, a["device"])
+    except (BlockError, JobError):
+        if created:  # drive-mirror opened it: do not leak it on a refusal
+            await graph.close_node(target)
+        raise
     job = MirrorJob(jobs, job_id, graph, source, target, on_error=a.get("on-source-error", "report"), **_common(a, job_id))
     job.block_nodes(source, target)
     job.start()

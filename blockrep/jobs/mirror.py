@@ -122,7 +122,9 @@ class DirtyCopyJob(Job):
             # sleep until a write makes something dirty or a verb arrives
             dirty_wait = asyncio.ensure_future(bm.changed.wait())
             wake_wait = asyncio.ensure_future(self._wakeup.wait())
+            self.busy = False  # idle while in sync, as QEMU shows it
             await asyncio.wait({dirty_wait, wake_wait}, return_when=asyncio.FIRST_COMPLETED)
+            self.busy = True
             dirty_wait.cancel()
             wake_wait.cancel()
 
@@ -160,5 +162,7 @@ class MirrorJob(DirtyCopyJob):
 
 
 def check_sync(sync: str) -> None:
+    if sync in ("incremental", "bitmap"):
+        raise JobError(f"Sync mode '{sync}' not supported")
     if sync != "full":
         raise JobError(f"blockrep supports mirror sync=full only, not '{sync}'")

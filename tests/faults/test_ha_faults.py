@@ -29,7 +29,8 @@ pytestmark = pytest.mark.timeout(180)
 KILL_RUNS = int(os.environ.get("HA_KILL_RUNS", "20"))
 SIZE = 4 * MiB
 FAST_S = ["--heartbeat-interval", "0.1"]
-FAST_P = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", "0.5", "--checkpoint-interval", "0"]
+# a heartbeat timeout that a loaded 2-core machine does not trip by accident
+FAST_P = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", "1.5", "--checkpoint-interval", "0"]
 
 
 @pytest.fixture
@@ -154,8 +155,8 @@ async def test_secondary_killed_primary_consumer_unaffected(ha):
     async def batch() -> None:
         chosen = rnd.sample(slots, 8)
         datas = [rnd.randbytes(4096) for _ in chosen]
-        await asyncio.wait_for(asyncio.gather(*(pc.write(c * 4096, d) for c, d in zip(chosen, datas))), 10)
-        for c, d in zip(chosen, datas):
+        await asyncio.wait_for(asyncio.gather(*(pc.write(c * 4096, d) for c, d in zip(chosen, datas, strict=True))), 10)
+        for c, d in zip(chosen, datas, strict=True):
             model[c * 4096:(c + 1) * 4096] = d
 
     for _ in range(10):
@@ -195,7 +196,7 @@ async def test_blackholed_link_no_failover_without_fence(ha, fence):
     try:
         fence_args = ["--fence-command", fence] if fence else []
         s = ha.secondary(listen=f"127.0.0.1:{port}",
-                         extra=["--auto-failover", *fence_args, "--failover-timeout", "0.5", *FAST_S])
+                         extra=["--auto-failover", *fence_args, "--failover-timeout", "1.0", *FAST_S])
         p = ha.primary(proxy.addr, extra=FAST_P)
         await s.wait_ready()
         await p.wait_ready()
@@ -247,7 +248,7 @@ async def test_partition_both_write_split_brain_detected_nothing_overwritten(ha)
     proxy = BlackholeProxy(port)
     try:
         s = ha.secondary(listen=f"127.0.0.1:{port}",
-                         extra=["--auto-failover", "--fence-command", "true", "--failover-timeout", "0.5", *FAST_S])
+                         extra=["--auto-failover", "--fence-command", "true", "--failover-timeout", "1.0", *FAST_S])
         p = ha.primary(proxy.addr, extra=[*FAST_P, "--reconnect"])
         await s.wait_ready()
         await p.wait_ready()

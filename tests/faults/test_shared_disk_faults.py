@@ -7,7 +7,6 @@ disk, switched at runtime with x-blkdebug-set-rules).
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from pathlib import Path
 
@@ -43,12 +42,12 @@ async def _apply(pair: Pair, model: Model, rng: random.Random, np: int, ns: int)
     pdata = [rng.randbytes(n) for _, n in pext]
     sdata = [rng.randbytes(n) for _, n in sext]
     await asyncio.gather(
-        *(pair.pw.write(o, b) for (o, _), b in zip(pext, pdata)),
-        *(pair.sw.write(o, b) for (o, _), b in zip(sext, sdata)),
+        *(pair.pw.write(o, b) for (o, _), b in zip(pext, pdata, strict=True)),
+        *(pair.sw.write(o, b) for (o, _), b in zip(sext, sdata, strict=True)),
     )
-    for (o, _), b in zip(pext, pdata):
+    for (o, _), b in zip(pext, pdata, strict=True):
         model.p_write(o, b)
-    for (o, _), b in zip(sext, sdata):
+    for (o, _), b in zip(sext, sdata, strict=True):
         model.s_write(o, b)
 
 
@@ -58,7 +57,9 @@ async def _crash_run(base: Path, seed: int) -> dict:
     d = base / f"run{seed:02d}"
     d.mkdir()
     size = CRASH_SIZE
-    initial = bytes(512 * KiB) + rng.randbytes(size - 512 * KiB)  # zeros too: write-zeroes pre-images
+    initial = bytes(512 * KiB) + rng.randbytes(
+        size - 512 * KiB
+    )  # zeros too: write-zeroes pre-images
     model = Model(initial)
     link = str(d / "link.sock")
     pair = Pair(d, size, initial, rep_server={"type": "unix", "data": {"path": link}})
@@ -108,7 +109,9 @@ async def _crash_run(base: Path, seed: int) -> dict:
                 ext = random_extents(rng, size, 6, max_len=96 * KiB)
                 batch = [(o, rng.randbytes(n)) for o, n in ext]
                 stream.extend(batch)
-                res = await asyncio.gather(*(pair.pw.write(o, b) for o, b in batch), return_exceptions=True)
+                res = await asyncio.gather(
+                    *(pair.pw.write(o, b) for o, b in batch), return_exceptions=True
+                )
                 if any(isinstance(r, BaseException) for r in res):
                     return
 
@@ -119,8 +122,12 @@ async def _crash_run(base: Path, seed: int) -> dict:
 
         sext = random_extents(rng, size, 4, max_len=96 * KiB)
         sdata = [rng.randbytes(n) for _, n in sext]
-        await asyncio.gather(p_stream(), timer(), *(pair.sw.write(o, b) for (o, _), b in zip(sext, sdata)))
-        for (o, _), b in zip(sext, sdata):
+        await asyncio.gather(
+            p_stream(),
+            timer(),
+            *(pair.sw.write(o, b) for (o, _), b in zip(sext, sdata, strict=True)),
+        )
+        for (o, _), b in zip(sext, sdata, strict=True):
             model.s_write(o, b)
         info["killed-in-stream"] = proxy.killed
         proxy.do_kill()  # the stream ended before the chosen point: P dies now
@@ -134,16 +141,22 @@ async def _crash_run(base: Path, seed: int) -> dict:
         if acked and acked[0][0] >= 0:
             ao, an = acked[0]
             over = [(o, b) for o, b in stream if o < ao + an and ao < o + len(b)]
-            info["acked-not-written"] = bool(over) and not any(left[o : o + len(b)] == b for o, b in over)
+            info["acked-not-written"] = bool(over) and not any(
+                left[o : o + len(b)] == b for o, b in over
+            )
         # S's view did not move when P died
         sv = await pair.sw.read(0, size)
-        assert sha256(sv) == sha256(model.s), f"S view after P's death: {diff_summary(sv, bytes(model.s))}"
+        assert sha256(sv) == sha256(model.s), (
+            f"S view after P's death: {diff_summary(sv, bytes(model.s))}"
+        )
         await proxy.close()
         r = await pair.failover()
         assert r["stage"] == "done" and r["error"] is None, r
         await pair.s.quit()
         got = read_file(pair.shared)
-        assert sha256(got) == sha256(model.s), f"shared disk after failover: {diff_summary(got, bytes(model.s))}"
+        assert sha256(got) == sha256(model.s), (
+            f"shared disk after failover: {diff_summary(got, bytes(model.s))}"
+        )
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, check_clean, d / "active_disk.img")
         await loop.run_in_executor(None, check_clean, d / "hidden_disk.img")
@@ -173,44 +186,53 @@ def test_crash_ordering_p_killed_in_write_path(tmp_path):
 
     results = run_async(go(), timeout=240)
     failures = [r for r in results if "failure" in r]
-    assert not failures, "\n\n".join(f"seed {r['seed']} mode {r['mode']}: {r['failure']}" for r in failures[:3])
+    assert not failures, f"{len(failures)} of {len(results)} runs failed:\n" + "\n\n".join(
+        f"seed {r['seed']} mode {r['mode']}: {r['failure']}" for r in failures[:3]
+    )
     # the runs did hit the interesting points of the write path
     by_mode = {m: [r for r in results if r["mode"] == m] for m in MODES}
     assert sum(r["killed-in-stream"] for r in results) >= CRASH_RUNS * 0.6, results
     window = [r for r in by_mode["ack"] + by_mode["hold"] if r.get("acked-not-written")]
     assert window, [r for r in by_mode["ack"] + by_mode["hold"]]
     assert any(0 < r["p-writes-landed"] < r["p-writes"] for r in results), results
-    print(f"crash runs: {len(results)}, pre-image acknowledged but shared disk not written: {len(window)}")
+    in_stream = {m: sum(r["killed-in-stream"] for r in rs) for m, rs in by_mode.items()}
+    print(
+        f"crash runs: {len(results)}, killed in the write stream per mode: {in_stream}, "
+        f"pre-image acknowledged but shared disk not written: {len(window)}"
+    )
 
 
 # -- 5. the seven failures of SPEC §6 on the shared graph -------------------------------------------
 
 
-def _dbg(node: str, inner: str) -> str:
-    """keyval for a blkdebug node named ``node`` over the file ``inner``."""
-    return f"driver=blkdebug,{{p}}node-name={node},{{p}}image.driver=file,{{p}}image.filename={inner}"
-
-
 def p_drive_dbg(shared: Path) -> str:
-    return (f"if=virtio,id=primary_disk0,driver=raw,file.driver=blkdebug,file.node-name=dbg-p,"
-            f"file.image.driver=file,file.image.filename={shared}")
+    return (
+        f"if=virtio,id=primary_disk0,driver=raw,file.driver=blkdebug,file.node-name=dbg-p,"
+        f"file.image.driver=file,file.image.filename={shared}"
+    )
 
 
 def s_drives_dbg(d: Path, shared: Path, where: str) -> list[str]:
     """The seed's S command line with a blkdebug node at ``where``: hidden, shared or active."""
     if where == "hidden":
-        hfile = (f"file.driver=blkdebug,file.node-name=dbg-h,file.image.driver=file,"
-                 f"file.image.filename={d}/hidden_disk.img")
+        hfile = (
+            f"file.driver=blkdebug,file.node-name=dbg-h,file.image.driver=file,"
+            f"file.image.filename={d}/hidden_disk.img"
+        )
     else:
         hfile = f"file.filename={d}/hidden_disk.img"
     if where == "shared":
-        back = (f"backing.driver=raw,backing.file.driver=blkdebug,backing.file.node-name=dbg-s,"
-                f"backing.file.image.driver=file,backing.file.image.filename={shared}")
+        back = (
+            f"backing.driver=raw,backing.file.driver=blkdebug,backing.file.node-name=dbg-s,"
+            f"backing.file.image.driver=file,backing.file.image.filename={shared}"
+        )
     else:
         back = f"backing.driver=raw,backing.file.filename={shared}"
     if where == "active":
-        afile = (f"file.file.driver=blkdebug,file.file.node-name=dbg-a,file.file.image.driver=file,"
-                 f"file.file.image.filename={d}/active_disk.img")
+        afile = (
+            f"file.file.driver=blkdebug,file.file.node-name=dbg-a,file.file.image.driver=file,"
+            f"file.file.image.filename={d}/active_disk.img"
+        )
     else:
         afile = f"file.file.filename={d}/active_disk.img"
     return [
@@ -233,7 +255,9 @@ async def _started(tmp_path, size, *, p_dbg=False, s_dbg: str | None = None, see
     initial = rng.randbytes(size)
     shared = tmp_path / "1.raw"
     pair = Pair(
-        tmp_path, size, initial,
+        tmp_path,
+        size,
+        initial,
         p_drives=[p_drive_dbg(shared)] if p_dbg else None,
         s_drives=s_drives_dbg(tmp_path, shared, s_dbg) if s_dbg else None,
     )
@@ -359,11 +383,16 @@ def test_fault3_preimage_copy_failed_at_s(tmp_path):
         try:
             await _set_rules(s, "dbg-h", _fail("write_aio"))
             # S cannot store the pre-image: the write into hidden fails on S ...
-            await _io_write(p, "primary_disk0", 0x31, 256 * KiB, 8192)  # ... P's consumer is unaffected
+            await _io_write(
+                p, "primary_disk0", 0x31, 256 * KiB, 8192
+            )  # ... P's consumer is unaffected
             model.p_write(256 * KiB, b"\x31" * 8192)
             assert await p.status() == {"error": True, "desc": "I/O error occurred"}
             assert (await p.rep())["error"], await p.rep()
             assert (await pair.pw.read(0, size)) == bytes(model.p)
+            # ... and S, whose copy of that cluster is lost, reports it too (SPEC §6 case 3)
+            assert await s.status() == {"error": True, "desc": "I/O error occurred"}
+            assert (await s.rep())["error"], await s.rep()
             await _set_rules(s, "dbg-h", [])
             await pair.pw.close()
             pair.pw = None
@@ -375,6 +404,7 @@ def test_fault3_preimage_copy_failed_at_s(tmp_path):
             pair.stop_all()
 
     run_async(go())
+    check_clean(tmp_path / "hidden_disk.img")
 
 
 def test_fault4_shared_disk_error_on_s(tmp_path):
@@ -410,7 +440,7 @@ def test_fault5_active_disk_error_reaches_s_consumer(tmp_path):
 
     async def go():
         pair, model, rng = await _started(tmp_path, size, s_dbg="active")
-        p, s = pair.p, pair.s
+        s = pair.s
         try:
             await _set_rules(s, "dbg-a", _fail("write_aio"))
             await _io_write(s, "active-disk0", 0x61, 3 * MiB, 4096, ok=False)
@@ -434,7 +464,7 @@ def test_fault6_emptying_failed_checkpoint_fails(tmp_path, which):
 
     async def go():
         pair, model, rng = await _started(tmp_path, size, s_dbg=which)
-        p, s = pair.p, pair.s
+        s = pair.s
         node = {"active": "dbg-a", "hidden": "dbg-h"}[which]
         try:
             await _apply(pair, model, rng, 6, 3)
@@ -462,24 +492,32 @@ def test_fault7_failover_commit_failed_p_alive_holds_the_lock(tmp_path):
 
     async def go():
         pair, model, rng = await _started(tmp_path, size)
-        p, s = pair.p, pair.s
+        s = pair.s
         try:
             await _apply(pair, model, rng, 6, 3)
             await pair.sw.close()
             pair.sw = None
             # P is alive (not fenced): S's failover cannot take the shared disk
             await s.run("nbd-server-stop")
-            await s.run("xen-set-replication", {"enable": False, "primary": False, "failover": True})
+            await s.run(
+                "xen-set-replication", {"enable": False, "primary": False, "failover": True}
+            )
             r = await s.wait_stage(("done", "failover-failed"))
             assert r["stage"] == "failover-failed", r
+            assert "lock" in r["error"], r
             assert await s.status() == {"error": True, "desc": "I/O error occurred"}
             # no way back out; the shared disk still is P's
-            assert await s.error("xen-set-replication", {"enable": True, "primary": False}) == \
-                "Block replication is running or done"
+            assert (
+                await s.error("xen-set-replication", {"enable": True, "primary": False})
+                == "Block replication is running or done"
+            )
             assert await pair.pw.read(0, size) == bytes(model.p)
             assert read_file(pair.shared) == bytes(model.p)
             # S's consumer still reads its view: last checkpoint + S's writes
-            await s.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(tmp_path / "S2.nbd")}}})
+            await s.run(
+                "nbd-server-start",
+                {"addr": {"type": "unix", "data": {"path": str(tmp_path / "S2.nbd")}}},
+            )
             await s.run("nbd-server-add", {"device": "active-disk0", "writable": False})
             from tests.integration.shared_disk_helpers import NBDRW
 
@@ -487,6 +525,10 @@ def test_fault7_failover_commit_failed_p_alive_holds_the_lock(tmp_path):
             sv = await c.read(0, size)
             await c.close()
             assert sha256(sv) == sha256(model.s), diff_summary(sv, bytes(model.s))
+            # failover-failed routing must not write P's disk behind its back
+            out = await s.io("active-disk0", "write -P 0x7e 3145728 4096")
+            assert out.startswith(("write failed: ", "wrote 4096/4096")), out
+            assert read_file(pair.shared) == bytes(model.p)
             await pair.close()
         finally:
             pair.stop_all()

@@ -59,7 +59,8 @@ class Session:
     async def err(self, cmd: str, args: dict[str, Any], desc: str, cls: str = "GenericError") -> None:
         with pytest.raises(ExecuteError) as e:
             await asyncio.wait_for(self.c.execute(cmd, args), 30)
-        assert (e.value.error.error.class_, e.value.error.error.desc) == (cls, desc), (cmd, args)
+        got = (e.value.error.error.class_, e.value.error.error.desc)
+        assert got == (cls, desc), (cmd, args, got)
 
     async def hmp(self, line: str) -> str:
         return await self.x("human-monitor-command", **{"command-line": line})

@@ -100,7 +100,9 @@ class SQ:
     async def node_names(self) -> list[str]:
         return sorted(n["node-name"] for n in await self.run("query-named-block-nodes"))
 
-    async def wait_stage(self, want: str | tuple[str, ...], timeout: float = 20.0) -> dict[str, Any]:
+    async def wait_stage(
+        self, want: str | tuple[str, ...], timeout: float = 20.0
+    ) -> dict[str, Any]:
         wanted = (want,) if isinstance(want, str) else want
         deadline = time.monotonic() + timeout
         while True:
@@ -171,7 +173,9 @@ class NBDRW:
 # -- the model -------------------------------------------------------------------------------
 
 
-def random_extents(rng: random.Random, size: int, count: int, max_len: int = 160 * KiB) -> list[tuple[int, int]]:
+def random_extents(
+    rng: random.Random, size: int, count: int, max_len: int = 160 * KiB
+) -> list[tuple[int, int]]:
     """``count`` non-overlapping (offset, length) pairs, any byte alignment, so a batch
     of them may be in flight together with a defined result."""
     out: list[tuple[int, int]] = []
@@ -322,7 +326,9 @@ class Pair:
     async def start(self, *, consumers: bool = True) -> None:
         await self.start_daemons()
         assert self.s is not None and self.p is not None
-        await self.s.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.s_nbd}}})
+        await self.s.run(
+            "nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.s_nbd}}}
+        )
         await self.s.run("nbd-server-add", {"device": "hidden_disk0", "writable": True})
         server = self.rep_server or {"type": "unix", "data": {"path": self.s_nbd}}
         await self.p.run("blockdev-add", rep_args(server))
@@ -330,7 +336,9 @@ class Pair:
         await self.p.run("xen-set-replication", {"enable": True, "primary": True})
         if consumers:
             await self.s.run("nbd-server-add", {"device": "active-disk0", "writable": True})
-            await self.p.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.p_nbd}}})
+            await self.p.run(
+                "nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.p_nbd}}}
+            )
             await self.p.run("nbd-server-add", {"device": "primary_disk0", "writable": True})
             self.pw = await NBDRW.connect(self.p_nbd, "primary_disk0")
             self.sw = await NBDRW.connect(self.s_nbd, "active-disk0")
@@ -354,7 +362,9 @@ class Pair:
             await self.sw.close()
             self.sw = None
         await self.s.run("nbd-server-stop")
-        await self.s.run("xen-set-replication", {"enable": False, "primary": False, "failover": True})
+        await self.s.run(
+            "xen-set-replication", {"enable": False, "primary": False, "failover": True}
+        )
         return await self.s.wait_stage(("done", "failover-failed"))
 
     async def s_view_after_failover(self) -> bytes:
@@ -386,7 +396,12 @@ class Pair:
         for dp in (self.P, self.S):
             if dp is not None:
                 try:
-                    dp.stop(signal.SIGKILL if dp.proc.poll() is None and dp is self.P else signal.SIGTERM, timeout=10)
+                    dp.stop(
+                        signal.SIGKILL
+                        if dp.proc.poll() is None and dp is self.P
+                        else signal.SIGTERM,
+                        timeout=10,
+                    )
                 except Exception:
                     pass
 

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(120)
 
 SIZE = 4 * MiB
 FAST_S = ["--heartbeat-interval", "0.1"]
-FAST_P = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", "0.5", "--checkpoint-interval", "0"]
+FAST_P = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", "1.5", "--checkpoint-interval", "0"]
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ import shutil
 
 from tests.daemon_harness import DaemonProc
 from tests.integration.shared_disk_helpers import (
+    NBDRW,
+    SQ,
     KiB,
     MiB,
-    SQ,
     Model,
-    NBDRW,
     Pair,
     check_clean,
     diff_summary,
@@ -27,7 +27,6 @@ from tests.integration.shared_disk_helpers import (
     read_file,
     rep_args,
     run_async,
-    seed_p_drive,
     seed_s_drives,
     sha256,
     start_daemon,
@@ -64,16 +63,22 @@ async def _seed_setup(tmp_path, size: int) -> tuple[DaemonProc, DaemonProc, SQ, 
     #         file.driver=qcow2,top-id=active-disk0,\
     #         file.file.filename=/mnt/ramfs/active_disk.img,\
     #         file.backing=hidden_disk0,shared-disk=on
-    S = start_daemon(tmp_path, "S", [
-        f"if=none,driver=qcow2,file.filename={tmp_path}/hidden_disk.img,id=hidden_disk0,"
-        f"backing.driver=raw,backing.file.filename={tmp_path}/1.raw",
-        "if=virtio,id=active-disk0,driver=replication,mode=secondary,"
-        f"file.driver=qcow2,top-id=active-disk0,file.file.filename={tmp_path}/active_disk.img,"
-        "file.backing=hidden_disk0,shared-disk=on",
-    ])
+    S = start_daemon(
+        tmp_path,
+        "S",
+        [
+            f"if=none,driver=qcow2,file.filename={tmp_path}/hidden_disk.img,id=hidden_disk0,"
+            f"backing.driver=raw,backing.file.filename={tmp_path}/1.raw",
+            "if=virtio,id=active-disk0,driver=replication,mode=secondary,"
+            f"file.driver=qcow2,top-id=active-disk0,file.file.filename={tmp_path}/active_disk.img,"
+            "file.backing=hidden_disk0,shared-disk=on",
+        ],
+    )
     # Primary:
     #  -drive if=virtio,id=primary_disk0,file.filename=1.raw,driver=raw
-    P = start_daemon(tmp_path, "P", [f"if=virtio,id=primary_disk0,file.filename={tmp_path}/1.raw,driver=raw"])
+    P = start_daemon(
+        tmp_path, "P", [f"if=virtio,id=primary_disk0,file.filename={tmp_path}/1.raw,driver=raw"]
+    )
     S.wait_ready()
     P.wait_ready()
     s = await SQ.connect("S", S)
@@ -83,7 +88,10 @@ async def _seed_setup(tmp_path, size: int) -> tuple[DaemonProc, DaemonProc, SQ, 
 
 async def _seed_start(p: SQ, s: SQ, port: int) -> None:
     # Secondary 1. nbd-server-start, 2. nbd-server-add
-    await s.run("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}})
+    await s.run(
+        "nbd-server-start",
+        {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}},
+    )
     await s.run("nbd-server-add", {"device": "hidden_disk0", "writable": True})
     # Primary: blockdev-add of the replication node
     await p.run("blockdev-add", _seed_rep_args(port))
@@ -142,7 +150,9 @@ def test_seed_usage_primary_failure(tmp_path):
             await p.quit()
             # After Failover: Secondary
             await s.run("nbd-server-stop")
-            await s.run("xen-set-replication", {"enable": False, "primary": False, "failover": True})
+            await s.run(
+                "xen-set-replication", {"enable": False, "primary": False, "failover": True}
+            )
             r = await s.wait_stage(("done", "failover-failed"))
             assert r["stage"] == "done", r
             assert r["error"] is None, r
@@ -212,9 +222,14 @@ def test_seed_flat_socket_address_form(tmp_path):
     async def go():
         P, S, p, s = await _seed_setup(tmp_path, size)
         try:
-            await s.run("nbd-server-start", {"addr": {"type": "inet", "host": "127.0.0.1", "port": str(port)}})
+            await s.run(
+                "nbd-server-start",
+                {"addr": {"type": "inet", "host": "127.0.0.1", "port": str(port)}},
+            )
             await s.run("nbd-server-add", {"device": "hidden_disk0", "writable": True})
-            await p.run("blockdev-add", rep_args({"type": "inet", "host": "127.0.0.1", "port": port}))
+            await p.run(
+                "blockdev-add", rep_args({"type": "inet", "host": "127.0.0.1", "port": port})
+            )
             await s.run("xen-set-replication", {"enable": True, "primary": False})
             await p.run("xen-set-replication", {"enable": True, "primary": True})
             await _write_ok(p, "primary_disk0", 0x31, 4096, 512)
@@ -242,19 +257,35 @@ def test_open_errors_leave_nothing_behind(tmp_path):
         p, s = pair.p, pair.s
         assert p is not None and s is not None
         try:
-            await s.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": pair.s_nbd}}})
+            await s.run(
+                "nbd-server-start", {"addr": {"type": "unix", "data": {"path": pair.s_nbd}}}
+            )
             await s.run("nbd-server-add", {"device": "hidden_disk0", "writable": True})
             qcow2_create(tmp_path / "extra.img", size)
             s_before, p_before = await s.node_names(), await p.node_names()
             server = {"type": "unix", "data": {"path": pair.s_nbd}}
 
             # shared-disk-id in secondary mode
-            desc = await s.error("blockdev-add", {
-                "driver": "replication", "node-name": "rep2", "mode": "secondary", "top-id": "rep2",
-                "shared-disk": True, "shared-disk-id": "hidden_disk0",
-                "file": {"driver": "qcow2", "node-name": "extra-q",
-                         "file": {"driver": "file", "node-name": "extra-f", "filename": str(tmp_path / "extra.img")}},
-            })
+            desc = await s.error(
+                "blockdev-add",
+                {
+                    "driver": "replication",
+                    "node-name": "rep2",
+                    "mode": "secondary",
+                    "top-id": "rep2",
+                    "shared-disk": True,
+                    "shared-disk-id": "hidden_disk0",
+                    "file": {
+                        "driver": "qcow2",
+                        "node-name": "extra-q",
+                        "file": {
+                            "driver": "file",
+                            "node-name": "extra-f",
+                            "filename": str(tmp_path / "extra.img"),
+                        },
+                    },
+                },
+            )
             assert desc == "The secondary side does not support option shared-disk-id"
             assert await s.node_names() == s_before
 
@@ -269,7 +300,9 @@ def test_open_errors_leave_nothing_behind(tmp_path):
             a = rep_args(server)
             del a["shared-disk"]
             a["file"]["node-name"] = "rep-nbd"
-            assert await p.error("blockdev-add", a) == "The option shared-disk-id needs shared-disk=on"
+            assert (
+                await p.error("blockdev-add", a) == "The option shared-disk-id needs shared-disk=on"
+            )
             assert await p.node_names() == p_before
 
             # an id that names nothing (the NBD link opens first: it must be closed again)
@@ -298,10 +331,14 @@ def test_open_errors_leave_nothing_behind(tmp_path):
 
 def test_command_line_shared_disk_id_on_secondary_refused(tmp_path):
     qcow2_create(tmp_path / "a.img", 1 * MiB)
-    d = start_daemon(tmp_path, "X", [
-        "if=virtio,id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,top-id=active-disk0,"
-        f"file.file.filename={tmp_path}/a.img,shared-disk=on,shared-disk-id=active-disk0",
-    ])
+    d = start_daemon(
+        tmp_path,
+        "X",
+        [
+            "if=virtio,id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,top-id=active-disk0,"
+            f"file.file.filename={tmp_path}/a.img,shared-disk=on,shared-disk-id=active-disk0",
+        ],
+    )
     try:
         rc = d.proc.wait(20)
     finally:
@@ -337,8 +374,12 @@ def test_model_end_to_end(tmp_path):
 
             async def check(what: str) -> None:
                 pv, sv = await _views(pair)
-                assert sha256(pv) == sha256(model.p), f"{what}: P view {diff_summary(pv, bytes(model.p))}"
-                assert sha256(sv) == sha256(model.s), f"{what}: S view {diff_summary(sv, bytes(model.s))}"
+                assert sha256(pv) == sha256(model.p), (
+                    f"{what}: P view {diff_summary(pv, bytes(model.p))}"
+                )
+                assert sha256(sv) == sha256(model.s), (
+                    f"{what}: S view {diff_summary(sv, bytes(model.s))}"
+                )
 
             await check("start")
             for epoch in range(4):
@@ -350,12 +391,15 @@ def test_model_end_to_end(tmp_path):
                     sdata = [rng.randbytes(n) for _, n in sext]
                     conns = (pair.pw, pw2)
                     await asyncio.gather(
-                        *(conns[i % 2].write(o, b) for i, ((o, _), b) in enumerate(zip(pext, pdata))),
-                        *(pair.sw.write(o, b) for (o, _), b in zip(sext, sdata)),
+                        *(
+                            conns[i % 2].write(o, b)
+                            for i, ((o, _), b) in enumerate(zip(pext, pdata, strict=True))
+                        ),
+                        *(pair.sw.write(o, b) for (o, _), b in zip(sext, sdata, strict=True)),
                     )
-                    for (o, _), b in zip(pext, pdata):
+                    for (o, _), b in zip(pext, pdata, strict=True):
                         model.p_write(o, b)
-                    for (o, _), b in zip(sext, sdata):
+                    for (o, _), b in zip(sext, sdata, strict=True):
                         model.s_write(o, b)
                     await check(f"epoch {epoch} round {rnd}")
                     assert await p.status() == {"error": False}
@@ -377,7 +421,9 @@ def test_model_end_to_end(tmp_path):
             await pair.sw.close()
             pair.sw = None
             await s.run("nbd-server-stop")
-            await s.run("xen-set-replication", {"enable": False, "primary": False, "failover": True})
+            await s.run(
+                "xen-set-replication", {"enable": False, "primary": False, "failover": True}
+            )
             # S's consumer keeps writing while the commit runs
             for i, off in enumerate((5, 3 * MiB + 1000, 7 * MiB)):
                 pat = 0xC0 + i
@@ -388,7 +434,9 @@ def test_model_end_to_end(tmp_path):
             assert r["stage"] == "done" and r["error"] is None, r
             assert await s.status() == {"error": False}
             sv = await pair.s_view_after_failover()
-            assert sha256(sv) == sha256(model.s), f"after failover: {diff_summary(sv, bytes(model.s))}"
+            assert sha256(sv) == sha256(model.s), (
+                f"after failover: {diff_summary(sv, bytes(model.s))}"
+            )
             await s.quit()
         finally:
             pair.stop_all()
@@ -416,9 +464,21 @@ def test_shared_disk_identity(tmp_path):
         other.mkdir()
         S2 = None
         try:
-            await pair.start(consumers=False)
+            await pair.start_daemons()
             p, s = pair.p, pair.s
             assert p is not None and s is not None
+            # S, before replication starts: the operator checks the pair first
+            before = (await s.rep()).get("shared-disk-identity")
+            await s.run(
+                "nbd-server-start", {"addr": {"type": "unix", "data": {"path": pair.s_nbd}}}
+            )
+            await s.run("nbd-server-add", {"device": "hidden_disk0", "writable": True})
+            await p.run("blockdev-add", rep_args({"type": "unix", "data": {"path": pair.s_nbd}}))
+            before_p = (await p.rep()).get("shared-disk-identity")
+            assert before is not None and before_p is not None, (before, before_p)
+            assert (before["device"], before["inode"]) == (before_p["device"], before_p["inode"])
+            await s.run("xen-set-replication", {"enable": True, "primary": False})
+            await p.run("xen-set-replication", {"enable": True, "primary": True})
             rp, rs = await p.rep(), await s.rep()
             ip, is_ = rp["shared-disk-identity"], rs["shared-disk-identity"]
             assert rp["shared-disk"] is True and rs["shared-disk"] is True
@@ -432,7 +492,10 @@ def test_shared_disk_identity(tmp_path):
             S2 = start_daemon(other, "S", seed_s_drives(other, other / "1.raw"))
             S2.wait_ready()
             s2 = await SQ.connect("S2", S2)
-            await s2.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(other / "S.nbd")}}})
+            await s2.run(
+                "nbd-server-start",
+                {"addr": {"type": "unix", "data": {"path": str(other / "S.nbd")}}},
+            )
             await s2.run("nbd-server-add", {"device": "hidden_disk0", "writable": True})
             await s2.run("xen-set-replication", {"enable": True, "primary": False})
             i2 = (await s2.rep())["shared-disk-identity"]
