@@ -140,8 +140,8 @@ def main() -> None:
         unit = "MiB/s" if "1M" in case else "IOPS"
         br, q, nk = v.get("blockrep"), v.get("qsd"), v.get("nbdkit")
         ratio = f"{br / q:.2f}" if br and q else "-"
-        fmt = lambda x: f"{x:.0f} {unit}" if x is not None else "-"  # noqa: E731
-        lines.append(f"| {transport} | {case} | {fmt(br)} | {fmt(q)} | {fmt(nk)} | {ratio} |")
+        cells = [f"{x:.0f} {unit}" if x is not None else "-" for x in (br, q, nk)]
+        lines.append(f"| {transport} | {case} | {cells[0]} | {cells[1]} | {cells[2]} | {ratio} |")
     results["ratios"] = {f"{t} {c}": (v.get("blockrep", 0) / v["qsd"]) if v.get("qsd") else None for (t, c), v in table.items()}
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "nbd.json"), "w") as f:

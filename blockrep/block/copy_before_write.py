@@ -128,11 +128,17 @@ class CopyBeforeWriteNode(Node):
         try:
             start = first * cs
             length = min(n * cs, self.length - start)
-            data = await self.source.read(start, length)
-            if data.count(0) == len(data):
+            # a source range known to read as zeroes is preserved without reading it
+            # (QEMU's block-copy does the same; sparse disks copy almost for free)
+            status = await self.source.block_status(start, length)
+            if all(e.zero for e in status):
                 await self.target.write_zeroes(start, length, may_unmap=False)
             else:
-                await self.target.write(start, data)
+                data = await self.source.read(start, length)
+                if data.count(0) == len(data):
+                    await self.target.write_zeroes(start, length, may_unmap=False)
+                else:
+                    await self.target.write(start, data)
             for c in range(first, first + n):
                 self.armed[c] = 0
             self.clusters_copied += n

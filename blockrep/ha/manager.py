@@ -181,8 +181,15 @@ class Role:
             self.tasks.append(asyncio.create_task(self._persist_alone_writes()))
 
     def agreed_epoch(self, gen: str) -> None:
-        """Both nodes hold the same data now: a new epoch, nothing written since."""
-        self.state.new_epoch(gen)
+        """Both nodes hold the same data now: a new epoch, nothing written since.
+
+        The state file is written in the next turn of the event loop: after the
+        checkpoint's reply went out (S) and after the consumer was let go (P), so
+        its fsyncs are not part of the consumer's pause. A crash in between leaves
+        one node one epoch behind, which pairing treats as "behind", never as split brain.
+        """
+        self.state.new_epoch(gen, save=False)
+        asyncio.get_running_loop().call_soon(self.state.save)
         if self.alone_bitmap is not None:
             self.alone_bitmap.dirty.clear()
         self.epoch_started = time.monotonic()
@@ -728,7 +735,6 @@ class Primary(Role):
                 gen = str(uuid.uuid4())
                 await self.ch.call("checkpoint", gen=gen, timeout=max(5.0, self.args.heartbeat_timeout))
                 await self.d.replication.do_checkpoint_all()
-                self.agreed_epoch(gen)
             except (channel.ChannelError, ReplicationError) as e:
                 await self.degrade(f"checkpoint failed: {e}")
                 raise
@@ -736,6 +742,8 @@ class Primary(Role):
                 if exp is not None:
                     exp.resume()
                 pause = (time.perf_counter() - t0) * 1000
+            # after resume(): the state file's fsyncs run once the consumer is moving
+            self.agreed_epoch(gen)
             self.stats.pauses_ms.append(pause)
             del self.stats.pauses_ms[:-10000]
             self.stats.checkpoints += 1

@@ -71,12 +71,17 @@ class NodeState:
     def current(self) -> str | None:
         return self.generations[-1] if self.generations else None
 
-    def new_epoch(self, gen: str) -> None:
-        """A checkpoint both nodes agreed on: history moves on, nobody is alone."""
+    def new_epoch(self, gen: str, save: bool = True) -> None:
+        """A checkpoint both nodes agreed on: history moves on, nobody is alone.
+
+        ``save=False`` leaves the (fsync-bound) write to the caller, who does it
+        outside the consumer's pause.
+        """
         self.generations.append(gen)
         self.alone_since = None
         self.written_chunks.clear()
-        self.save()
+        if save:
+            self.save()
 
     def go_alone(self, kind: str) -> str:
         """This node continues without its peer (failover / degraded)."""
