@@ -390,6 +390,16 @@ class Secondary(Role):
         if bool(msg.get("shared")) != self.shared:
             raise RuntimeError("one side runs shared-disk mode and the other does not")
         self.flush_alone_writes()
+        theirs = msg.get("history")
+        if isinstance(theirs, list) and self.state.alone_since is not None:
+            rel = compare(self.state.generations, theirs)
+            if rel.relation == "diverged":
+                # both went on alone: the primary refuses too; say so here as well
+                self.peer = "split-brain"
+                self.error(
+                    f"split brain: the primary wrote on its own since epoch {rel.common} "
+                    f"as did this node ({len(self.state.written_chunks)} MiB region(s)); nothing is overwritten"
+                )
         reply: dict[str, Any] = {
             "node-id": self.state.node_id,
             "history": self.state.generations,
@@ -635,8 +645,15 @@ class Primary(Role):
                 await self._copy_chunks(link, sorted(self.state.written_chunks), "resync")
             elif a.initial_sync:
                 await self._copy_chunks(link, list(range(-(-self.top.length // CHUNK))), "initial sync")  # type: ignore[union-attr]
-            elif relation == "same" and self.state.generations:
-                pass  # the histories agree: the disks ended the same epoch together
+            elif relation == "same" and self.state.generations and not a.assume_synced:
+                # The histories agree, but the last epoch may not have ended cleanly:
+                # writes P made after it may have reached S only in part. S wrote
+                # nothing of its own since (its history would show it), so P's disk
+                # is the truth: copy the 1 MiB chunks that differ.
+                differ = await self._differing_chunks(link)
+                if differ:
+                    self.error(f"{len(differ)} MiB differed after an unfinished epoch; resynchronising them")
+                    await self._copy_chunks(link, differ, "resync")
             elif not a.assume_synced:
                 await self._verify(link)
         finally:
@@ -667,6 +684,17 @@ class Primary(Role):
                     "(use --initial-sync to copy this disk to the secondary, or --assume-synced)",
                 )
             pos += n
+
+    async def _differing_chunks(self, link: Node) -> list[int]:
+        top = self.top
+        assert top is not None
+        out = []
+        for c in range(-(-top.length // CHUNK)):
+            off = c * CHUNK
+            n = min(CHUNK, top.length - off)
+            if await top.read(off, n) != await link.read(off, n):
+                out.append(c)
+        return out
 
     async def _copy_chunks(self, link: Node, chunks: list[int], what: str) -> None:
         from tqdm import tqdm
