@@ -170,23 +170,41 @@ class ReplicationRegistry:
         s.error = 0
         s.error_message = ""
 
-    async def _start_secondary(self, s: ReplicationNode) -> None:
+    def _check_buffers(self, s: ReplicationNode, shared: bool) -> tuple[Node, Node, Node]:
+        """SPEC §5's start checks on active → hidden → disk, in QEMU's order.
+
+        The user the check demands is the secondary disk's (non-shared: P's NBD
+        export or a drive) or, in shared mode, the hidden disk's (the export P
+        writes pre-images to).
+        """
         active = s.file
         if active is None or active.backing is None:
             raise ReplicationError("Active disk doesn't have backing file")
         hidden = active.backing
         if hidden.backing is None:
             raise ReplicationError("Hidden disk doesn't have backing file")
-        secondary = hidden.backing
-        if not self.graph.has_backend(secondary):
+        disk = hidden.backing
+        if shared and not self.graph.has_backend(hidden):
+            raise ReplicationError("The hidden disk doesn't have block backend")
+        if not shared and not self.graph.has_backend(disk):
             raise ReplicationError("The secondary disk doesn't have block backend")
-        if not (active.length == hidden.length == secondary.length):
+        if not (active.length == hidden.length == disk.length):
             raise ReplicationError("Active disk, hidden disk, secondary disk's length are not the same")
         if not active.supports_make_empty() or not hidden.supports_make_empty():
             raise ReplicationError("Active disk or hidden disk doesn't support make_empty")
-        await self._reopen_backing(s, hidden, secondary, writable=True)
+        return active, hidden, disk
+
+    def _valid_top(self, s: ReplicationNode) -> Node | None:
         top = self.graph.find(s.top_id or "")
         if top is None or not self.graph.is_root(top) or not _contains(top, s):
+            return None
+        return top
+
+    async def _start_secondary(self, s: ReplicationNode) -> None:
+        active, hidden, secondary = self._check_buffers(s, shared=False)
+        await self._reopen_backing(s, hidden, secondary, writable=True)
+        top = self._valid_top(s)
+        if top is None:
             await self._reopen_backing(s, hidden, secondary, writable=False)
             raise ReplicationError("No top_bs or it is invalid")
         # the replication node holds the hidden and secondary disks itself, so they
@@ -256,21 +274,8 @@ class ReplicationRegistry:
         disk has one (the shared disk); the hidden disk has a user (the NBD export
         P writes to); equal lengths; make_empty support; top-id valid.
         """
-        active = s.file
-        if active is None or active.backing is None:
-            raise ReplicationError("Active disk doesn't have backing file")
-        hidden = active.backing
-        if hidden.backing is None:
-            raise ReplicationError("Hidden disk doesn't have backing file")
-        shared = hidden.backing
-        if not self.graph.has_backend(hidden):
-            raise ReplicationError("The hidden disk doesn't have block backend")
-        if not (active.length == hidden.length == shared.length):
-            raise ReplicationError("Active disk, hidden disk, secondary disk's length are not the same")
-        if not active.supports_make_empty() or not hidden.supports_make_empty():
-            raise ReplicationError("Active disk or hidden disk doesn't support make_empty")
-        top = self.graph.find(s.top_id or "")
-        if top is None or not self.graph.is_root(top) or not _contains(top, s):
+        _active, hidden, shared = self._check_buffers(s, shared=True)
+        if self._valid_top(s) is None:
             raise ReplicationError("No top_bs or it is invalid")
         s.attach_child("hidden", hidden)
         s.attach_child("secondary", shared)

@@ -121,35 +121,34 @@ SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
 CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, handle, length
 
 
+# each protocol error and the host errno it stands for; other host errnos map
+# onto these (the spec: anything unknown is EINVAL)
+_NBD_ERRNO = {
+    NBD_EPERM: errno.EPERM,
+    NBD_EIO: errno.EIO,
+    NBD_ENOMEM: errno.ENOMEM,
+    NBD_EINVAL: errno.EINVAL,
+    NBD_ENOSPC: errno.ENOSPC,
+    NBD_EOVERFLOW: errno.EOVERFLOW,
+    NBD_ENOTSUP: errno.ENOTSUP,
+    NBD_ESHUTDOWN: errno.ESHUTDOWN,
+}
+_ERRNO_NBD = {
+    **{host: nbd for nbd, host in _NBD_ERRNO.items()},
+    errno.EROFS: NBD_EPERM,
+    errno.EACCES: NBD_EPERM,
+    errno.EFBIG: NBD_ENOSPC,
+    errno.EDQUOT: NBD_ENOSPC,
+}
+
+
 def errno_to_nbd(err: int) -> int:
     """Map a host errno to the few the protocol knows (unknown → EINVAL, as the spec says)."""
-    return {
-        errno.EPERM: NBD_EPERM,
-        errno.EROFS: NBD_EPERM,
-        errno.EACCES: NBD_EPERM,
-        errno.EIO: NBD_EIO,
-        errno.ENOMEM: NBD_ENOMEM,
-        errno.EINVAL: NBD_EINVAL,
-        errno.ENOSPC: NBD_ENOSPC,
-        errno.EFBIG: NBD_ENOSPC,
-        errno.EDQUOT: NBD_ENOSPC,
-        errno.EOVERFLOW: NBD_EOVERFLOW,
-        errno.ENOTSUP: NBD_ENOTSUP,
-        errno.ESHUTDOWN: NBD_ESHUTDOWN,
-    }.get(err, NBD_EINVAL)
+    return _ERRNO_NBD.get(err, NBD_EINVAL)
 
 
 def nbd_to_errno(err: int) -> int:
-    return {
-        NBD_EPERM: errno.EPERM,
-        NBD_EIO: errno.EIO,
-        NBD_ENOMEM: errno.ENOMEM,
-        NBD_EINVAL: errno.EINVAL,
-        NBD_ENOSPC: errno.ENOSPC,
-        NBD_EOVERFLOW: errno.EOVERFLOW,
-        NBD_ENOTSUP: errno.ENOTSUP,
-        NBD_ESHUTDOWN: errno.ESHUTDOWN,
-    }.get(err, errno.EIO)
+    return _NBD_ERRNO.get(err, errno.EIO)
 
 
 @dataclass
