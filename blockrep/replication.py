@@ -194,6 +194,14 @@ class ReplicationRegistry:
             raise ReplicationError("Active disk or hidden disk doesn't support make_empty")
         return active, hidden, disk
 
+    @staticmethod
+    def _private_buffers(*nodes: Node) -> None:
+        """Active and hidden are replication's own buffers: let a checkpoint swap in
+        fresh files instead of truncating (flat in what they held)."""
+        for n in nodes:
+            if hasattr(n, "swap_on_empty"):
+                n.swap_on_empty = True  # type: ignore[attr-defined]
+
     def _valid_top(self, s: ReplicationNode) -> Node | None:
         top = self.graph.find(s.top_id or "")
         if top is None or not self.graph.is_root(top) or not _contains(top, s):
@@ -202,6 +210,7 @@ class ReplicationRegistry:
 
     async def _start_secondary(self, s: ReplicationNode) -> None:
         active, hidden, secondary = self._check_buffers(s, shared=False)
+        self._private_buffers(active, hidden)
         await self._reopen_backing(s, hidden, secondary, writable=True)
         top = self._valid_top(s)
         if top is None:
@@ -274,7 +283,8 @@ class ReplicationRegistry:
         disk has one (the shared disk); the hidden disk has a user (the NBD export
         P writes to); equal lengths; make_empty support; top-id valid.
         """
-        _active, hidden, shared = self._check_buffers(s, shared=True)
+        active, hidden, shared = self._check_buffers(s, shared=True)
+        self._private_buffers(active, hidden)
         if self._valid_top(s) is None:
             raise ReplicationError("No top_bs or it is invalid")
         s.attach_child("hidden", hidden)

@@ -32,6 +32,7 @@ from ..qcow2.format import (
     size_to_l1,
 )
 from ..qcow2.refcount import Refcounts, TableCache, rc_get, rc_set
+from .file import FileNode
 from .graph import Graph, probe_format, register, resolve_relative
 from .node import BlockError, Extent, Node
 from .options import OptionError
@@ -91,6 +92,8 @@ class Qcow2Node(Node):
         super().__init__(node_name, options)
         self.lock = asyncio.Lock()
         self.pristine = False  # true from a fresh-layout make_empty until the next mapping change
+        # replication buffers: make_empty swaps in a fresh file (O(1) in the data held)
+        self.swap_on_empty = False
         self.l1_dirty: set[int] = set()
         self.l2cache = TableCache(64)
         self.filename = ""
@@ -683,6 +686,9 @@ class Qcow2Node(Node):
                         self._release(e)
             await self._flush_metadata()
             return
+        if self.swap_on_empty and isinstance(self._file, FileNode) and not self._file.direct and not h.nb_snapshots:
+            await self._make_empty_by_swap(l1_clusters)
+            return
         # The fresh layout (reftable in cluster 1, refcount block 0 in cluster 2,
         # L1 from cluster 3) is reachable in place when L1 and block 0 already sit
         # there and cluster 1 is no refcount block; the reftable itself may have
@@ -737,6 +743,44 @@ class Qcow2Node(Node):
         await f.flush()
         await f.truncate(nclusters * cs)  # type: ignore[attr-defined]
         await f.flush()
+        self.l1 = [0] * h.l1_size
+        self.l1_dirty.clear()
+        self.l2cache.clear()
+        self.rc = Refcounts(f, h, [2 * cs], self.rc.cache.capacity, self._write_reftable_fields)
+        self.rc.reftable_capacity = cs // 8
+        self.rc.free_hint = nclusters
+        self.pristine = True
+
+    async def _make_empty_by_swap(self, l1_clusters: int) -> None:
+        """make_empty as a new file with QEMU's result, renamed over the old one.
+
+        The bytes are exactly what QEMU's make_empty leaves: the header with only
+        the L1/refcount-table fields rewritten (and the dirty bit clear), the
+        one-entry refcount table, refcount block 0 counting header, tables and L1,
+        a zero L1, the file ending after it. The old data is freed in the
+        background, so the cost does not grow with what the image held.
+        """
+        h = self.h
+        cs = h.cluster_size
+        f = self._file
+        assert isinstance(f, FileNode)
+        header = bytearray(await f.read(0, cs))
+        h.incompatible_features &= ~INCOMPAT_DIRTY
+        h.l1_table_offset = 3 * cs
+        h.refcount_table_offset = cs
+        h.refcount_table_clusters = 1
+        fixed = h.pack_fixed()
+        header[: len(fixed)] = fixed
+        nclusters = 3 + l1_clusters
+        content = bytearray(nclusters * cs)
+        content[:cs] = header
+        content[cs : cs + 8] = (2 * cs).to_bytes(8, "big")
+        block = memoryview(content)[2 * cs : 3 * cs]
+        refblock = bytearray(cs)
+        for c in range(nclusters):
+            rc_set(refblock, c, h.refcount_order, 1)
+        block[:] = refblock
+        await f.swap_in(bytes(content))
         self.l1 = [0] * h.l1_size
         self.l1_dirty.clear()
         self.l2cache.clear()
