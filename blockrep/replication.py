@@ -119,6 +119,8 @@ class ReplicationRegistry:
 
     async def on_close(self, node: ReplicationNode) -> None:
         """QEMU's replication_close: stop a running replication, cancel a failover."""
+        if node.stage == RUNNING and node.mode == SECONDARY and node.backup_job is None and not node.shared_disk:
+            node.stage = DONE  # shutting down: the jobs are gone already, nothing to stop
         if node.stage == RUNNING:
             try:
                 await self.stop(node, False)

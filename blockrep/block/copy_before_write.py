@@ -16,7 +16,7 @@ import asyncio
 from typing import Any
 
 from .graph import Graph, register
-from .node import BlockError, Extent, Node
+from .node import BlockError, Extent, Node, is_zero
 from .options import OptionError
 
 MIN_CLUSTER = 64 << 10
@@ -135,7 +135,7 @@ class CopyBeforeWriteNode(Node):
                 await self.target.write_zeroes(start, length, may_unmap=False)
             else:
                 data = await self.source.read(start, length)
-                if data.count(0) == len(data):
+                if is_zero(data):
                     await self.target.write_zeroes(start, length, may_unmap=False)
                 else:
                     await self.target.write(start, data)

@@ -60,6 +60,20 @@ class Extent:
         return self.offset + self.length == other.offset
 
 
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """Does a buffer hold only zero bytes?
+
+    Cheap on data: a few sampled bytes reject almost every non-zero buffer before
+    a full compare (``data.count(0)`` would scan all of it, ~1 ms per MiB).
+    """
+    n = len(data)
+    if n == 0:
+        return True
+    if data[0] or data[n - 1] or data[n // 2]:
+        return False
+    return data == bytes(n)
+
+
 def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
     """Join adjacent extents that describe the same kind of storage."""
     out: list[Extent] = []

@@ -13,7 +13,7 @@ from typing import Any
 from ..block import Graph
 from ..block.file import FileNode
 from ..block.graph import probe_format
-from ..block.node import BlockError, Extent, Node
+from ..block.node import BlockError, Extent, Node, is_zero
 from ..block.options import OptionError, parse_size, split_keyval
 from ..block.qcow2 import Qcow2Node
 from ..block.qcow2 import create as qcow2_create
@@ -479,7 +479,7 @@ async def cmd_compare(a: argparse.Namespace) -> int:
             while pos < longer.length:
                 n = min(CHUNK, longer.length - pos)
                 d = await longer.read(pos, n)
-                if d.count(0) != len(d):
+                if not is_zero(d):
                     off = pos + _first_diff(d, bytes(len(d)))
                     progress.done()
                     if not a.q:
@@ -567,7 +567,7 @@ async def copy_image(src: Node, dst: Node, progress: Progress, skip_unallocated:
             while o < e.start + e.length:
                 m = min(CHUNK, e.start + e.length - o)
                 data = await src.read(o, m)
-                if data.count(0) != len(data):
+                if not is_zero(data):
                     await dst.write(o, data)
                 o += m
         pos += n

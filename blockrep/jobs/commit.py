@@ -10,7 +10,7 @@ sync, and on completion every user of ``top`` is switched to ``base``.
 from __future__ import annotations
 
 from ..block.graph import Graph
-from ..block.node import BlockError, DirtyBitmap, Node
+from ..block.node import BlockError, DirtyBitmap, Node, is_zero
 from .base import Job, JobManager
 from .mirror import GRANULARITY, DirtyCopyJob
 
@@ -78,7 +78,7 @@ class CommitJob(Job):
                 start = c * GRANULARITY
                 n = min(GRANULARITY, self.top.length - start)
                 data = await self.top.read(start, n)
-                if data.count(0) == len(data):
+                if is_zero(data):
                     await self.base.write_zeroes(start, n, may_unmap=False)
                 else:
                     await self.base.write(start, data)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from ..block.graph import Graph
-from ..block.node import BlockError, DirtyBitmap, Node
+from ..block.node import BlockError, DirtyBitmap, Node, is_zero
 from .base import Job, JobError, JobManager
 
 GRANULARITY = 64 << 10
@@ -83,7 +83,7 @@ class DirtyCopyJob(Job):
                     self.bitmap.mark(start, n)
                 raise
             try:
-                if data.count(0) == len(data):
+                if is_zero(data):
                     await self.target.write_zeroes(start, n, may_unmap=False)
                 else:
                     await self.target.write(start, data)

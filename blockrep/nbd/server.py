@@ -428,13 +428,19 @@ class NBDClientConn:
         proto.feed(leftover)
         await proto.closed
 
-    def _dispatch(self, req: p.Request, payload: bytes) -> bool:
-        """Start one request; False when the connection is to end (DISC)."""
+    def _dispatch(self, req: p.Request, payload: bytes, recycle: Callable[[], None] | None = None) -> bool:
+        """Start one request; False when the connection is to end (DISC).
+
+        ``recycle`` gives the payload's buffer back once the request is done:
+        every layer has finished with the data when a write completes.
+        """
         if req.type == p.CMD_DISC:
             return False
         t = asyncio.create_task(self._handle(req, payload))
         self.tasks.add(t)
         t.add_done_callback(self._done_fast)
+        if recycle is not None:
+            t.add_done_callback(lambda _t: recycle())
         return True
 
     def _done_fast(self, t: asyncio.Task) -> None:
@@ -587,6 +593,7 @@ class _RequestReader(asyncio.BufferedProtocol):
         self.big: bytearray | None = None
         self.big_got = 0
         self.big_req: p.Request | None = None
+        self.pool: dict[int, list[bytearray]] = {}  # payload buffers by size, for reuse
         self.in_flight = 0
         self.paused = False
         self.done = False
@@ -625,7 +632,18 @@ class _RequestReader(asyncio.BufferedProtocol):
             if self.big_got == len(self.big):
                 req, payload = self.big_req, self.big
                 self.big, self.big_req = None, None
-                self._deliver(req, memoryview(payload))  # type: ignore[arg-type]  # never reused: no copy
+                view = memoryview(payload)
+
+                def recycle(buf: bytearray = payload, view: memoryview = view) -> None:
+                    try:
+                        view.release()
+                    except BufferError:
+                        return  # still referenced somewhere: leave it to the GC
+                    pool = self.pool.setdefault(len(buf), [])
+                    if len(pool) < 4:
+                        pool.append(buf)
+
+                self._deliver(req, view, recycle)  # type: ignore[arg-type]
             return
         self.end += nbytes
         self._parse()
@@ -650,7 +668,9 @@ class _RequestReader(asyncio.BufferedProtocol):
                     payload = bytes(self.buf[self.start + hs : self.start + hs + req.length])
                     self.start += hs + req.length
                 elif req.length > self.BIG:
-                    big = bytearray(req.length)
+                    # a recycled buffer: fresh 1 MiB ones cost page faults and zeroing
+                    free = self.pool.get(req.length)
+                    big = free.pop() if free else bytearray(req.length)
                     big[:have] = self.buf[self.start + hs : self.end]
                     self.start = self.end = 0
                     self.big, self.big_got, self.big_req = big, have, req
@@ -667,8 +687,8 @@ class _RequestReader(asyncio.BufferedProtocol):
         if self.start == self.end:
             self.start = self.end = 0
 
-    def _deliver(self, req: p.Request, payload: bytes | bytearray) -> None:
-        if not self.conn._dispatch(req, payload):  # type: ignore[arg-type]
+    def _deliver(self, req: p.Request, payload: bytes | bytearray, recycle: Callable[[], None] | None = None) -> None:
+        if not self.conn._dispatch(req, payload, recycle):  # type: ignore[arg-type]
             # DISC: finish what is in flight, then close
             self.done = True
             asyncio.ensure_future(self._disconnect())
