@@ -599,11 +599,14 @@ class Primary(Role):
                     f"split brain: both nodes wrote since epoch {rel.common}: primary wrote "
                     f"{len(mine)} region(s), secondary {len(theirs)} region(s); not replicating, nothing overwritten"
                 )
+            # this node keeps serving its consumer: from here on it writes alone
+            self.track_alone_writes("degraded")
             await ch.close()
             return False
         if hello.get("stage") not in ("none", None):
             self.peer = "degraded"
             self.error(f"the secondary is in stage {hello.get('stage')}; restart it to pair again")
+            self.track_alone_writes("degraded")
             await ch.close()
             return False
         # a live consumer waits while the disks are brought in sync and replication
