@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient
-
 import blockrep.block  # noqa: F401  (import order: the block layer before the NBD client)
 from blockrep.nbd import proto as nbdp
 from blockrep.nbd.client import Address, NBDConnection
 from tests.daemon_harness import DaemonProc
 from tests.helpers import tool
+from tests.integration.replication_test_helpers import Q
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -57,37 +56,8 @@ def qcow2_create(path: Path | str, size: int) -> None:
 # -- QMP ---------------------------------------------------------------------------------
 
 
-class SQ:
-    """One QMP connection to one daemon."""
-
-    def __init__(self, name: str, client: QMPClient, proc: DaemonProc) -> None:
-        self.name = name
-        self.c = client
-        self.proc = proc
-
-    @classmethod
-    async def connect(cls, name: str, proc: DaemonProc) -> SQ:
-        c = QMPClient(name)
-        await asyncio.wait_for(c.connect(proc.qmp_sock), 10)
-        return cls(name, c, proc)
-
-    async def run(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30) -> Any:
-        return await asyncio.wait_for(self.c.execute(cmd, args or {}), timeout)
-
-    async def error(self, cmd: str, args: dict[str, Any] | None = None) -> str:
-        """Run a command that must fail with GenericError; its desc."""
-        try:
-            r = await self.run(cmd, args)
-        except ExecuteError as e:
-            assert e.error.error.class_ == "GenericError", e.error.error
-            return e.error.error.desc
-        raise AssertionError(f"{self.name}: {cmd} {args} unexpectedly returned {r!r}")
-
-    async def hmp(self, line: str) -> str:
-        return await self.run("human-monitor-command", {"command-line": line})
-
-    async def io(self, node: str, cmd: str) -> str:
-        return await self.hmp(f'qemu-io {node} "{cmd}"')
+class SQ(Q):
+    """One QMP connection to one daemon (replication_test_helpers.Q plus shared-disk queries)."""
 
     async def status(self) -> dict[str, Any]:
         return await self.run("query-xen-replication-status")
