@@ -39,7 +39,9 @@ from tests.integration.ha_harness import HA, MiB  # noqa: E402
 BS = 4096
 
 
-async def load(client, size: int, seconds: float, qd: int, seed: int, stop: asyncio.Event | None = None) -> dict:
+async def load(
+    client, size: int, seconds: float, qd: int, seed: int, stop: asyncio.Event | None = None
+) -> dict:
     """4 KiB random writes at queue depth ``qd`` for ``seconds``; returns ops and errors."""
     rnd = random.Random(seed)
     end = time.monotonic() + seconds
@@ -61,13 +63,21 @@ async def load(client, size: int, seconds: float, qd: int, seed: int, stop: asyn
     t0 = time.monotonic()
     await asyncio.gather(*(worker(i) for i in range(qd)))
     dt = time.monotonic() - t0
-    return {"ops": ops, "seconds": dt, "iops": ops / dt, "mib_s": ops * BS / MiB / dt, "errors": errors}
+    return {
+        "ops": ops,
+        "seconds": dt,
+        "iops": ops / dt,
+        "mib_s": ops * BS / MiB / dt,
+        "errors": errors,
+    }
 
 
 async def pair(ha: HA, interval: float, s_extra=()):
     s = ha.secondary(extra=["--heartbeat-interval", "0.1", *s_extra])
-    p = ha.primary(f"unix:{ha.path('s.ctl')}", extra=["--heartbeat-interval", "0.1",
-                                                       "--checkpoint-interval", str(interval)])
+    p = ha.primary(
+        f"unix:{ha.path('s.ctl')}",
+        extra=["--heartbeat-interval", "0.1", "--checkpoint-interval", str(interval)],
+    )
     await s.wait_ready(120)
     await p.wait_ready(120)
     return p, s
@@ -101,7 +111,11 @@ async def run_failover(size: int, qd: int, timeout: float, seed: int) -> dict:
     ha = HA()
     try:
         ha.make_disks(size, seed)
-        p, s = await pair(ha, 0, ["--auto-failover", "--fence-command", "true", "--failover-timeout", str(timeout)])
+        p, s = await pair(
+            ha,
+            0,
+            ["--auto-failover", "--fence-command", "true", "--failover-timeout", str(timeout)],
+        )
         pc = await ha.client(p)
         sc = await ha.client(s)
         await load(pc, size, 0.5, qd, seed)
@@ -113,21 +127,33 @@ async def run_failover(size: int, qd: int, timeout: float, seed: int) -> dict:
         os.kill(p.pid, signal.SIGKILL)
         p.proc.wait(10)
         stop.set()
-        st = await s.wait_status(lambda x: x["peer"] == "failed-over" and x["stage"] == "done", 60, "failover")
+        st = await s.wait_status(
+            lambda x: x["peer"] == "failed-over" and x["stage"] == "done", 60, "failover"
+        )
         t_done = time.monotonic() - t_kill
         await sc.write(0, b"\xab" * BS)  # S serves
         t_serving = time.monotonic() - t_kill
         await lt
-        return {"failover_timeout": timeout, "kill_to_failed_over_s": t_done, "kill_to_serving_s": t_serving,
-                "after_timeout_s": t_serving - timeout, "reason": st["auto-failover"]["reason"]}
+        return {
+            "failover_timeout": timeout,
+            "kill_to_failed_over_s": t_done,
+            "kill_to_serving_s": t_serving,
+            "after_timeout_s": t_serving - timeout,
+            "reason": st["auto-failover"]["reason"],
+        }
     finally:
         await ha.aclose()
 
 
 def git_rev() -> str:
     try:
-        r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
-                           timeout=10)
+        r = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return r.stdout.strip()
     except OSError:
         return "?"
@@ -137,8 +163,14 @@ async def main(a: argparse.Namespace) -> int:
     size = a.size_mib * MiB
     res: dict = {
         "env": {
-            "python": platform.python_version(), "cpus": os.cpu_count(), "load_start": os.getloadavg(),
-            "blockrep": git_rev(), "size_mib": a.size_mib, "seconds": a.seconds, "qd": a.qd, "block": BS,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "load_start": os.getloadavg(),
+            "blockrep": git_rev(),
+            "size_mib": a.size_mib,
+            "seconds": a.seconds,
+            "qd": a.qd,
+            "block": BS,
             "buffer_dir": "/dev/shm" if os.path.isdir("/dev/shm") else "(disk dir)",
             "writer": "in-process asyncio writer, blockrep NBD client over a unix socket",
         },
@@ -146,8 +178,11 @@ async def main(a: argparse.Namespace) -> int:
     }
     for interval in (0.1, 0.5, 2.0):
         r = await run_interval(size, interval, a.seconds, a.qd)
-        print(f"interval {interval:g} s: {r['checkpoints']} checkpoints, pause p50 {r['pause_p50_ms']:.1f} ms "
-              f"p99 {r['pause_p99_ms']:.1f} ms, {r['iops']:.0f} IOPS", flush=True)
+        print(
+            f"interval {interval:g} s: {r['checkpoints']} checkpoints, pause p50 {r['pause_p50_ms']:.1f} ms "
+            f"p99 {r['pause_p99_ms']:.1f} ms, {r['iops']:.0f} IOPS",
+            flush=True,
+        )
         res["intervals"].append(r)
     off = await run_interval(size, 0, a.seconds, a.qd)
     print(f"checkpoints off: {off['iops']:.0f} IOPS", flush=True)
@@ -155,8 +190,11 @@ async def main(a: argparse.Namespace) -> int:
     fos = []
     for i in range(a.failovers):
         f = await run_failover(size, a.qd, a.failover_timeout, 10 + i)
-        print(f"failover {i}: kill -> serving {f['kill_to_serving_s']:.3f} s "
-              f"(timeout {f['failover_timeout']:g} s)", flush=True)
+        print(
+            f"failover {i}: kill -> serving {f['kill_to_serving_s']:.3f} s "
+            f"(timeout {f['failover_timeout']:g} s)",
+            flush=True,
+        )
         fos.append(f)
     res["failover"] = {
         "runs": fos,
@@ -195,23 +233,31 @@ def render(res: dict) -> str:
             f"| {r['interval']:g} s | {r['checkpoints']} | {r['pause_p50_ms']:.1f} | {r['pause_p99_ms']:.1f} | "
             f"{r['iops']:.0f} | {r['mib_s']:.2f} | {r['iops'] / off['iops']:.2f} |"
         )
-    lines.append(f"| off (0 = on demand) | 0 | - | - | {off['iops']:.0f} | {off['mib_s']:.2f} | 1.00 |")
+    lines.append(
+        f"| off (0 = on demand) | 0 | - | - | {off['iops']:.0f} | {off['mib_s']:.2f} | 1.00 |"
+    )
     fo = res["failover"]
     lines += [
         "",
         "## Failover: P killed (SIGKILL) under load → S serving",
         "",
-        "S: --auto-failover --fence-command true, heartbeat 0.1 s. \"serving\" = status stage done /"
+        'S: --auto-failover --fence-command true, heartbeat 0.1 s. "serving" = status stage done /'
         " peer failed-over and a write through S's export returned.",
         "",
         "| run | failover timeout (s) | kill → failed over (s) | kill → serving (s) | minus the timeout (s) |",
         "|---|---|---|---|---|",
     ]
     for i, f in enumerate(fo["runs"]):
-        lines.append(f"| {i} | {f['failover_timeout']:g} | {f['kill_to_failed_over_s']:.3f} | "
-                     f"{f['kill_to_serving_s']:.3f} | {f['after_timeout_s']:.3f} |")
-    lines += ["", f"Median kill → serving: {fo['kill_to_serving_median_s']:.3f} s "
-              f"({fo['after_timeout_median_s']:.3f} s beyond the failover timeout).", ""]
+        lines.append(
+            f"| {i} | {f['failover_timeout']:g} | {f['kill_to_failed_over_s']:.3f} | "
+            f"{f['kill_to_serving_s']:.3f} | {f['after_timeout_s']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Median kill → serving: {fo['kill_to_serving_median_s']:.3f} s "
+        f"({fo['after_timeout_median_s']:.3f} s beyond the failover timeout).",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -48,10 +48,22 @@ class Server:
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         if kind == "blockrep":
-            cmd = [PY, "-m", "blockrep.cli", "daemon", "-qmp", f"unix:{self.sock},server=on,wait=off"]
+            cmd = [
+                PY,
+                "-m",
+                "blockrep.cli",
+                "daemon",
+                "-qmp",
+                f"unix:{self.sock},server=on,wait=off",
+            ]
         else:
-            cmd = ["qemu-storage-daemon", "--chardev", f"socket,id=m0,path={self.sock},server=on,wait=off",
-                   "--monitor", "chardev=m0"]
+            cmd = [
+                "qemu-storage-daemon",
+                "--chardev",
+                f"socket,id=m0,path={self.sock},server=on,wait=off",
+                "--monitor",
+                "chardev=m0",
+            ]
         self.log = open(os.path.join(d, f"{kind}.log"), "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         self.c = QMPClient("bench")
@@ -76,7 +88,11 @@ class Server:
                 d = ev.get("data", {})
                 if ev["event"] == event and (d.get("device") == job or d.get("id") == job):
                     return d
-                if ev["event"] == "BLOCK_JOB_COMPLETED" and d.get("device") == job and d.get("error"):
+                if (
+                    ev["event"] == "BLOCK_JOB_COMPLETED"
+                    and d.get("device") == job
+                    and d.get("error")
+                ):
                     raise RuntimeError(f"{job} failed: {d['error']}")
 
         return await asyncio.wait_for(go(), timeout)
@@ -152,7 +168,9 @@ async def mirror_bench(kind: str, d: str, data: str) -> float:
         await s.x("blockdev-add", **node("t", top, backing=None))
         await s.x("blockdev-add", **node("m", tgt))
         t0 = time.monotonic()
-        await s.x("blockdev-mirror", **{"job-id": "m", "device": "t", "target": "m", "sync": "full"})
+        await s.x(
+            "blockdev-mirror", **{"job-id": "m", "device": "t", "target": "m", "sync": "full"}
+        )
         await s.wait("BLOCK_JOB_READY", "m")
         dt = time.monotonic() - t0
         await s.x("job-complete", id="m")
@@ -163,14 +181,26 @@ async def mirror_bench(kind: str, d: str, data: str) -> float:
 
 
 def fio(uri: str, args: list[str], runtime: int) -> dict:
-    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--size={CBW_DISK_MIB}M", "--time_based",
-           f"--runtime={runtime}", "--output-format=json", "--randrepeat=0", *args]
+    cmd = [
+        "fio",
+        "--name=b",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        f"--size={CBW_DISK_MIB}M",
+        "--time_based",
+        f"--runtime={runtime}",
+        "--output-format=json",
+        "--randrepeat=0",
+        *args,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime * 10 + 60).stdout
-    return json.loads(out[out.index("{"):])["jobs"][0]
+    return json.loads(out[out.index("{") :])["jobs"][0]
 
 
-CBW_CASES = [("rand write 4k qd16", ["--rw=randwrite", "--bs=4k", "--iodepth=16"], "iops"),
-             ("rand write 1M qd4", ["--rw=randwrite", "--bs=1M", "--iodepth=4"], "bw")]
+CBW_CASES = [
+    ("rand write 4k qd16", ["--rw=randwrite", "--bs=4k", "--iodepth=16"], "iops"),
+    ("rand write 1M qd4", ["--rw=randwrite", "--bs=1M", "--iodepth=4"], "bw"),
+]
 
 
 async def cbw_bench(kind: str, d: str, runtime: int) -> list[dict]:
@@ -188,9 +218,19 @@ async def cbw_bench(kind: str, d: str, runtime: int) -> list[dict]:
                 await s.x("blockdev-add", **node("src", disk, "raw"))
                 await s.x("blockdev-add", **node("tgt", tgt))
                 await s.x("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}})
-                await s.x("block-export-add", type="nbd", id="e", **{"node-name": "src"}, name="disk", writable=True)
+                await s.x(
+                    "block-export-add",
+                    type="nbd",
+                    id="e",
+                    **{"node-name": "src"},
+                    name="disk",
+                    writable=True,
+                )
                 if with_job:
-                    await s.x("blockdev-backup", **{"job-id": "bk", "device": "src", "target": "tgt", "sync": "none"})
+                    await s.x(
+                        "blockdev-backup",
+                        **{"job-id": "bk", "device": "src", "target": "tgt", "sync": "none"},
+                    )
                 job = await asyncio.to_thread(fio, f"nbd+unix:///disk?socket={nbd}", fargs, runtime)
                 w = job["write"]
                 v = w["iops"] if metric == "iops" else w["bw"] / 1024.0
@@ -200,8 +240,14 @@ async def cbw_bench(kind: str, d: str, runtime: int) -> list[dict]:
                     await s.x("job-cancel", id="bk")
                 else:
                     copied = 0
-                row = {"server": kind, "case": case, "backup_sync_none": with_job, "metric": "IOPS" if metric == "iops" else "MiB/s",
-                       "value": v, "copied_MiB": copied / MiB}
+                row = {
+                    "server": kind,
+                    "case": case,
+                    "backup_sync_none": with_job,
+                    "metric": "IOPS" if metric == "iops" else "MiB/s",
+                    "value": v,
+                    "copied_MiB": copied / MiB,
+                }
                 print(row, flush=True)
                 rows.append(row)
             finally:
@@ -216,8 +262,14 @@ async def amain(args: argparse.Namespace) -> dict:
         with open(data, "wb") as f:
             for _ in range(DATA_MIB):
                 f.write(os.urandom(MiB))
-        res: dict = {"data_MiB": DATA_MIB, "cbw_disk_MiB": CBW_DISK_MIB, "runtime_s": args.runtime,
-                     "commit": {}, "mirror": {}, "cbw": []}
+        res: dict = {
+            "data_MiB": DATA_MIB,
+            "cbw_disk_MiB": CBW_DISK_MIB,
+            "runtime_s": args.runtime,
+            "commit": {},
+            "mirror": {},
+            "cbw": [],
+        }
         for kind in args.servers.split(","):
             sub = os.path.join(d, kind)
             os.makedirs(sub, exist_ok=True)
@@ -239,19 +291,30 @@ async def amain(args: argparse.Namespace) -> dict:
 
 def report(res: dict) -> str:
     kinds = list(res["commit"])
-    lines = ["# Block job benchmark (blockrep daemon vs qemu-storage-daemon, same run)", "",
-             f"Commit and mirror: {res['data_MiB']} MiB of random data allocated in a qcow2 top; time from the command "
-             "to BLOCK_JOB_READY.", "",
-             "| job | " + " | ".join(kinds) + " | blockrep / qsd |", "|---|" + "---|" * (len(kinds) + 1)]
+    lines = [
+        "# Block job benchmark (blockrep daemon vs qemu-storage-daemon, same run)",
+        "",
+        f"Commit and mirror: {res['data_MiB']} MiB of random data allocated in a qcow2 top; time from the command "
+        "to BLOCK_JOB_READY.",
+        "",
+        "| job | " + " | ".join(kinds) + " | blockrep / qsd |",
+        "|---|" + "---|" * (len(kinds) + 1),
+    ]
     for job in ("commit", "mirror"):
         v = res[job]
         ratio = f"{v['blockrep'] / v['qsd']:.2f}" if "blockrep" in v and v.get("qsd") else "-"
-        lines.append(f"| {job} (MiB/s) | " + " | ".join(f"{v[k]:.0f}" for k in kinds) + f" | {ratio} |")
-    lines += ["", f"Copy-before-write overhead: fio nbd random writes over a {res['cbw_disk_MiB']} MiB raw export, "
-              f"{res['runtime_s']} s each, without a job vs with blockdev-backup sync=none running "
-              "(qcow2 target, 64 KiB clusters).", "",
-              "| server | case | without job | with backup sync=none | with / without | copied by CBW |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {job} (MiB/s) | " + " | ".join(f"{v[k]:.0f}" for k in kinds) + f" | {ratio} |"
+        )
+    lines += [
+        "",
+        f"Copy-before-write overhead: fio nbd random writes over a {res['cbw_disk_MiB']} MiB raw export, "
+        f"{res['runtime_s']} s each, without a job vs with blockdev-backup sync=none running "
+        "(qcow2 target, 64 KiB clusters).",
+        "",
+        "| server | case | without job | with backup sync=none | with / without | copied by CBW |",
+        "|---|---|---|---|---|---|",
+    ]
     by: dict = {}
     for r in res["cbw"]:
         by.setdefault((r["server"], r["case"]), {})[r["backup_sync_none"]] = r
@@ -260,8 +323,10 @@ def report(res: dict) -> str:
         a, b = v[False], v[True]
         ratio = b["value"] / a["value"] if a["value"] else 0
         res["cbw_ratio"][f"{srv} {case}"] = ratio
-        lines.append(f"| {srv} | {case} | {a['value']:.0f} {a['metric']} | {b['value']:.0f} {b['metric']} | "
-                     f"{ratio:.2f} | {b['copied_MiB']:.0f} MiB |")
+        lines.append(
+            f"| {srv} | {case} | {a['value']:.0f} {a['metric']} | {b['value']:.0f} {b['metric']} | "
+            f"{ratio:.2f} | {b['copied_MiB']:.0f} MiB |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,9 @@ def free_port() -> int:
     return p
 
 
-def wait_port(host: str, port: int | None, path: str | None, proc: subprocess.Popen, timeout: float = 20) -> None:
+def wait_port(
+    host: str, port: int | None, path: str | None, proc: subprocess.Popen, timeout: float = 20
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -71,15 +73,32 @@ def start_server(kind: str, disk: str, transport: str, d: str) -> tuple[subproce
         addr = f"addr.type=unix,addr.path={path}"
         uri = f"nbd+unix:///disk?socket={path}"
     if kind == "blockrep":
-        cmd = [PY, "-m", "blockrep.cli", "daemon",
-               "--blockdev", f"driver=file,node-name=f0,filename={disk}",
-               "--blockdev", "driver=raw,node-name=disk,file=f0",
-               "--nbd-server", addr, "--export", "type=nbd,id=e0,node-name=disk,name=disk,writable=on"]
+        cmd = [
+            PY,
+            "-m",
+            "blockrep.cli",
+            "daemon",
+            "--blockdev",
+            f"driver=file,node-name=f0,filename={disk}",
+            "--blockdev",
+            "driver=raw,node-name=disk,file=f0",
+            "--nbd-server",
+            addr,
+            "--export",
+            "type=nbd,id=e0,node-name=disk,name=disk,writable=on",
+        ]
     elif kind == "qsd":
-        cmd = ["qemu-storage-daemon",
-               "--blockdev", f"driver=file,node-name=f0,filename={disk},aio=threads",
-               "--blockdev", "driver=raw,node-name=disk,file=f0",
-               "--nbd-server", addr, "--export", "type=nbd,id=e0,node-name=disk,name=disk,writable=on"]
+        cmd = [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,node-name=f0,filename={disk},aio=threads",
+            "--blockdev",
+            "driver=raw,node-name=disk,file=f0",
+            "--nbd-server",
+            addr,
+            "--export",
+            "type=nbd,id=e0,node-name=disk,name=disk,writable=on",
+        ]
     else:
         cmd = ["nbdkit", "-f", "-e", "disk"]
         cmd += ["-i", "127.0.0.1", "-p", str(port)] if transport == "tcp" else ["-U", path]
@@ -90,10 +109,19 @@ def start_server(kind: str, disk: str, transport: str, d: str) -> tuple[subproce
 
 
 def fio(uri: str, args: list[str], runtime: int, size: str) -> dict:
-    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--size={size}", "--time_based",
-           f"--runtime={runtime}", "--output-format=json", *args]
+    cmd = [
+        "fio",
+        "--name=b",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        f"--size={size}",
+        "--time_based",
+        f"--runtime={runtime}",
+        "--output-format=json",
+        *args,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime * 10 + 60).stdout
-    return json.loads(out[out.index("{"):])["jobs"][0]
+    return json.loads(out[out.index("{") :])["jobs"][0]
 
 
 def main() -> None:
@@ -119,7 +147,13 @@ def main() -> None:
                     for name, fargs, key, metric in CASES:
                         job = fio(uri, fargs, args.runtime, args.size)
                         v = job[key]["bw"] / 1024.0 if metric == "bw" else job[key]["iops"]
-                        row = {"server": kind, "transport": transport, "case": name, "metric": "MiB/s" if metric == "bw" else "IOPS", "value": v}
+                        row = {
+                            "server": kind,
+                            "transport": transport,
+                            "case": name,
+                            "metric": "MiB/s" if metric == "bw" else "IOPS",
+                            "value": v,
+                        }
                         results["rows"].append(row)
                         print(row, flush=True)
                 finally:
@@ -133,16 +167,22 @@ def main() -> None:
     table: dict[tuple[str, str], dict[str, float]] = {}
     for r in results["rows"]:
         table.setdefault((r["transport"], r["case"]), {})[r["server"]] = r["value"]
-    lines = ["# NBD server benchmark (fio nbd engine, 1 GiB raw file, same run)", "",
-             "| transport | case | blockrep | qemu-storage-daemon | nbdkit file | blockrep / qsd |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# NBD server benchmark (fio nbd engine, 1 GiB raw file, same run)",
+        "",
+        "| transport | case | blockrep | qemu-storage-daemon | nbdkit file | blockrep / qsd |",
+        "|---|---|---|---|---|---|",
+    ]
     for (transport, case), v in table.items():
         unit = "MiB/s" if "1M" in case else "IOPS"
         br, q, nk = v.get("blockrep"), v.get("qsd"), v.get("nbdkit")
         ratio = f"{br / q:.2f}" if br and q else "-"
         cells = [f"{x:.0f} {unit}" if x is not None else "-" for x in (br, q, nk)]
         lines.append(f"| {transport} | {case} | {cells[0]} | {cells[1]} | {cells[2]} | {ratio} |")
-    results["ratios"] = {f"{t} {c}": (v.get("blockrep", 0) / v["qsd"]) if v.get("qsd") else None for (t, c), v in table.items()}
+    results["ratios"] = {
+        f"{t} {c}": (v.get("blockrep", 0) / v["qsd"]) if v.get("qsd") else None
+        for (t, c), v in table.items()
+    }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "nbd.json"), "w") as f:
         json.dump(results, f, indent=2)

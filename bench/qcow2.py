@@ -90,7 +90,19 @@ async def bench_make_empty(d: str, base: str, size: int, fill_mib: int) -> dict:
     os.unlink(junk)
     # reference 2: a fresh qemu-img create of the overlay
     t0 = time.perf_counter()
-    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", os.path.basename(base), "-F", "raw", ov, str(size))
+    sh(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        os.path.basename(base),
+        "-F",
+        "raw",
+        ov,
+        str(size),
+    )
     t_create = time.perf_counter() - t0
     os.unlink(ov)
     return {
@@ -125,8 +137,23 @@ async def blockrep_write(path: str, req: int, total: int, depth: int) -> float:
 
 def qemu_bench(path: str, req: int, total: int, depth: int) -> float:
     out = sh(
-        "qemu-img", "bench", "-w", "-f", "qcow2", "-t", "writeback", "-i", "threads",
-        "-c", str(total // req), "-s", str(req), "-d", str(depth), "--flush-interval", str(total // req),
+        "qemu-img",
+        "bench",
+        "-w",
+        "-f",
+        "qcow2",
+        "-t",
+        "writeback",
+        "-i",
+        "threads",
+        "-c",
+        str(total // req),
+        "-s",
+        str(req),
+        "-d",
+        str(depth),
+        "--flush-interval",
+        str(total // req),
         path,
     )
     m = re.search(r"Run completed in ([0-9.]+) seconds", out)
@@ -156,14 +183,31 @@ async def main() -> None:
             r = await bench_make_empty(d, base, size, mib)
             results["make_empty"].append(r)
             print(r, flush=True)
-        cases = [(MiB, 256 * MiB, 1), (MiB, 256 * MiB, 16), (4096, 40 * MiB, 1), (4096, 40 * MiB, 16)]
+        cases = [
+            (MiB, 256 * MiB, 1),
+            (MiB, 256 * MiB, 16),
+            (4096, 40 * MiB, 1),
+            (4096, 40 * MiB, 16),
+        ]
         if args.quick:
             cases = [(MiB, 64 * MiB, 1), (4096, 8 * MiB, 1)]
         for req, total, depth in cases:
             ov = os.path.join(d, "w.qcow2")
             await make_overlay(ov, base, size)
             t_br = await blockrep_write(ov, req, total, depth)
-            sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", ov, str(size))
+            sh(
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.raw",
+                "-F",
+                "raw",
+                ov,
+                str(size),
+            )
             t_q = qemu_bench(ov, req, total, depth)
             row = {
                 "request": req,

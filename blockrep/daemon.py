@@ -37,9 +37,32 @@ class UsageError(Exception):
 
 
 # -drive options that belong to the drive (BlockBackend), not to the block driver
-DRIVE_ONLY = {"if", "id", "index", "bus", "unit", "media", "format", "file", "readonly",
-              "cache", "werror", "rerror", "serial", "addr", "aio", "snapshot", "copy-on-read",
-              "boot", "cyls", "heads", "secs", "trans", "discard", "detect-zeroes"}
+DRIVE_ONLY = {
+    "if",
+    "id",
+    "index",
+    "bus",
+    "unit",
+    "media",
+    "format",
+    "file",
+    "readonly",
+    "cache",
+    "werror",
+    "rerror",
+    "serial",
+    "addr",
+    "aio",
+    "snapshot",
+    "copy-on-read",
+    "boot",
+    "cyls",
+    "heads",
+    "secs",
+    "trans",
+    "discard",
+    "detect-zeroes",
+}
 DRIVE_REFUSED = {"snapshot": "on", "copy-on-read": "on"}
 CACHE_MODES = {
     "writeback": (False, False),
@@ -51,8 +74,18 @@ CACHE_MODES = {
 # options of qemu-system that are no-ops for a daemon without a guest
 NOOP_OPTIONS_WITH_ARG = {"machine", "M", "display", "name", "accel", "m", "smp"}
 NOOP_FLAGS = {"nodefaults", "S", "no-user-config", "nographic", "no-shutdown"}
-KNOWN_WITH_ARG = {"drive", "blockdev", "object", "qmp", "nbd-server", "export", "pidfile",
-                  "chardev", "monitor", *NOOP_OPTIONS_WITH_ARG}
+KNOWN_WITH_ARG = {
+    "drive",
+    "blockdev",
+    "object",
+    "qmp",
+    "nbd-server",
+    "export",
+    "pidfile",
+    "chardev",
+    "monitor",
+    *NOOP_OPTIONS_WITH_ARG,
+}
 KNOWN_FLAGS = {"daemonize", *NOOP_FLAGS}
 
 
@@ -90,7 +123,9 @@ def parse_argv(argv: list[str]) -> DaemonConfig:
             i += 1
         i += 1
         if name in ("machine", "M") and value.split(",")[0] not in ("none", "type=none"):
-            raise UsageError(f"-machine {value}: blockrep daemon runs no guest; only '-machine none' is accepted")
+            raise UsageError(
+                f"-machine {value}: blockrep daemon runs no guest; only '-machine none' is accepted"
+            )
         if name == "display" and value != "none":
             raise UsageError(f"-display {value}: only '-display none' is accepted")
         if name == "pidfile":
@@ -158,7 +193,9 @@ class Daemon:
                 raise OptionError("Parameter 'qom-type' is missing")
             obj = create_object(qom, opts, typed)
             if obj.id in self.graph.objects:
-                raise OptionError(f"attempt to add duplicate property '{obj.id}' to object (type 'container')")
+                raise OptionError(
+                    f"attempt to add duplicate property '{obj.id}' to object (type 'container')"
+                )
             self.graph.objects[obj.id] = obj
         elif name == "qmp":
             await self._listen_qmp(value)
@@ -182,18 +219,33 @@ class Daemon:
                 typed=False,
                 required=("addr",),
             )
-            await self.nbd_server_start(o["addr"], o.get("tls-creds"), o.get("tls-authz"), o.get("max-connections", 0))
+            await self.nbd_server_start(
+                o["addr"], o.get("tls-creds"), o.get("tls-authz"), o.get("max-connections", 0)
+            )
         elif name == "export":
             opts = parse_keyval(value)
             o = check(
-                {"type": ("enum", ("nbd",)), "id": "str", "node-name": "str", "name": "str",
-                 "writable": "bool", "description": "str", "writethrough": "bool", "iothread": "str"},
+                {
+                    "type": ("enum", ("nbd",)),
+                    "id": "str",
+                    "node-name": "str",
+                    "name": "str",
+                    "writable": "bool",
+                    "description": "str",
+                    "writethrough": "bool",
+                    "iothread": "str",
+                },
                 opts,
                 typed=False,
                 required=("type", "id", "node-name"),
             )
-            await self.export_add(o["id"], o["node-name"], o.get("name", o["node-name"]),
-                                  o.get("writable", False), o.get("description", ""))
+            await self.export_add(
+                o["id"],
+                o["node-name"],
+                o.get("name", o["node-name"]),
+                o.get("writable", False),
+                o.get("description", ""),
+            )
 
     async def _listen_qmp(self, spec: str) -> None:
         head, _, rest = spec.partition(",")
@@ -219,7 +271,9 @@ class Daemon:
                 raise OptionError(f"-drive {key}={bad} is not supported by blockrep daemon")
         iface = opts.pop("if", "ide")
         if iface not in ("none", "virtio"):
-            raise OptionError(f"if={iface} is not supported by blockrep daemon (use if=none or if=virtio)")
+            raise OptionError(
+                f"if={iface} is not supported by blockrep daemon (use if=none or if=virtio)"
+            )
         dev_id = opts.pop("id", None)
         if dev_id is None:
             n = self._drive_counter.get(iface, 0)
@@ -250,7 +304,10 @@ class Daemon:
             if cache not in CACHE_MODES:
                 raise OptionError(f"invalid cache option '{cache}'")
             direct, noflush = CACHE_MODES[cache]
-            opts["cache"] = {"direct": "on" if direct else "off", "no-flush": "on" if noflush else "off"}
+            opts["cache"] = {
+                "direct": "on" if direct else "off",
+                "no-flush": "on" if noflush else "off",
+            }
         elif isinstance(cache, dict):
             opts["cache"] = cache
         aio = opts.pop("aio", None)
@@ -294,7 +351,9 @@ class Daemon:
             if child not in pnode.children:
                 raise BlockError(errno.ENOENT, f"Node '{parent}' does not have child '{child}'")
             if not isinstance(pnode, QuorumNode):
-                raise BlockError(errno.ENOTSUP, f"The node {pname} does not support removing a child")
+                raise BlockError(
+                    errno.ENOTSUP, f"The node {pname} does not support removing a child"
+                )
             pnode.del_child(child)
         if node is not None:
             new = self.graph.nodes.get(node)
@@ -324,7 +383,9 @@ class Daemon:
 
     # -- NBD server and exports --------------------------------------------------
 
-    async def nbd_server_start(self, addr: Any, tls_creds: str | None, tls_authz: str | None, max_conn: int) -> None:
+    async def nbd_server_start(
+        self, addr: Any, tls_creds: str | None, tls_authz: str | None, max_conn: int
+    ) -> None:
         from .block.nbd import parse_address
 
         if self.nbd is not None:
@@ -353,7 +414,9 @@ class Daemon:
             else:
                 await srv.listen_tcp(a.host, int(a.port))
         except OSError as e:
-            raise BlockError(e.errno or errno.EIO, f"Failed to bind socket: {os.strerror(e.errno or errno.EIO)}") from None
+            raise BlockError(
+                e.errno or errno.EIO, f"Failed to bind socket: {os.strerror(e.errno or errno.EIO)}"
+            ) from None
         srv.exports = {e.name: e for e in self.exports.values()}
         self.nbd = srv
 
@@ -365,8 +428,15 @@ class Daemon:
         await self.nbd.close()
         self.nbd = None
 
-    async def export_add(self, exp_id: str, device: str, name: str, writable: bool, description: str,
-                         legacy: bool = False) -> None:
+    async def export_add(
+        self,
+        exp_id: str,
+        device: str,
+        name: str,
+        writable: bool,
+        description: str,
+        legacy: bool = False,
+    ) -> None:
         if self.nbd is None:
             raise BlockError(errno.ENOENT, "NBD server not running")
         if exp_id in self.exports:
@@ -470,7 +540,9 @@ async def run_daemon(cfg: DaemonConfig, ready_fd: int | None = None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=os.environ.get("BLOCKREP_LOG", "WARNING"), format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("BLOCKREP_LOG", "WARNING"), format="%(name)s: %(message)s"
+    )
     try:
         cfg = parse_argv(argv)
     except UsageError as e:

@@ -74,8 +74,12 @@ def create_object(qom_type: str, props: dict[str, Any], typed: bool) -> Any:
             raise OptionError("Parameter 'dir' is missing")
         if not os.path.isdir(o["dir"]):
             raise OptionError(f"Unable to access credentials {o['dir']}: No such file or directory")
-        return TLSCredsX509(o["id"], o["dir"], o.get("endpoint", "client"), o.get("verify-peer", True))
+        return TLSCredsX509(
+            o["id"], o["dir"], o.get("endpoint", "client"), o.get("verify-peer", True)
+        )
     if qom_type == "authz-simple":
         o = check(AUTHZ_SCHEMA, props, typed=typed, required=("id", "identity"))
         return AuthzSimple(o["id"], o["identity"])
-    raise OptionError(f"Invalid parameter type for 'qom-type', unsupported object type '{qom_type}'")
+    raise OptionError(
+        f"Invalid parameter type for 'qom-type', unsupported object type '{qom_type}'"
+    )

@@ -48,7 +48,9 @@ async def _allocated_bytes(node: Node | None) -> int:
     """Bytes an overlay holds in its own layer (depth 0), not in its backing chain."""
     if node is None or node.closed or node.length == 0:
         return 0
-    return sum(e.length for e in await node.block_status(0, node.length) if e.present and e.depth == 0)
+    return sum(
+        e.length for e in await node.block_status(0, node.length) if e.present and e.depth == 0
+    )
 
 
 async def disk_identity(node: Node) -> dict[str, Any]:
@@ -119,7 +121,12 @@ class ReplicationRegistry:
 
     async def on_close(self, node: ReplicationNode) -> None:
         """QEMU's replication_close: stop a running replication, cancel a failover."""
-        if node.stage == RUNNING and node.mode == SECONDARY and node.backup_job is None and not node.shared_disk:
+        if (
+            node.stage == RUNNING
+            and node.mode == SECONDARY
+            and node.backup_job is None
+            and not node.shared_disk
+        ):
             node.stage = DONE  # shutting down: the jobs are gone already, nothing to stop
         if node.stage == RUNNING:
             try:
@@ -191,7 +198,9 @@ class ReplicationRegistry:
         if not shared and not self.graph.has_backend(disk):
             raise ReplicationError("The secondary disk doesn't have block backend")
         if not (active.length == hidden.length == disk.length):
-            raise ReplicationError("Active disk, hidden disk, secondary disk's length are not the same")
+            raise ReplicationError(
+                "Active disk, hidden disk, secondary disk's length are not the same"
+            )
         if not active.supports_make_empty() or not hidden.supports_make_empty():
             raise ReplicationError("Active disk or hidden disk doesn't support make_empty")
         return active, hidden, disk
@@ -228,8 +237,12 @@ class ReplicationRegistry:
             job = await launch.start_backup(
                 self.graph,
                 self.jobs,
-                {"job-id": f"replication-backup-{s.node_name.lstrip('#')}", "device": secondary.node_name,
-                 "target": hidden.node_name, "sync": "none"},
+                {
+                    "job-id": f"replication-backup-{s.node_name.lstrip('#')}",
+                    "device": secondary.node_name,
+                    "target": hidden.node_name,
+                    "sync": "none",
+                },
                 internal=True,
             )
         except Exception as e:
@@ -259,7 +272,9 @@ class ReplicationRegistry:
         """
         disk = self.graph.find(s.shared_disk_id or "")
         if disk is None:
-            raise ReplicationError(f"Cannot find device='{s.shared_disk_id}' nor node-name='{s.shared_disk_id}'")
+            raise ReplicationError(
+                f"Cannot find device='{s.shared_disk_id}' nor node-name='{s.shared_disk_id}'"
+            )
         if disk.length != s.length:
             raise ReplicationError("The shared disk and the hidden disk's length are not the same")
         s.stage = RUNNING  # the filter's target (this node) must accept writes from now on
@@ -267,8 +282,12 @@ class ReplicationRegistry:
             job = await launch.start_backup(
                 self.graph,
                 self.jobs,
-                {"job-id": f"replication-backup-{s.node_name.lstrip('#')}", "device": disk.node_name,
-                 "target": s.node_name, "sync": "none"},
+                {
+                    "job-id": f"replication-backup-{s.node_name.lstrip('#')}",
+                    "device": disk.node_name,
+                    "target": s.node_name,
+                    "sync": "none",
+                },
                 internal=True,
             )
         except Exception as e:
@@ -293,7 +312,9 @@ class ReplicationRegistry:
         s.attach_child("secondary", shared)
         _watch_preimages(s, hidden)
 
-    async def _reopen_backing(self, s: ReplicationNode, hidden: Node, secondary: Node, writable: bool) -> None:
+    async def _reopen_backing(
+        self, s: ReplicationNode, hidden: Node, secondary: Node, writable: bool
+    ) -> None:
         if writable:
             s.orig_ro = {"hidden": hidden.read_only, "secondary": secondary.read_only}
         for key, node in (("hidden", hidden), ("secondary", secondary)):
@@ -400,8 +421,11 @@ class ReplicationRegistry:
             job = await launch.start_commit(
                 self.graph,
                 self.jobs,
-                {"job-id": f"replication-commit-{s.node_name.lstrip('#')}", "device": active.node_name,
-                 "base-node": secondary.node_name},
+                {
+                    "job-id": f"replication-commit-{s.node_name.lstrip('#')}",
+                    "device": active.node_name,
+                    "base-node": secondary.node_name,
+                },
                 internal=True,
                 auto_complete=True,
             )
@@ -437,7 +461,11 @@ class ReplicationRegistry:
     async def status(self, s: ReplicationNode) -> dict[str, Any]:
         job_ids = [j.id for j in (s.backup_job, s.commit_job) if j is not None]
         hidden = s.child_node("hidden")
-        active = s.file if s.mode == SECONDARY and s.stage in (RUNNING, FAILOVER, FAILOVER_FAILED) else None
+        active = (
+            s.file
+            if s.mode == SECONDARY and s.stage in (RUNNING, FAILOVER, FAILOVER_FAILED)
+            else None
+        )
         cbw = getattr(s.backup_job, "cbw", None)
         out: dict[str, Any] = {
             "node-name": s.node_name,

@@ -20,7 +20,9 @@ class DaemonProc:
         self.log = open(log_path, "wb")
         if qmp_sock and os.path.exists(qmp_sock):
             os.unlink(qmp_sock)  # a stale socket must not look like a ready daemon
-        self.proc = subprocess.Popen([*BLOCKREP, "daemon", *args], stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*BLOCKREP, "daemon", *args], stdout=self.log, stderr=subprocess.STDOUT
+        )
 
     def wait_ready(self, path: str | None = None, timeout: float = 20.0) -> None:
         path = path or self.qmp_sock

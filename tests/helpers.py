@@ -20,7 +20,9 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coro)
 
 
-def tool(*args: str, check: bool = True, timeout: float = TOOL_TIMEOUT) -> subprocess.CompletedProcess:
+def tool(
+    *args: str, check: bool = True, timeout: float = TOOL_TIMEOUT
+) -> subprocess.CompletedProcess:
     """Run a reference tool (qemu-img, qemu-io, ...) with a time bound."""
     if shutil.which(args[0]) is None:
         pytest.fail(f"{args[0]} is not installed; `make test` installs it")
@@ -40,7 +42,12 @@ async def make_qcow2(
     g = Graph()
     f = await g.add({"driver": "file", "filename": path})
     await qcow2_create(
-        f, size, cluster_size=cluster_size, backing_file=backing, backing_format=backing_fmt, version=version
+        f,
+        size,
+        cluster_size=cluster_size,
+        backing_file=backing,
+        backing_format=backing_fmt,
+        version=version,
     )
     await g.close_all()
 

@@ -55,7 +55,13 @@ def _event_kinds(ev: str) -> set[str]:
     raise OptionError(f"Parameter 'event' does not accept value '{ev}'")
 
 
-IOTYPES = {"read": "read", "write": "write", "write-zeroes": "write_zeroes", "discard": "discard", "flush": "flush"}
+IOTYPES = {
+    "read": "read",
+    "write": "write",
+    "write-zeroes": "write_zeroes",
+    "discard": "discard",
+    "flush": "flush",
+}
 
 RULE_SCHEMA = {
     "event": "str",
@@ -101,7 +107,15 @@ def parse_rules(items: list[dict[str, Any]], typed: bool) -> list[Rule]:
             kinds &= {IOTYPES[r["iotype"]]} if ev != "none" else {IOTYPES[r["iotype"]]}
             if ev == "none":
                 kinds = {IOTYPES[r["iotype"]]}
-        rules.append(Rule(kinds, r.get("errno", errno.EIO), r.get("sector", -1), r.get("once", False), r.get("state", 0)))
+        rules.append(
+            Rule(
+                kinds,
+                r.get("errno", errno.EIO),
+                r.get("sector", -1),
+                r.get("once", False),
+                r.get("state", 0),
+            )
+        )
     return rules
 
 
@@ -134,12 +148,20 @@ class BlkdebugNode(Node):
     @classmethod
     async def open(cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool) -> BlkdebugNode:
         if opts.get("config"):
-            raise OptionError("blkdebug config files are not supported by blockrep; use inject-error")
+            raise OptionError(
+                "blkdebug config files are not supported by blockrep; use inject-error"
+            )
         node = cls(name, opts)
         # rules first, as QEMU does: a bad rule must not leave the image opened
         node.rules = parse_rules(opts.get("inject-error", []), typed)
         for i, item in enumerate(opts.get("set-state", [])):
-            s = check(STATE_SCHEMA, item, typed=typed, path=f"set-state[{i}]", required=("event", "new_state"))
+            s = check(
+                STATE_SCHEMA,
+                item,
+                typed=typed,
+                path=f"set-state[{i}]",
+                required=("event", "new_state"),
+            )
             node.transitions.append((_event_kinds(s["event"]), s.get("state", 0), s["new_state"]))
         role = "image" if "image" in opts else "file"
         child = await graph.open_child(opts, role, typed=typed, default_driver="file")

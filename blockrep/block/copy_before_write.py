@@ -46,7 +46,9 @@ class CopyBeforeWriteNode(Node):
         self.cluster_size = MIN_CLUSTER
         self.armed = bytearray()
         self.inflight: dict[int, asyncio.Future] = {}
-        self.break_guest_write = options.get("on-cbw-error", "break-guest-write") == "break-guest-write"
+        self.break_guest_write = (
+            options.get("on-cbw-error", "break-guest-write") == "break-guest-write"
+        )
         self.snapshot_error: BlockError | None = None
         self.clusters_copied = 0  # this epoch
         # called with the BlockError of every failed write-type request (copy or
@@ -57,7 +59,9 @@ class CopyBeforeWriteNode(Node):
         self.on_copied: list = []
 
     @classmethod
-    async def open(cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool) -> CopyBeforeWriteNode:
+    async def open(
+        cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool
+    ) -> CopyBeforeWriteNode:
         if opts.get("bitmap") is not None:
             raise OptionError("copy-before-write bitmaps are not supported by blockrep")
         node = cls(name, opts)

@@ -184,9 +184,13 @@ class FileNode(Node):
     async def _co_read(self, offset: int, nbytes: int) -> bytes:
         if self.threads and not self.direct:
             try:
-                data = await asyncio.get_running_loop().run_in_executor(_pool(), os.pread, self.fd, nbytes, offset)
+                data = await asyncio.get_running_loop().run_in_executor(
+                    _pool(), os.pread, self.fd, nbytes, offset
+                )
             except OSError as e:
-                raise BlockError(e.errno, f"Could not read '{self.filename}': {e.strerror}") from None
+                raise BlockError(
+                    e.errno, f"Could not read '{self.filename}': {e.strerror}"
+                ) from None
             return data if len(data) == nbytes else data + bytes(nbytes - len(data))
         try:
             if self.direct:
@@ -206,9 +210,13 @@ class FileNode(Node):
     async def _co_write(self, offset: int, data: bytes, fua: bool) -> None:
         if self.threads and not self.direct:
             try:
-                await asyncio.get_running_loop().run_in_executor(_pool(), _pwrite_all, self.fd, data, offset)
+                await asyncio.get_running_loop().run_in_executor(
+                    _pool(), _pwrite_all, self.fd, data, offset
+                )
             except OSError as e:
-                raise BlockError(e.errno, f"Could not write '{self.filename}': {e.strerror}") from None
+                raise BlockError(
+                    e.errno, f"Could not write '{self.filename}': {e.strerror}"
+                ) from None
             if offset + len(data) > self.length:
                 self.length = offset + len(data)
             if fua:
@@ -302,7 +310,9 @@ class FileNode(Node):
         if self.read_only:
             raise BlockError(errno.EPERM, f"Node '{self.node_name}' is read-only")
         directory = os.path.dirname(os.path.abspath(self.filename))
-        tmp = os.path.join(directory, f".{os.path.basename(self.filename)}.blockrep-swap-{os.getpid()}")
+        tmp = os.path.join(
+            directory, f".{os.path.basename(self.filename)}.blockrep-swap-{os.getpid()}"
+        )
         mode = stat.S_IMODE(os.fstat(self.fd).st_mode)
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
@@ -328,7 +338,9 @@ class FileNode(Node):
                 os.unlink(tmp)
             except OSError:
                 pass
-            raise BlockError(e.errno, f"Could not replace '{self.filename}': {e.strerror}") from None
+            raise BlockError(
+                e.errno, f"Could not replace '{self.filename}': {e.strerror}"
+            ) from None
         old, self.fd = self.fd, fd
         self.length = len(content)
         asyncio.get_running_loop().run_in_executor(_pool(), _release_fd, old)
@@ -340,7 +352,9 @@ class FileNode(Node):
         try:
             os.ftruncate(self.fd, size)
         except OSError as e:
-            raise BlockError(e.errno, f"Could not truncate '{self.filename}': {e.strerror}") from None
+            raise BlockError(
+                e.errno, f"Could not truncate '{self.filename}': {e.strerror}"
+            ) from None
         self.length = size
 
     def allocated_size(self) -> int:
@@ -362,7 +376,9 @@ _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="blockrep-aio")
+        _POOL = concurrent.futures.ThreadPoolExecutor(
+            max_workers=8, thread_name_prefix="blockrep-aio"
+        )
     return _POOL
 
 

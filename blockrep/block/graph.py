@@ -58,9 +58,7 @@ class Graph:
     def lookup(self, name: str) -> Node:
         node = self.find(name)
         if node is None:
-            raise BlockError(
-                errno.ENOENT, f"Cannot find device='{name}' nor node-name='{name}'"
-            )
+            raise BlockError(errno.ENOENT, f"Cannot find device='{name}' nor node-name='{name}'")
         return node
 
     def get_node(self, name: str) -> Node:
@@ -175,7 +173,7 @@ class Graph:
         ref = parent_opts.get(role)
         if ref is None:
             if required:
-                raise OptionError(f"A block device must be specified for \"{role}\"")
+                raise OptionError(f'A block device must be specified for "{role}"')
             return None
         if isinstance(ref, str):
             return self.lookup(ref)

@@ -146,7 +146,9 @@ class NBDNode(Node):
             except BlockError:
                 await asyncio.sleep(0.2)
 
-    async def _request(self, typ: int, offset: int, length: int, flags: int = 0, payload: bytes | memoryview = b""):
+    async def _request(
+        self, typ: int, offset: int, length: int, flags: int = 0, payload: bytes | memoryview = b""
+    ):
         while True:
             conn = self.conn
             if conn is not None and not conn.closed:
@@ -163,7 +165,9 @@ class NBDNode(Node):
             try:
                 await asyncio.wait_for(self._connected.wait(), left)
             except TimeoutError:
-                raise BlockError(errno.EIO, "NBD connection lost (reconnect-delay expired)") from None
+                raise BlockError(
+                    errno.EIO, "NBD connection lost (reconnect-delay expired)"
+                ) from None
 
     # -- I/O -------------------------------------------------------------------------
 

@@ -83,7 +83,9 @@ def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
         if out and out[-1].start + out[-1].length == e.start and out[-1].same_kind(e):
             out[-1].length += e.length
         else:
-            out.append(Extent(e.start, e.length, e.present, e.zero, e.data, e.depth, e.offset, e.file))
+            out.append(
+                Extent(e.start, e.length, e.present, e.zero, e.data, e.depth, e.offset, e.file)
+            )
     return out
 
 
@@ -312,7 +314,9 @@ class Node:
             try:
                 # bytes and memoryviews pass through uncopied; a bytearray the
                 # caller may reuse is frozen first
-                await self._co_write(offset, bytes(data) if isinstance(data, bytearray) else data, fua)
+                await self._co_write(
+                    offset, bytes(data) if isinstance(data, bytearray) else data, fua
+                )
             finally:
                 self._mark_dirty(offset, nbytes)
                 self._end(req)

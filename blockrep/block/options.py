@@ -22,7 +22,16 @@ from .node import BlockError
 
 Schema = dict[str, Any]
 
-SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+SIZE_SUFFIXES = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+    "t": 1 << 40,
+    "p": 1 << 50,
+    "e": 1 << 60,
+}
 
 
 class OptionError(BlockError):
@@ -132,9 +141,7 @@ def parse_size(text: str, name: str = "size") -> int:
     try:
         value = float(num) if "." in num else int(num, 0)
     except ValueError:
-        raise OptionError(
-            f"Parameter '{name}' expects a non-negative number below 2^64"
-        ) from None
+        raise OptionError(f"Parameter '{name}' expects a non-negative number below 2^64") from None
     result = int(value * SIZE_SUFFIXES[suffix])
     if result < 0 or result >= 1 << 64:
         raise OptionError(f"Parameter '{name}' expects a non-negative number below 2^64")
@@ -162,7 +169,9 @@ def _convert_scalar(kind: str, value: Any, name: str, typed: bool) -> Any:
             )
         return value
     if not isinstance(value, str):
-        raise OptionError(f"Invalid parameter type for '{name}', expected: {_JSON_TYPE_NAMES[kind]}")
+        raise OptionError(
+            f"Invalid parameter type for '{name}', expected: {_JSON_TYPE_NAMES[kind]}"
+        )
     if kind == "str":
         return value
     if kind == "bool":

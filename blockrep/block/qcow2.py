@@ -225,7 +225,9 @@ class Qcow2Node(Node):
         return self.filename
 
     async def _write_reftable_fields(self) -> None:
-        await self._file.write(48, struct.pack(">QI", self.h.refcount_table_offset, self.h.refcount_table_clusters))
+        await self._file.write(
+            48, struct.pack(">QI", self.h.refcount_table_offset, self.h.refcount_table_clusters)
+        )
 
     # -- mapping ----------------------------------------------------------------
 
@@ -564,7 +566,13 @@ class Qcow2Node(Node):
     async def _flush_metadata(self) -> None:
         """Write back metadata in crash-safe order (see qcow2/refcount.py)."""
         f = self._file
-        if not (self.rc.cache.dirty or self.rc.reftable_dirty or self.l2cache.dirty or self.l1_dirty or self.rc.pending_free):
+        if not (
+            self.rc.cache.dirty
+            or self.rc.reftable_dirty
+            or self.l2cache.dirty
+            or self.l1_dirty
+            or self.rc.pending_free
+        ):
             return
         await self.rc.write_increments()
         await f.flush()
@@ -598,9 +606,15 @@ class Qcow2Node(Node):
                 # as QEMU (BDRV_BLOCK_RECURSE): holes in the host file read as zeroes
                 n = max(0, min(s.length, f.length - s.host))
                 for e in await f.block_status(s.host, n) if n else []:
-                    out.append(Extent(s.start + e.start - s.host, e.length, True, e.zero, True, 0, e.start, f))
+                    out.append(
+                        Extent(
+                            s.start + e.start - s.host, e.length, True, e.zero, True, 0, e.start, f
+                        )
+                    )
                 if n < s.length:
-                    out.append(Extent(s.start + n, s.length - n, True, True, True, 0, s.host + n, f))
+                    out.append(
+                        Extent(s.start + n, s.length - n, True, True, True, 0, s.host + n, f)
+                    )
             elif s.kind == NORMAL:
                 out.append(Extent(s.start, s.length, True, False, True, 0, s.host, f))
             elif s.kind == ZERO_ALLOC:
@@ -623,7 +637,11 @@ class Qcow2Node(Node):
         if start < b.length:
             n = min(length, b.length - start)
             for e in await b.block_status(start, n):
-                out.append(Extent(e.start, e.length, e.present, e.zero, e.data, e.depth + 1, e.offset, e.file))
+                out.append(
+                    Extent(
+                        e.start, e.length, e.present, e.zero, e.data, e.depth + 1, e.offset, e.file
+                    )
+                )
             start += n
             length -= n
         if length:
@@ -686,7 +704,12 @@ class Qcow2Node(Node):
                         self._release(e)
             await self._flush_metadata()
             return
-        if self.swap_on_empty and isinstance(self._file, FileNode) and not self._file.direct and not h.nb_snapshots:
+        if (
+            self.swap_on_empty
+            and isinstance(self._file, FileNode)
+            and not self._file.direct
+            and not h.nb_snapshots
+        ):
             await self._make_empty_by_swap(l1_clusters)
             return
         # The fresh layout (reftable in cluster 1, refcount block 0 in cluster 2,
@@ -889,9 +912,14 @@ async def create(
             "Cluster size must be a power of two between 512 and 2048k",
         )
     if refcount_bits & (refcount_bits - 1) or not 1 <= refcount_bits <= 64:
-        raise BlockError(errno.EINVAL, "Refcount width must be a power of two and may not exceed 64 bits")
+        raise BlockError(
+            errno.EINVAL, "Refcount width must be a power of two and may not exceed 64 bits"
+        )
     if version < 3 and refcount_bits != 16:
-        raise BlockError(errno.EINVAL, "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
+        raise BlockError(
+            errno.EINVAL,
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+        )
     cb = cluster_size.bit_length() - 1
     h = Header(
         version=version,

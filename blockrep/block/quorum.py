@@ -61,7 +61,9 @@ class QuorumNode(Node):
         opened: list[Node] = []
         try:
             for i, ref in enumerate(refs):
-                child = await graph.open_child({**opts, f"children.{i}": ref}, f"children.{i}", typed=typed)
+                child = await graph.open_child(
+                    {**opts, f"children.{i}": ref}, f"children.{i}", typed=typed
+                )
                 assert child is not None
                 opened.append(child)
         except BaseException:
@@ -99,7 +101,8 @@ class QuorumNode(Node):
             raise BlockError(errno.ENOENT, f"Node '{self.node_name}' does not have child '{role}'")
         if len(self.child_list()) <= self.threshold:
             raise BlockError(
-                errno.EINVAL, f"The number of children cannot be lower than the vote threshold {self.threshold}"
+                errno.EINVAL,
+                f"The number of children cannot be lower than the vote threshold {self.threshold}",
             )
         node = self.detach_child(role)
         # QEMU renumbers so that the last index can be reused only if it was the last
@@ -108,11 +111,13 @@ class QuorumNode(Node):
         return node
 
     def describe_filename(self) -> str:
-        return "json:{\"driver\": \"quorum\", ...}"
+        return 'json:{"driver": "quorum", ...}'
 
     # -- events --------------------------------------------------------------------
 
-    def _report_bad(self, kind: str, child: Node, offset: int, nbytes: int, err: BlockError | None) -> None:
+    def _report_bad(
+        self, kind: str, child: Node, offset: int, nbytes: int, err: BlockError | None
+    ) -> None:
         data: dict[str, Any] = {"type": kind}
         if err is not None:
             data["error"] = os.strerror(err.errno)
@@ -131,7 +136,11 @@ class QuorumNode(Node):
             ref = self.graph.device_of(self) or self.node_name
             self.graph.emit(
                 "QUORUM_FAILURE",
-                {"reference": ref, "sector-num": offset // 512, "sectors-count": -(-(offset % 512 + nbytes) // 512)},
+                {
+                    "reference": ref,
+                    "sector-num": offset // 512,
+                    "sectors-count": -(-(offset % 512 + nbytes) // 512),
+                },
             )
 
     # -- I/O -------------------------------------------------------------------------
@@ -167,7 +176,9 @@ class QuorumNode(Node):
         await self._all("write", offset, len(data), lambda c: c.write(offset, data, fua))
 
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
-        await self._all("write", offset, nbytes, lambda c: c.write_zeroes(offset, nbytes, may_unmap, fua))
+        await self._all(
+            "write", offset, nbytes, lambda c: c.write_zeroes(offset, nbytes, may_unmap, fua)
+        )
 
     async def _co_discard(self, offset: int, nbytes: int) -> None:
         await self._all("write", offset, nbytes, lambda c: c.discard(offset, nbytes))
@@ -187,7 +198,9 @@ class QuorumNode(Node):
                     last = e
             assert last is not None
             raise last
-        results = await asyncio.gather(*(c.read(offset, nbytes) for c in kids), return_exceptions=True)
+        results = await asyncio.gather(
+            *(c.read(offset, nbytes) for c in kids), return_exceptions=True
+        )
         errs: list[int] = []
         good: list[tuple[Node, bytes]] = []
         for c, r in zip(kids, results, strict=True):

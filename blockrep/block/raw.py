@@ -29,12 +29,16 @@ class RawNode(Node):
         node.read_only = node.read_only or f.read_only
         flen = f.length
         if node.offset > flen:
-            raise OptionError("The sum of offset (%d) and size (0) has to be smaller or equal to the  actual size of the containing file (%d)" % (node.offset, flen))
+            raise OptionError(
+                "The sum of offset (%d) and size (0) has to be smaller or equal to the  actual size of the containing file (%d)"
+                % (node.offset, flen)
+            )
         if node.size_limit is not None:
             if node.offset + node.size_limit > flen:
                 raise OptionError(
                     "The sum of offset (%d) and size (%d) has to be smaller or equal to the "
-                    " actual size of the containing file (%d)" % (node.offset, node.size_limit, flen)
+                    " actual size of the containing file (%d)"
+                    % (node.offset, node.size_limit, flen)
                 )
             node.length = node.size_limit
         else:
@@ -60,7 +64,9 @@ class RawNode(Node):
         out = []
         for e in await self._pass().block_status(self.offset + offset, nbytes):
             out.append(
-                Extent(e.start - self.offset, e.length, e.present, e.zero, e.data, 0, e.offset, e.file)
+                Extent(
+                    e.start - self.offset, e.length, e.present, e.zero, e.data, 0, e.offset, e.file
+                )
             )
         return out
 

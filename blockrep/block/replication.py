@@ -29,7 +29,13 @@ from .graph import Graph, register
 from .node import BlockError, Extent, Node
 from .options import OptionError
 
-NONE, RUNNING, FAILOVER, FAILOVER_FAILED, DONE = "none", "running", "failover", "failover-failed", "done"
+NONE, RUNNING, FAILOVER, FAILOVER_FAILED, DONE = (
+    "none",
+    "running",
+    "failover",
+    "failover-failed",
+    "done",
+)
 PRIMARY, SECONDARY = "primary", "secondary"
 MODE_NUMBER = {PRIMARY: 0, SECONDARY: 1}  # QAPI ReplicationMode values, used in QEMU's messages
 
@@ -64,7 +70,9 @@ class ReplicationNode(Node):
         self.unacked_bytes = 0
 
     @classmethod
-    async def open(cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool) -> ReplicationNode:
+    async def open(
+        cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool
+    ) -> ReplicationNode:
         mode = opts.get("mode")
         if mode is None:
             raise OptionError("Missing the option mode")

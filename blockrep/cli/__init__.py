@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in ("checkpoint", "failover", "status"):
         from . import ha
 
-        return {"checkpoint": ha.cmd_checkpoint, "failover": ha.cmd_failover, "status": ha.cmd_status}[cmd](rest)
+        return {
+            "checkpoint": ha.cmd_checkpoint,
+            "failover": ha.cmd_failover,
+            "status": ha.cmd_status,
+        }[cmd](rest)
     if cmd == "demo":
         from .demo import main as demo_main
 

@@ -36,7 +36,9 @@ MiB = 1 << 20
 
 def _start(args: list[str], log: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "blockrep.cli", *args], stdout=open(log, "wb"), stderr=subprocess.STDOUT
+        [sys.executable, "-m", "blockrep.cli", *args],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -53,7 +55,9 @@ def _wait_sock(path: str, proc: subprocess.Popen, log: str, timeout: float = 60.
 
 async def _client(sock: str):
     g = Graph()
-    node = await g.add({"driver": "nbd", "server": {"type": "unix", "path": sock}, "export": "disk"})
+    node = await g.add(
+        {"driver": "nbd", "server": {"type": "unix", "path": sock}, "export": "disk"}
+    )
     return g, node
 
 
@@ -61,8 +65,16 @@ def sha(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-async def _workload(p, s, rnd: random.Random, size: int, seconds: float, p_writes: bool, s_model: bytearray | None,
-                    on_tick=None) -> tuple[int, int]:
+async def _workload(
+    p,
+    s,
+    rnd: random.Random,
+    size: int,
+    seconds: float,
+    p_writes: bool,
+    s_model: bytearray | None,
+    on_tick=None,
+) -> tuple[int, int]:
     """Random writes on P (and S) for ``seconds``; returns bytes written on (P, S)."""
     pb = sb = 0
     end = time.monotonic() + seconds
@@ -107,15 +119,41 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
         sock = lambda n: os.path.join(d, n)  # noqa: E731
         common = ["--shared"] if shared else []
         sec = _start(
-            ["secondary", "--disk", s_disk, "--listen", f"unix:{sock('ctl')}", "--export", f"unix:{sock('s.nbd')}",
-             "--qmp", f"unix:{sock('s.qmp')}", "--state-file", sock("s.state"), *common],
+            [
+                "secondary",
+                "--disk",
+                s_disk,
+                "--listen",
+                f"unix:{sock('ctl')}",
+                "--export",
+                f"unix:{sock('s.nbd')}",
+                "--qmp",
+                f"unix:{sock('s.qmp')}",
+                "--state-file",
+                sock("s.state"),
+                *common,
+            ],
             sock("secondary.log"),
         )
         procs.append(sec)
         _wait_sock(sock("s.qmp"), sec, sock("secondary.log"))
         pri = _start(
-            ["primary", "--disk", p_disk, "--secondary", f"unix:{sock('ctl')}", "--export", f"unix:{sock('p.nbd')}",
-             "--qmp", f"unix:{sock('p.qmp')}", "--checkpoint-interval", "0", "--state-file", sock("p.state"), *common],
+            [
+                "primary",
+                "--disk",
+                p_disk,
+                "--secondary",
+                f"unix:{sock('ctl')}",
+                "--export",
+                f"unix:{sock('p.nbd')}",
+                "--qmp",
+                f"unix:{sock('p.qmp')}",
+                "--checkpoint-interval",
+                "0",
+                "--state-file",
+                sock("p.state"),
+                *common,
+            ],
             sock("primary.log"),
         )
         procs.append(pri)
@@ -126,15 +164,19 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
         gs, s = await _client(sock("s.nbd"))
 
         async def checkpoint() -> None:
-            await asyncio.get_running_loop().run_in_executor(None, qmp_call, sock("p.qmp"), "replication-checkpoint")
+            await asyncio.get_running_loop().run_in_executor(
+                None, qmp_call, sock("p.qmp"), "replication-checkpoint"
+            )
 
         t0 = time.monotonic()
         pb, sb = await _workload(p, s, rnd, size, 3.0, True, None, on_tick=checkpoint)
         dt = time.monotonic() - t0
         report["workload-p-mib-s"] = round(pb / MiB / dt, 2)
         report["workload-s-mib-s"] = round(sb / MiB / dt, 2)
-        print(f"2. mixed workload for {dt:.1f} s: P wrote {pb / MiB:.1f} MiB, S wrote {sb / MiB:.1f} MiB (speculative), "
-              "checkpoints every 0.3 s")
+        print(
+            f"2. mixed workload for {dt:.1f} s: P wrote {pb / MiB:.1f} MiB, S wrote {sb / MiB:.1f} MiB (speculative), "
+            "checkpoints every 0.3 s"
+        )
 
         await checkpoint()
         checkpoint_state = bytearray(await p.read(0, size))
@@ -142,8 +184,10 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
 
         s_after = bytearray(checkpoint_state)
         pb2, sb2 = await _workload(p, s, rnd, size, 1.0, True, s_after)
-        print(f"4. after the checkpoint: P wrote {pb2 / MiB:.1f} MiB (to be rolled back), "
-              f"S wrote {sb2 / MiB:.1f} MiB (to be kept)")
+        print(
+            f"4. after the checkpoint: P wrote {pb2 / MiB:.1f} MiB (to be rolled back), "
+            f"S wrote {sb2 / MiB:.1f} MiB (to be kept)"
+        )
         await gp.close_all()
 
         status = qmp_call(sock("p.qmp"), "query-ha-status")
@@ -154,7 +198,9 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
         pri.send_signal(signal.SIGKILL)
         pri.wait(10)
         t0 = time.monotonic()
-        await asyncio.get_running_loop().run_in_executor(None, lambda: qmp_call(sock("s.qmp"), "ha-failover", timeout=600))
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: qmp_call(sock("s.qmp"), "ha-failover", timeout=600)
+        )
         report["failover-s"] = round(time.monotonic() - t0, 3)
         print(f"5. primary killed (SIGKILL); secondary failed over in {report['failover-s']:.3f} s")
 
@@ -170,13 +216,22 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
         print(f"   last checkpoint + S's writes : {expect}")
         print(f"   secondary, read through NBD  : {sha(got)}")
         print(f"   secondary disk file          : {sha(on_disk)}")
-        print(f"   P's writes after the checkpoint rolled back: {sha(on_disk) != sha(checkpoint_state) or sb2 == 0}")
+        print(
+            f"   P's writes after the checkpoint rolled back: {sha(on_disk) != sha(checkpoint_state) or sb2 == 0}"
+        )
         if not ok:
             i = next((i for i in range(size) if on_disk[i] != s_after[i]), -1)
-            print(f"   first difference at offset {i}: disk {on_disk[i:i+8].hex()} expected {s_after[i:i+8].hex()} "
-                  f"checkpoint {checkpoint_state[i:i+8].hex()} base {base[i:i+8].hex()}")
+            print(
+                f"   first difference at offset {i}: disk {on_disk[i : i + 8].hex()} expected {s_after[i : i + 8].hex()} "
+                f"checkpoint {checkpoint_state[i : i + 8].hex()} base {base[i : i + 8].hex()}"
+            )
         print("report:", json.dumps(report))
-        print("RESULT:", "PASS — the secondary holds exactly the last checkpoint plus its own writes" if ok else "FAIL")
+        print(
+            "RESULT:",
+            "PASS — the secondary holds exactly the last checkpoint plus its own writes"
+            if ok
+            else "FAIL",
+        )
         return 0 if ok else 1
     finally:
         for pr in procs:

@@ -16,7 +16,11 @@ from typing import Any
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk", required=True, help="the disk (raw file) this node serves")
     p.add_argument("--shared", action="store_true", help="shared-disk mode (SPEC §3)")
-    p.add_argument("--export", required=True, help="consumer NBD export address (HOST:PORT or unix:PATH), export name 'disk'")
+    p.add_argument(
+        "--export",
+        required=True,
+        help="consumer NBD export address (HOST:PORT or unix:PATH), export name 'disk'",
+    )
     p.add_argument("--qmp", help="QMP socket (unix:PATH) for status, checkpoint and failover")
     p.add_argument("--metrics", help="serve Prometheus metrics on HOST:PORT")
     p.add_argument("--tls-dir", help="x509 certificates (QEMU layout) for the control channel")
@@ -27,26 +31,70 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def primary_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blockrep primary", description="run the Primary of a replicated disk")
+    p = argparse.ArgumentParser(
+        prog="blockrep primary", description="run the Primary of a replicated disk"
+    )
     _common(p)
-    p.add_argument("--secondary", required=True, help="the secondary's control address (HOST:PORT or unix:PATH)")
-    p.add_argument("--checkpoint-interval", type=float, default=2.0, help="seconds between checkpoints (0: only on demand)")
-    p.add_argument("--assume-synced", action="store_true", help="do not compare the disks before starting")
-    p.add_argument("--initial-sync", action="store_true", help="copy this disk to the secondary first")
+    p.add_argument(
+        "--secondary",
+        required=True,
+        help="the secondary's control address (HOST:PORT or unix:PATH)",
+    )
+    p.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=2.0,
+        help="seconds between checkpoints (0: only on demand)",
+    )
+    p.add_argument(
+        "--assume-synced", action="store_true", help="do not compare the disks before starting"
+    )
+    p.add_argument(
+        "--initial-sync", action="store_true", help="copy this disk to the secondary first"
+    )
     p.add_argument("--connect-timeout", type=float, default=30.0)
-    p.add_argument("--reconnect", action="store_true", help="keep trying to pair again after losing the secondary")
-    p.add_argument("--progress", action="store_true", default=sys.stderr.isatty(), help="progress bars on stderr")
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="keep trying to pair again after losing the secondary",
+    )
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        default=sys.stderr.isatty(),
+        help="progress bars on stderr",
+    )
     return p
 
 
 def secondary_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blockrep secondary", description="run the Secondary of a replicated disk")
+    p = argparse.ArgumentParser(
+        prog="blockrep secondary", description="run the Secondary of a replicated disk"
+    )
     _common(p)
-    p.add_argument("--listen", required=True, help="control address the primary connects to (HOST:PORT or unix:PATH)")
-    p.add_argument("--buffer-dir", help="where the hidden/active overlays go (default /dev/shm when present)")
-    p.add_argument("--auto-failover", action="store_true", help="fail over by itself when the primary is lost (needs --fence-command)")
-    p.add_argument("--failover-timeout", type=float, default=5.0, help="seconds without the primary before it counts as lost")
-    p.add_argument("--fence-command", help="command that makes sure the primary is dead; must exit 0 before an automatic failover")
+    p.add_argument(
+        "--listen",
+        required=True,
+        help="control address the primary connects to (HOST:PORT or unix:PATH)",
+    )
+    p.add_argument(
+        "--buffer-dir", help="where the hidden/active overlays go (default /dev/shm when present)"
+    )
+    p.add_argument(
+        "--auto-failover",
+        action="store_true",
+        help="fail over by itself when the primary is lost (needs --fence-command)",
+    )
+    p.add_argument(
+        "--failover-timeout",
+        type=float,
+        default=5.0,
+        help="seconds without the primary before it counts as lost",
+    )
+    p.add_argument(
+        "--fence-command",
+        help="command that makes sure the primary is dead; must exit 0 before an automatic failover",
+    )
     return p
 
 
@@ -107,7 +155,9 @@ def _qmp_arg(prog: str, argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--qmp", required=True, help="the node's QMP socket (unix:PATH)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--watch", action="store_true", help="keep showing status (with progress of long jobs)")
+    p.add_argument(
+        "--watch", action="store_true", help="keep showing status (with progress of long jobs)"
+    )
     return p.parse_args(argv)
 
 
@@ -118,7 +168,11 @@ def cmd_checkpoint(argv: list[str]) -> int:
     except (OSError, RuntimeError) as e:
         print(f"blockrep checkpoint: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(r) if a.json else f"checkpoint done: epoch {r['epoch']}, consumer paused {r['pause-ms']:.2f} ms")
+    print(
+        json.dumps(r)
+        if a.json
+        else f"checkpoint done: epoch {r['epoch']}, consumer paused {r['pause-ms']:.2f} ms"
+    )
     return 0
 
 
@@ -145,7 +199,8 @@ def human_status(s: dict[str, Any]) -> str:
         f"unacked:     {s['unacked-bytes']} B forwarded, not yet acknowledged",
         f"checkpoints: {s['checkpoints']}, last pause {s['last-checkpoint-pause-ms']:.2f} ms "
         f"(p50 {s['checkpoint-pause-p50-ms']:.2f}, p99 {s['checkpoint-pause-p99-ms']:.2f})",
-        f"failover:    {'automatic' if af['enabled'] else 'manual'}" + (f" — {af['reason']}" if af.get("reason") else ""),
+        f"failover:    {'automatic' if af['enabled'] else 'manual'}"
+        + (f" — {af['reason']}" if af.get("reason") else ""),
     ]
     if s.get("replication-error"):
         lines.append(f"replication: {s['replication-error']}")
@@ -180,7 +235,9 @@ def cmd_status(argv: list[str]) -> int:
             for j in s["jobs"] + ([{"id": "sync", **s["sync"]}] if s.get("sync") else []):
                 bar = bars.get(j["id"])
                 if bar is None:
-                    bar = bars[j["id"]] = tqdm(total=j["total"] or 1, desc=j["id"], unit="B", unit_scale=True)
+                    bar = bars[j["id"]] = tqdm(
+                        total=j["total"] or 1, desc=j["id"], unit="B", unit_scale=True
+                    )
                 bar.total = j["total"] or 1
                 bar.update(j["current"] - bar.n)
             if not bars:

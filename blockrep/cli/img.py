@@ -67,7 +67,9 @@ async def open_image(
     no_backing: bool = False,
 ) -> Node:
     if not os.path.exists(filename):
-        raise ImgError(f"Could not open '{filename}': Could not open '{filename}': No such file or directory")
+        raise ImgError(
+            f"Could not open '{filename}': Could not open '{filename}': No such file or directory"
+        )
     fmt = fmt or probe_format(filename)
     opts: dict[str, Any] = {
         "driver": fmt,
@@ -118,7 +120,9 @@ async def create_image(
             raise ImgError(f"{filename}: Backing file not supported for file format 'raw'")
         unknown = set(opts) - {"size", "preallocation"}
         if unknown:
-            raise ImgError(f"Invalid parameter '{sorted(unknown)[0]}'\nblockrep img: Invalid options for file format 'raw'")
+            raise ImgError(
+                f"Invalid parameter '{sorted(unknown)[0]}'\nblockrep img: Invalid options for file format 'raw'"
+            )
         if size is None:
             raise ImgError("Image creation needs a size parameter")
         if not quiet:
@@ -128,11 +132,23 @@ async def create_image(
         return
     if fmt != "qcow2":
         raise ImgError(f"Unknown file format '{fmt}'")
-    known = {"cluster_size", "compat", "lazy_refcounts", "refcount_bits", "size", "preallocation",
-             "extended_l2", "compression_type", "encryption", "data_file"}
+    known = {
+        "cluster_size",
+        "compat",
+        "lazy_refcounts",
+        "refcount_bits",
+        "size",
+        "preallocation",
+        "extended_l2",
+        "compression_type",
+        "encryption",
+        "data_file",
+    }
     unknown = set(opts) - known
     if unknown:
-        raise ImgError(f"Invalid parameter '{sorted(unknown)[0]}'\nblockrep img: Invalid options for file format 'qcow2'")
+        raise ImgError(
+            f"Invalid parameter '{sorted(unknown)[0]}'\nblockrep img: Invalid options for file format 'qcow2'"
+        )
     cluster_size = parse_size(opts.get("cluster_size", "65536"), "cluster_size")
     compat = opts.get("compat", "1.1")
     if compat in ("0.10", "v2"):
@@ -153,7 +169,9 @@ async def create_image(
         size = parse_img_size(opts["size"])
     if backing:
         graph = Graph()
-        path = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(filename), backing)
+        path = (
+            backing if os.path.isabs(backing) else os.path.join(os.path.dirname(filename), backing)
+        )
         if backing_fmt is None:
             raise ImgError(
                 f"Backing file specified without backing format\n"
@@ -306,13 +324,23 @@ async def cmd_check(a: argparse.Namespace) -> int:
             res.leaks_fixed = res.leaks - after.leaks
             res.corruptions, res.leaks = after.corruptions, after.leaks
             # QEMU reports the statistics of the double check after a repair
-            for k in ("image_end_offset", "total_clusters", "allocated_clusters",
-                      "fragmented_clusters", "compressed_clusters", "check_errors"):
+            for k in (
+                "image_end_offset",
+                "total_clusters",
+                "allocated_clusters",
+                "fragmented_clusters",
+                "compressed_clusters",
+                "check_errors",
+            ):
                 setattr(res, k, getattr(after, k))
     finally:
         await graph.close_all()
     if a.output == "json":
-        out: dict[str, Any] = {"filename": a.filename, "format": "qcow2", "check-errors": res.check_errors}
+        out: dict[str, Any] = {
+            "filename": a.filename,
+            "format": "qcow2",
+            "check-errors": res.check_errors,
+        }
         for key, val in (
             ("image-end-offset", res.image_end_offset),
             ("corruptions", res.corruptions),
@@ -388,7 +416,12 @@ async def image_map(node: Node, start: int = 0, length: int | None = None) -> li
     while pos < end:
         n = min(step, end - pos)
         for e in await node.block_status(pos, n):
-            if out and out[-1].start + out[-1].length == e.start and out[-1].same_kind(e) and not getattr(e, "compressed", False):
+            if (
+                out
+                and out[-1].start + out[-1].length == e.start
+                and out[-1].same_kind(e)
+                and not getattr(e, "compressed", False)
+            ):
                 out[-1].length += e.length
             else:
                 out.append(e)
@@ -427,7 +460,10 @@ async def cmd_map(a: argparse.Namespace) -> int:
         if e.data and e.offset is None:
             raise ImgError("File contains external, encrypted or compressed clusters.")
         if e.data and e.offset is not None and e.file is not None:
-            print("%-16s%-16s%-16s%s" % (_hex(e.start), _hex(e.length), _hex(e.offset), e.file.describe_filename()))
+            print(
+                "%-16s%-16s%-16s%s"
+                % (_hex(e.start), _hex(e.length), _hex(e.offset), e.file.describe_filename())
+            )
     return 0
 
 
@@ -554,7 +590,9 @@ async def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
-async def copy_image(src: Node, dst: Node, progress: Progress, skip_unallocated: bool = False) -> None:
+async def copy_image(
+    src: Node, dst: Node, progress: Progress, skip_unallocated: bool = False
+) -> None:
     """Copy every byte that is not known to read as zero (the target starts zeroed)."""
     total = src.length
     pos = 0

@@ -42,28 +42,41 @@ def tls_contexts(tls_dir: str | None) -> tuple[ssl.SSLContext | None, ssl.SSLCon
     if not tls_dir:
         return None, None
     srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    srv.load_cert_chain(os.path.join(tls_dir, "server-cert.pem"), os.path.join(tls_dir, "server-key.pem"))
+    srv.load_cert_chain(
+        os.path.join(tls_dir, "server-cert.pem"), os.path.join(tls_dir, "server-key.pem")
+    )
     srv.verify_mode = ssl.CERT_REQUIRED
     srv.load_verify_locations(os.path.join(tls_dir, "ca-cert.pem"))
     cli = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     cli.check_hostname = False
     cli.load_verify_locations(os.path.join(tls_dir, "ca-cert.pem"))
-    cli.load_cert_chain(os.path.join(tls_dir, "client-cert.pem"), os.path.join(tls_dir, "client-key.pem"))
+    cli.load_cert_chain(
+        os.path.join(tls_dir, "client-cert.pem"), os.path.join(tls_dir, "client-key.pem")
+    )
     return srv, cli
 
 
-async def listen(addr: str, on_conn: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-                 tls: ssl.SSLContext | None = None) -> asyncio.AbstractServer:
+async def listen(
+    addr: str,
+    on_conn: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    tls: ssl.SSLContext | None = None,
+) -> asyncio.AbstractServer:
     host, port = parse_addr(addr)
     if host == "unix":
         if os.path.exists(str(port)):
             os.unlink(str(port))
         return await asyncio.start_unix_server(on_conn, str(port), ssl=tls, limit=MAX_LINE)
-    return await asyncio.start_server(on_conn, host, port, ssl=tls, reuse_address=True, limit=MAX_LINE)
+    return await asyncio.start_server(
+        on_conn, host, port, ssl=tls, reuse_address=True, limit=MAX_LINE
+    )
 
 
-async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handlers: dict[str, Handler],
-                on_message: Callable[[], None] | None = None) -> None:
+async def serve(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    handlers: dict[str, Handler],
+    on_message: Callable[[], None] | None = None,
+) -> None:
     """Answer requests on one connection until it closes."""
     lock = asyncio.Lock()
 
@@ -116,12 +129,18 @@ class Client:
         self.task: asyncio.Task | None = None
         self.closed = True
 
-    async def connect(self, addr: str, tls: ssl.SSLContext | None = None, timeout: float = 5.0) -> None:
+    async def connect(
+        self, addr: str, tls: ssl.SSLContext | None = None, timeout: float = 5.0
+    ) -> None:
         host, port = parse_addr(addr)
         if host == "unix":
             # asyncio wants a server name with TLS; the client context does not check it
-            coro = asyncio.open_unix_connection(str(port), ssl=tls, limit=MAX_LINE,
-                                                server_hostname="localhost" if tls is not None else None)
+            coro = asyncio.open_unix_connection(
+                str(port),
+                ssl=tls,
+                limit=MAX_LINE,
+                server_hostname="localhost" if tls is not None else None,
+            )
         else:
             coro = asyncio.open_connection(host, port, ssl=tls, limit=MAX_LINE)
         self.reader, self.writer = await asyncio.wait_for(coro, timeout)

@@ -67,7 +67,9 @@ class Stats:
             "checkpoints": self.checkpoints,
             "last-checkpoint-pause-ms": round(self.pauses_ms[-1], 3) if self.pauses_ms else 0.0,
             "checkpoint-pause-p50-ms": round(statistics.median(p), 3) if p else 0.0,
-            "checkpoint-pause-p99-ms": round(p[min(len(p) - 1, int(len(p) * 0.99))], 3) if p else 0.0,
+            "checkpoint-pause-p99-ms": round(p[min(len(p) - 1, int(len(p) * 0.99))], 3)
+            if p
+            else 0.0,
         }
 
 
@@ -228,7 +230,13 @@ class Role:
         r = self.replication_node()
         rs = await self.d.replication.status(r) if r is not None else {}
         jobs = [
-            {"id": j.id, "type": j.job_type, "status": j.status, "current": j.current, "total": j.total}
+            {
+                "id": j.id,
+                "type": j.job_type,
+                "status": j.status,
+                "current": j.current,
+                "total": j.total,
+            }
             for j in self.d.jobs.jobs.values()
         ]
         out: dict[str, Any] = {
@@ -249,7 +257,11 @@ class Role:
             "alone-since": self.state.alone_since,
             "written-alone": chunks_to_ranges(
                 self.state.written_chunks
-                | (self.alone_bitmap.dirty if self.alone_bitmap and self.state.alone_since else set())
+                | (
+                    self.alone_bitmap.dirty
+                    if self.alone_bitmap and self.state.alone_since
+                    else set()
+                )
             ),
             "jobs": jobs,
         }
@@ -285,7 +297,9 @@ class Secondary(Role):
         super().__init__(args)
         self.last_heard = 0.0
         self.started = False
-        self.failed_over = self.state.alone_since is not None and self.state.alone_since.startswith("failover:")
+        self.failed_over = self.state.alone_since is not None and self.state.alone_since.startswith(
+            "failover:"
+        )
         self.link_addr = ""
         self.link_export = ""
         self.failover_lock = asyncio.Lock()
@@ -295,7 +309,10 @@ class Secondary(Role):
         if not a.auto_failover:
             return {"enabled": False, "reason": "manual failover (no --auto-failover)"}
         if not a.fence_command:
-            return {"enabled": False, "reason": "no --fence-command configured: automatic failover is off"}
+            return {
+                "enabled": False,
+                "reason": "no --fence-command configured: automatic failover is off",
+            }
         return {"enabled": True, "timeout": a.failover_timeout, "reason": self.auto_failover_reason}
 
     async def shutdown(self) -> None:
@@ -331,7 +348,9 @@ class Secondary(Role):
                 f"file.backing.driver=qcow2,file.backing.node-name=hidden0,"
                 f"file.backing.file.filename={esc(self.hidden)},file.backing.backing=parent0"
             )
-            await d.drive_add("if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0")
+            await d.drive_add(
+                "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0"
+            )
             self.top_device = "colo-disk0"
             self.link_export = "parent0"
         else:
@@ -357,7 +376,9 @@ class Secondary(Role):
                 assert d.nbd is not None
                 real_port = d.nbd.servers[0].sockets[0].getsockname()[1]
                 self.link_addr = f"{host}:{real_port}"
-            await d.export_add(self.link_export, self.link_export, self.link_export, True, "replication link")
+            await d.export_add(
+                self.link_export, self.link_export, self.link_export, True, "replication link"
+            )
         await self.start_consumer_export()
         self.d.qmp.commands["ha-failover"] = self._qmp_failover
         await self.start_qmp()
@@ -386,7 +407,9 @@ class Secondary(Role):
     async def _hello(self, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.top is not None
         if msg.get("size") != self.top.length:
-            raise RuntimeError(f"disk sizes differ: primary {msg.get('size')}, secondary {self.top.length}")
+            raise RuntimeError(
+                f"disk sizes differ: primary {msg.get('size')}, secondary {self.top.length}"
+            )
         if bool(msg.get("shared")) != self.shared:
             raise RuntimeError("one side runs shared-disk mode and the other does not")
         self.flush_alone_writes()
@@ -464,7 +487,9 @@ class Secondary(Role):
                 continue
             fenced_attempted = True
             if not a.fence_command:
-                self.auto_failover_reason = "no --fence-command configured: not failing over automatically"
+                self.auto_failover_reason = (
+                    "no --fence-command configured: not failing over automatically"
+                )
                 continue
             rc = await self._fence()
             if rc != 0:
@@ -476,7 +501,9 @@ class Secondary(Role):
 
     async def _fence(self) -> int:
         proc = await asyncio.create_subprocess_exec(
-            *shlex.split(self.args.fence_command), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            *shlex.split(self.args.fence_command),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             return await asyncio.wait_for(proc.wait(), 60)
@@ -555,7 +582,12 @@ class Primary(Role):
         while True:
             try:
                 await ch.connect(a.secondary, self.tls_client)
-                hello = await ch.call("hello", size=self.top.length, shared=self.shared, history=self.state.generations)
+                hello = await ch.call(
+                    "hello",
+                    size=self.top.length,
+                    shared=self.shared,
+                    history=self.state.generations,
+                )
                 break
             except channel.ChannelError as e:
                 if not ch.closed:  # the secondary answered: a real refusal
@@ -637,9 +669,14 @@ class Primary(Role):
 
             theirs = hello.get("identity") or {}
             mine = await disk_identity(self.top)  # type: ignore[arg-type]
-            if (theirs.get("device"), theirs.get("inode")) != (mine.get("device"), mine.get("inode")):
+            if (theirs.get("device"), theirs.get("inode")) != (
+                mine.get("device"),
+                mine.get("inode"),
+            ):
                 if theirs.get("fingerprint") != mine.get("fingerprint"):
-                    raise BlockError(22, "the secondary's hidden disk does not back onto this shared disk")
+                    raise BlockError(
+                        22, "the secondary's hidden disk does not back onto this shared disk"
+                    )
             return
         link = await self._link_node(hello)
         try:
@@ -647,7 +684,9 @@ class Primary(Role):
                 # only this node wrote since the secondary's last epoch: copy just that
                 await self._copy_chunks(link, sorted(self.state.written_chunks), "resync")
             elif a.initial_sync:
-                await self._copy_chunks(link, list(range(-(-self.top.length // CHUNK))), "initial sync")  # type: ignore[union-attr]
+                await self._copy_chunks(
+                    link, list(range(-(-self.top.length // CHUNK))), "initial sync"
+                )  # type: ignore[union-attr]
             elif relation == "same" and self.state.generations and not a.assume_synced:
                 # The histories agree, but the last epoch may not have ended cleanly:
                 # writes P made after it may have reached S only in part. S wrote
@@ -655,7 +694,9 @@ class Primary(Role):
                 # is the truth: copy the 1 MiB chunks that differ.
                 differ = await self._differing_chunks(link)
                 if differ:
-                    self.error(f"{len(differ)} MiB differed after an unfinished epoch; resynchronising them")
+                    self.error(
+                        f"{len(differ)} MiB differed after an unfinished epoch; resynchronising them"
+                    )
                     await self._copy_chunks(link, differ, "resync")
             elif not a.assume_synced:
                 await self._verify(link)
@@ -667,7 +708,11 @@ class Primary(Role):
 
         g = Graph()
         host, port = channel.parse_addr(hello["link"])
-        server = {"type": "unix", "path": port} if host == "unix" else {"type": "inet", "host": host, "port": str(port)}
+        server = (
+            {"type": "unix", "path": port}
+            if host == "unix"
+            else {"type": "inet", "host": host, "port": str(port)}
+        )
         node = await g.add({"driver": "nbd", "server": server, "export": hello["export"]})
         return node
 
@@ -704,7 +749,13 @@ class Primary(Role):
 
         top = self.top
         assert top is not None
-        bar = tqdm(total=len(chunks) * CHUNK, unit="B", unit_scale=True, desc=what, disable=not self.args.progress)
+        bar = tqdm(
+            total=len(chunks) * CHUNK,
+            unit="B",
+            unit_scale=True,
+            desc=what,
+            disable=not self.args.progress,
+        )
         self.sync_progress = {"what": what, "current": 0, "total": len(chunks) * CHUNK}
         try:
             for c in chunks:
@@ -722,7 +773,11 @@ class Primary(Role):
     async def _start_replication(self, hello: dict[str, Any], ch: channel.Client) -> None:
         d = self.d
         host, port = channel.parse_addr(hello["link"])
-        server = {"type": "unix", "path": port} if host == "unix" else {"type": "inet", "host": host, "port": str(port)}
+        server = (
+            {"type": "unix", "path": port}
+            if host == "unix"
+            else {"type": "inet", "host": host, "port": str(port)}
+        )
         opts: dict[str, Any] = {
             "driver": "replication",
             "node-name": "replication0",
@@ -764,7 +819,9 @@ class Primary(Role):
             try:
                 self.d.replication.get_error_all()
                 gen = str(uuid.uuid4())
-                await self.ch.call("checkpoint", gen=gen, timeout=max(5.0, self.args.heartbeat_timeout))
+                await self.ch.call(
+                    "checkpoint", gen=gen, timeout=max(5.0, self.args.heartbeat_timeout)
+                )
                 await self.d.replication.do_checkpoint_all()
             except (channel.ChannelError, ReplicationError) as e:
                 await self.degrade(f"checkpoint failed: {e}")

@@ -49,7 +49,11 @@ class BackupJob(Job):
         """Insert the filter above the source (before the job starts running)."""
         if self.target.length < self.source.length:
             raise BlockError(errno.EINVAL, "Source and target image have different sizes")
-        opts = {"driver": "copy-before-write", "file": self.source.node_name, "target": self.target.node_name}
+        opts = {
+            "driver": "copy-before-write",
+            "file": self.source.node_name,
+            "target": self.target.node_name,
+        }
         if self.filter_node_name:
             opts["node-name"] = self.filter_node_name
         try:

@@ -20,7 +20,16 @@ log = logging.getLogger("blockrep.jobs")
 
 # verb -> states that accept it (QEMU job.c JobVerbTable)
 VERBS = {
-    "cancel": {"created", "running", "paused", "ready", "standby", "waiting", "pending", "aborting"},
+    "cancel": {
+        "created",
+        "running",
+        "paused",
+        "ready",
+        "standby",
+        "waiting",
+        "pending",
+        "aborting",
+    },
     "pause": {"created", "running", "paused", "ready", "standby"},
     "resume": {"created", "running", "paused", "ready", "standby"},
     "set-speed": {"created", "running", "paused", "ready", "standby"},
@@ -111,7 +120,13 @@ class Job:
         self._blocked.clear()
 
     def _block_job_data(self) -> dict[str, Any]:
-        return {"type": self.job_type, "device": self.device, "len": self.total, "offset": self.current, "speed": self.speed}
+        return {
+            "type": self.job_type,
+            "device": self.device,
+            "len": self.total,
+            "offset": self.current,
+            "speed": self.speed,
+        }
 
     async def _main(self) -> None:
         self._transition("running")
@@ -152,7 +167,9 @@ class Job:
             if failed is None:
                 self.manager.emit("BLOCK_JOB_CANCELLED", self._block_job_data())
             else:
-                self.manager.emit("BLOCK_JOB_COMPLETED", {**self._block_job_data(), "error": failed})
+                self.manager.emit(
+                    "BLOCK_JOB_COMPLETED", {**self._block_job_data(), "error": failed}
+                )
         try:
             await self.clean()
         except BlockError as e:
@@ -222,13 +239,17 @@ class Job:
         self.manager.emit("BLOCK_JOB_READY", self._block_job_data())
 
     def report_error(self, operation: str, action: str) -> None:
-        self.manager.emit("BLOCK_JOB_ERROR", {"device": self.device, "operation": operation, "action": action})
+        self.manager.emit(
+            "BLOCK_JOB_ERROR", {"device": self.device, "operation": operation, "action": action}
+        )
 
     # -- verbs --------------------------------------------------------------------------
 
     def _verb(self, verb: str) -> None:
         if self.status not in VERBS[verb]:
-            raise JobError(f"Job '{self.id}' in state '{self.status}' cannot accept command verb '{verb}'")
+            raise JobError(
+                f"Job '{self.id}' in state '{self.status}' cannot accept command verb '{verb}'"
+            )
 
     def cancel(self, force: bool = False) -> None:
         self._verb("cancel")
@@ -341,8 +362,10 @@ class JobManager:
     def check_id(self, job_id: str) -> None:
         if job_id in self.jobs:
             raise JobError(f"Job ID '{job_id}' already in use")
-        if not job_id or not (job_id[0].isalpha()) or any(
-            not (ch.isalnum() or ch in "-._") for ch in job_id
+        if (
+            not job_id
+            or not (job_id[0].isalpha())
+            or any(not (ch.isalnum() or ch in "-._") for ch in job_id)
         ):
             raise JobError("Invalid job ID '%s'" % job_id)
 

@@ -52,8 +52,16 @@ class CommitJob(Job):
 
     job_type = "commit"
 
-    def __init__(self, manager: JobManager, job_id: str, graph: Graph, top: Node, base: Node,
-                 backing_file: str | None = None, **kw) -> None:
+    def __init__(
+        self,
+        manager: JobManager,
+        job_id: str,
+        graph: Graph,
+        top: Node,
+        base: Node,
+        backing_file: str | None = None,
+        **kw,
+    ) -> None:
         super().__init__(manager, job_id, **kw)
         self.graph = graph
         self.top = top
@@ -95,7 +103,9 @@ class CommitJob(Job):
                 parent_edge.replace(self.base)
                 change = getattr(overlay, "change_backing_file", None)
                 if change is not None:
-                    await change(self.backing_file or self.base.describe_filename(), self.base.driver_name)
+                    await change(
+                        self.backing_file or self.base.describe_filename(), self.base.driver_name
+                    )
         await _drop(self.graph, dropped)
 
     async def clean(self) -> None:
@@ -111,7 +121,9 @@ class ActiveCommitJob(DirtyCopyJob):
 
     job_type = "commit"
 
-    def __init__(self, manager: JobManager, job_id: str, graph: Graph, top: Node, base: Node, **kw) -> None:
+    def __init__(
+        self, manager: JobManager, job_id: str, graph: Graph, top: Node, base: Node, **kw
+    ) -> None:
         super().__init__(manager, job_id, graph, top, base, **kw)
         self.dropped: list[Node] = []
 

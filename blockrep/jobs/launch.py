@@ -25,7 +25,9 @@ def _common(a: dict[str, Any], device: str) -> dict[str, Any]:
     }
 
 
-def _job_id(jobs: JobManager, a: dict[str, Any], graph: Graph, device_node: Node, device: str) -> str:
+def _job_id(
+    jobs: JobManager, a: dict[str, Any], graph: Graph, device_node: Node, device: str
+) -> str:
     job_id = a.get("job-id")
     if job_id is None:
         dev = graph.device_of(device_node)
@@ -41,7 +43,9 @@ def _busy(node: Node) -> None:
         raise BlockError(errno.EBUSY, f"Node '{node.node_name}' is busy: {node.op_blocker}")
 
 
-async def start_backup(graph: Graph, jobs: JobManager, a: dict[str, Any], *, internal: bool = False) -> BackupJob:
+async def start_backup(
+    graph: Graph, jobs: JobManager, a: dict[str, Any], *, internal: bool = False
+) -> BackupJob:
     source = graph.lookup(a["device"])
     target = graph.lookup(a["target"])
     sync = a["sync"]
@@ -58,7 +62,12 @@ async def start_backup(graph: Graph, jobs: JobManager, a: dict[str, Any], *, int
         _busy(target)
     job_id = _job_id(jobs, a, graph, source, a["device"])
     job = BackupJob(
-        jobs, job_id, graph, source, target, sync,
+        jobs,
+        job_id,
+        graph,
+        source,
+        target,
+        sync,
         filter_node_name=a.get("filter-node-name"),
         on_source_error=a.get("on-source-error", "report"),
         on_target_error=a.get("on-target-error", "report"),
@@ -87,8 +96,14 @@ def _skip_filters(node: Node) -> Node:
     return node
 
 
-async def start_commit(graph: Graph, jobs: JobManager, a: dict[str, Any], *, internal: bool = False,
-                       auto_complete: bool = False) -> CommitJob | ActiveCommitJob:
+async def start_commit(
+    graph: Graph,
+    jobs: JobManager,
+    a: dict[str, Any],
+    *,
+    internal: bool = False,
+    auto_complete: bool = False,
+) -> CommitJob | ActiveCommitJob:
     root = graph.find(a["device"])
     if root is None:
         err = BlockError(errno.ENODEV, f"Device '{a['device']}' not found")
@@ -131,12 +146,16 @@ async def start_commit(graph: Graph, jobs: JobManager, a: dict[str, Any], *, int
     common = _common(a, job_id)
     if top is active:
         if a.get("backing-file"):
-            raise BlockError(errno.EINVAL, "'backing-file' specified, but 'top' is the active layer")
+            raise BlockError(
+                errno.EINVAL, "'backing-file' specified, but 'top' is the active layer"
+            )
         job: CommitJob | ActiveCommitJob = ActiveCommitJob(
             jobs, job_id, graph, top, base, auto_complete=auto_complete, internal=internal, **common
         )
     else:
-        job = CommitJob(jobs, job_id, graph, top, base, a.get("backing-file"), internal=internal, **common)
+        job = CommitJob(
+            jobs, job_id, graph, top, base, a.get("backing-file"), internal=internal, **common
+        )
     if not internal:
         job.block_nodes(root if root is not top else None, top, base)
     job.start()
@@ -166,7 +185,9 @@ def _find_by_filename(top: Node, name: str) -> Node | None:
     return None
 
 
-async def start_mirror(graph: Graph, jobs: JobManager, a: dict[str, Any], fmt: str | None) -> MirrorJob:
+async def start_mirror(
+    graph: Graph, jobs: JobManager, a: dict[str, Any], fmt: str | None
+) -> MirrorJob:
     source = graph.lookup(a["device"])
     check_sync(a["sync"])
     gran = a.get("granularity", 0)
@@ -208,7 +229,15 @@ async def start_mirror(graph: Graph, jobs: JobManager, a: dict[str, Any], fmt: s
         if created:  # drive-mirror opened it: do not leak it on a refusal
             await graph.close_node(target)
         raise
-    job = MirrorJob(jobs, job_id, graph, source, target, on_error=a.get("on-source-error", "report"), **_common(a, job_id))
+    job = MirrorJob(
+        jobs,
+        job_id,
+        graph,
+        source,
+        target,
+        on_error=a.get("on-source-error", "report"),
+        **_common(a, job_id),
+    )
     job.block_nodes(source, target)
     job.start()
     return job

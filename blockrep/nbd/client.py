@@ -77,7 +77,9 @@ class NBDConnection:
     ) -> None:
         try:
             if addr.type == "unix":
-                self.reader, self.writer = await asyncio.open_unix_connection(addr.path, limit=1 << 20)
+                self.reader, self.writer = await asyncio.open_unix_connection(
+                    addr.path, limit=1 << 20
+                )
             else:
                 self.reader, self.writer = await asyncio.open_connection(
                     addr.host, int(addr.port), limit=1 << 20
@@ -91,7 +93,9 @@ class NBDConnection:
                 err, f"Failed to connect to '{addr.describe()}': {os.strerror(err)}"
             ) from None
         try:
-            await self._handshake(export, tls, tls_hostname or (addr.host if addr.type == "inet" else None))
+            await self._handshake(
+                export, tls, tls_hostname or (addr.host if addr.type == "inet" else None)
+            )
         except (asyncio.IncompleteReadError, ConnectionError) as e:
             self.writer.close()
             raise BlockError(errno.EIO, f"Failed to read initial magic: {e}") from None
@@ -117,7 +121,9 @@ class NBDConnection:
             raise BlockError(errno.EIO, "Option reply too long")
         return rtype, await self._read(length)
 
-    async def _handshake(self, export: str, tls: ssl.SSLContext | None, hostname: str | None) -> None:
+    async def _handshake(
+        self, export: str, tls: ssl.SSLContext | None, hostname: str | None
+    ) -> None:
         magic, second = struct.unpack(">QQ", await self._read(16))
         if magic != p.NBDMAGIC:
             raise BlockError(errno.EINVAL, "Invalid magic received")
@@ -144,7 +150,11 @@ class NBDConnection:
             raise BlockError(errno.EPERM, "The server requires TLS")
         self.structured = rtype == p.REP_ACK
         if self.structured:
-            await self._send(p.pack_option(p.OPT_SET_META_CONTEXT, p.pack_meta_request(export, [p.META_BASE_ALLOCATION])))
+            await self._send(
+                p.pack_option(
+                    p.OPT_SET_META_CONTEXT, p.pack_meta_request(export, [p.META_BASE_ALLOCATION])
+                )
+            )
             while True:
                 rtype, data = await self._option_reply(p.OPT_SET_META_CONTEXT)
                 if rtype == p.REP_META_CONTEXT and len(data) >= 4:
@@ -246,7 +256,13 @@ class NBDConnection:
                             pend.future.set_result(None)
                 else:
                     raise ConnectionLost(f"bad reply magic {magic:#x}")
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, ConnectionLost, struct.error) as e:
+        except (
+            asyncio.IncompleteReadError,
+            ConnectionError,
+            OSError,
+            ConnectionLost,
+            struct.error,
+        ) as e:
             self._lost(e)
         except asyncio.CancelledError:
             self._lost(ConnectionLost("closed"))

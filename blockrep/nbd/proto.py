@@ -78,7 +78,16 @@ CMD_TRIM = 4
 CMD_CACHE = 5
 CMD_WRITE_ZEROES = 6
 CMD_BLOCK_STATUS = 7
-CMD_NAMES = {0: "READ", 1: "WRITE", 2: "DISC", 3: "FLUSH", 4: "TRIM", 5: "CACHE", 6: "WRITE_ZEROES", 7: "BLOCK_STATUS"}
+CMD_NAMES = {
+    0: "READ",
+    1: "WRITE",
+    2: "DISC",
+    3: "FLUSH",
+    4: "TRIM",
+    5: "CACHE",
+    6: "WRITE_ZEROES",
+    7: "BLOCK_STATUS",
+}
 CMD_FLAG_FUA = 1 << 0
 CMD_FLAG_NO_HOLE = 1 << 1
 CMD_FLAG_DF = 1 << 2
@@ -271,4 +280,8 @@ def parse_meta_request(data: bytes) -> tuple[str, list[str]]:
 
 
 def pack_meta_request(name: str, queries: list[str]) -> bytes:
-    return pack_name_list(name) + struct.pack(">I", len(queries)) + b"".join(pack_name_list(q) for q in queries)
+    return (
+        pack_name_list(name)
+        + struct.pack(">I", len(queries))
+        + b"".join(pack_name_list(q) for q in queries)
+    )

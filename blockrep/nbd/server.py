@@ -36,7 +36,9 @@ class Export:
     inserted above it or a commit pivots the graph.
     """
 
-    def __init__(self, name: str, node: Node, writable: bool = False, description: str = "", id: str = "") -> None:
+    def __init__(
+        self, name: str, node: Node, writable: bool = False, description: str = "", id: str = ""
+    ) -> None:
         self.name = name
         self.child = Child(None, f"export:{id or name}", node)
         self.writable = writable
@@ -116,7 +118,9 @@ class NBDServer:
         self.servers: list[asyncio.AbstractServer] = []
 
     async def listen_tcp(self, host: str, port: int) -> asyncio.AbstractServer:
-        srv = await asyncio.start_server(self._accept, host, port, reuse_address=True, limit=STREAM_LIMIT)
+        srv = await asyncio.start_server(
+            self._accept, host, port, reuse_address=True, limit=STREAM_LIMIT
+        )
         self.servers.append(srv)
         return srv
 
@@ -169,7 +173,9 @@ class NBDServer:
 
 
 class NBDClientConn:
-    def __init__(self, server: NBDServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, server: NBDServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
@@ -224,7 +230,9 @@ class NBDClientConn:
     # -- handshake ---------------------------------------------------------------
 
     async def run(self) -> None:
-        self.writer.write(p.HEADER.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
+        self.writer.write(
+            p.HEADER.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)
+        )
         await self.writer.drain()
         (cflags,) = struct.unpack(">I", await self._read(4))
         if cflags & ~(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES):
@@ -255,7 +263,9 @@ class NBDClientConn:
             if tls_required and not self.tls_done and opt not in (p.OPT_STARTTLS, p.OPT_ABORT):
                 if opt == p.OPT_EXPORT_NAME:
                     raise ProtocolError("EXPORT_NAME before STARTTLS")
-                await self._opt_error(opt, p.REP_ERR_TLS_REQD, "Option 0x%x not permitted before TLS" % opt)
+                await self._opt_error(
+                    opt, p.REP_ERR_TLS_REQD, "Option 0x%x not permitted before TLS" % opt
+                )
                 continue
             try:
                 result = await self._option(opt, data)
@@ -296,7 +306,9 @@ class NBDClientConn:
             return None
         if opt == p.OPT_STARTTLS:
             if data:
-                await self._opt_error(opt, p.REP_ERR_INVALID, "NBD_OPT_STARTTLS must have no payload")
+                await self._opt_error(
+                    opt, p.REP_ERR_INVALID, "NBD_OPT_STARTTLS must have no payload"
+                )
                 return None
             if self.server.tls is None:
                 await self._opt_error(opt, p.REP_ERR_POLICY, "TLS not configured")
@@ -312,7 +324,9 @@ class NBDClientConn:
             return None
         if opt == p.OPT_STRUCTURED_REPLY:
             if data:
-                await self._opt_error(opt, p.REP_ERR_INVALID, "structured reply option must have no payload")
+                await self._opt_error(
+                    opt, p.REP_ERR_INVALID, "structured reply option must have no payload"
+                )
                 return None
             self.structured = True
             await self._opt_reply(opt, p.REP_ACK)
@@ -345,16 +359,20 @@ class NBDClientConn:
             if exp is None:
                 await self._opt_error(opt, p.REP_ERR_UNKNOWN, f"export '{name}' not present")
                 return None
-            await self._opt_reply(opt, p.REP_INFO, p.pack_info_export(exp.size, exp.transmission_flags()))
+            await self._opt_reply(
+                opt, p.REP_INFO, p.pack_info_export(exp.size, exp.transmission_flags())
+            )
             if p.INFO_NAME in infos:
-                await self._opt_reply(opt, p.REP_INFO, struct.pack(">H", p.INFO_NAME) + exp.name.encode())
+                await self._opt_reply(
+                    opt, p.REP_INFO, struct.pack(">H", p.INFO_NAME) + exp.name.encode()
+                )
             if p.INFO_DESCRIPTION in infos and exp.description:
                 await self._opt_reply(
-                    opt, p.REP_INFO, struct.pack(">H", p.INFO_DESCRIPTION) + exp.description.encode()
+                    opt,
+                    p.REP_INFO,
+                    struct.pack(">H", p.INFO_DESCRIPTION) + exp.description.encode(),
                 )
-            await self._opt_reply(
-                opt, p.REP_INFO, p.pack_info_block_size(1, 4096, p.MAX_BUFFER)
-            )
+            await self._opt_reply(opt, p.REP_INFO, p.pack_info_block_size(1, 4096, p.MAX_BUFFER))
             await self._opt_reply(opt, p.REP_ACK)
             return exp if opt == p.OPT_GO else None
         await self._opt_error(opt, p.REP_ERR_UNSUP, "Unsupported option %d" % opt)
@@ -368,10 +386,18 @@ class NBDClientConn:
         # QEMU's format: gnutls_x509_crt_get_dn(), i.e. the RDNs in the certificate's own
         # order (not RFC 4514's reversed one), e.g. "C=GB,O=Example Org,CN=laptop": an
         # authz-simple identity that works with qemu-nbd must work here too.
-        names = {"countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
-                 "organizationName": "O", "organizationalUnitName": "OU", "commonName": "CN",
-                 "domainComponent": "DC", "emailAddress": "EMAIL", "streetAddress": "STREET",
-                 "userId": "UID"}
+        names = {
+            "countryName": "C",
+            "stateOrProvinceName": "ST",
+            "localityName": "L",
+            "organizationName": "O",
+            "organizationalUnitName": "OU",
+            "commonName": "CN",
+            "domainComponent": "DC",
+            "emailAddress": "EMAIL",
+            "streetAddress": "STREET",
+            "userId": "UID",
+        }
 
         def esc(v: str) -> str:
             v = "".join("\\" + c if c in ',+"\\<>;' else c for c in v)
@@ -381,7 +407,10 @@ class NBDClientConn:
                 v = v[:-1] + "\\ "
             return v
 
-        rdns = ["+".join(f"{names.get(k, k)}={esc(v)}" for k, v in rdn) for rdn in cert.get("subject", ())]
+        rdns = [
+            "+".join(f"{names.get(k, k)}={esc(v)}" for k, v in rdn)
+            for rdn in cert.get("subject", ())
+        ]
         return ",".join(rdns)
 
     # -- transmission ------------------------------------------------------------
@@ -428,7 +457,9 @@ class NBDClientConn:
         proto.feed(leftover)
         await proto.closed
 
-    def _dispatch(self, req: p.Request, payload: bytes, recycle: Callable[[], None] | None = None) -> bool:
+    def _dispatch(
+        self, req: p.Request, payload: bytes, recycle: Callable[[], None] | None = None
+    ) -> bool:
         """Start one request; False when the connection is to end (DISC).
 
         ``recycle`` gives the payload's buffer back once the request is done:
@@ -522,8 +553,11 @@ class NBDClientConn:
                 if self.structured:
                     if req.length:
                         hdr = p.CHUNK.pack(
-                            p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA,
-                            req.handle, 8 + len(data),
+                            p.STRUCTURED_REPLY_MAGIC,
+                            p.REPLY_FLAG_DONE,
+                            p.REPLY_TYPE_OFFSET_DATA,
+                            req.handle,
+                            8 + len(data),
                         )
                         await self._send_two(hdr + struct.pack(">Q", req.offset), data)
                     else:
@@ -568,7 +602,7 @@ class NBDClientConn:
                 break
         if req.flags & p.CMD_FLAG_REQ_ONE:
             descs = descs[:1]
-        descs = descs[:1 << 16]
+        descs = descs[: 1 << 16]
         payload = struct.pack(">I", 0) + b"".join(struct.pack(">II", ln, fl) for ln, fl in descs)
         await self._reply(p.pack_chunk(req.handle, p.REPLY_TYPE_BLOCK_STATUS, payload))
 
@@ -687,7 +721,9 @@ class _RequestReader(asyncio.BufferedProtocol):
         if self.start == self.end:
             self.start = self.end = 0
 
-    def _deliver(self, req: p.Request, payload: bytes | bytearray, recycle: Callable[[], None] | None = None) -> None:
+    def _deliver(
+        self, req: p.Request, payload: bytes | bytearray, recycle: Callable[[], None] | None = None
+    ) -> None:
         if not self.conn._dispatch(req, payload, recycle):  # type: ignore[arg-type]
             # DISC: finish what is in flight, then close
             self.done = True

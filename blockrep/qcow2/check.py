@@ -63,7 +63,9 @@ async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
             res.corruptions += 1
             res.messages.append(
                 f"ERROR {what} offset={offset:x}: Cluster is not properly aligned; "
-                "L2 entry corrupted." if what == "data" else f"ERROR {what} offset {offset:#x} is not cluster aligned"
+                "L2 entry corrupted."
+                if what == "data"
+                else f"ERROR {what} offset {offset:#x} is not cluster aligned"
             )
             return False
         first = offset >> cb

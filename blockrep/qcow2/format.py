@@ -265,7 +265,11 @@ def parse_header(buf: bytes, file_size: int) -> Header:
     if h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
         raise FormatError("Reference count table too large")
     _check_table(
-        h.refcount_table_offset, h.refcount_table_clusters * cs, cs, file_size, "reference count table"
+        h.refcount_table_offset,
+        h.refcount_table_clusters * cs,
+        cs,
+        file_size,
+        "reference count table",
     )
     if h.nb_snapshots:
         _check_table(h.snapshots_offset, h.nb_snapshots * 40, cs, file_size, "snapshot table")

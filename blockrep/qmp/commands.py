@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
-def args_of(schema: dict[str, Any], args: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+def args_of(
+    schema: dict[str, Any], args: dict[str, Any], required: tuple[str, ...] = ()
+) -> dict[str, Any]:
     try:
         return check(schema, args, typed=True, required=required)
     except OptionError as e:
@@ -86,9 +88,22 @@ def block_device_info(node: Node, flat: bool = False) -> dict[str, Any]:
     return info
 
 
-SOCKET_ADDR = {"type": "str", "data": "any", "host": "str", "port": "any", "path": "str",
-               "ipv4": "bool", "ipv6": "bool", "numeric": "bool", "to": "int", "keep-alive": "bool",
-               "str": "str", "fdname": "str", "abstract": "bool", "tight": "bool"}
+SOCKET_ADDR = {
+    "type": "str",
+    "data": "any",
+    "host": "str",
+    "port": "any",
+    "path": "str",
+    "ipv4": "bool",
+    "ipv6": "bool",
+    "numeric": "bool",
+    "to": "int",
+    "keep-alive": "bool",
+    "str": "str",
+    "fdname": "str",
+    "abstract": "bool",
+    "tight": "bool",
+}
 
 
 def build_commands(d: Daemon) -> dict[str, Handler]:
@@ -172,7 +187,9 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
             ("addr",),
         )
         try:
-            await d.nbd_server_start(a["addr"], a.get("tls-creds"), a.get("tls-authz"), a.get("max-connections", 0))
+            await d.nbd_server_start(
+                a["addr"], a.get("tls-creds"), a.get("tls-authz"), a.get("max-connections", 0)
+            )
         except BlockError as e:
             raise guard(e) from None
         return {}
@@ -180,7 +197,13 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
     @command("nbd-server-add")
     async def nbd_server_add(args: dict[str, Any]) -> Any:
         a = args_of(
-            {"device": "str", "name": "str", "description": "str", "writable": "bool", "bitmap": "str"},
+            {
+                "device": "str",
+                "name": "str",
+                "description": "str",
+                "writable": "bool",
+                "bitmap": "str",
+            },
             args,
             ("device",),
         )
@@ -188,7 +211,14 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
             raise QMPError("blockrep does not export dirty bitmaps")
         name = a.get("name", a["device"])
         try:
-            await d.export_add(name, a["device"], name, a.get("writable", False), a.get("description", ""), legacy=True)
+            await d.export_add(
+                name,
+                a["device"],
+                name,
+                a.get("writable", False),
+                a.get("description", ""),
+                legacy=True,
+            )
         except BlockError as e:
             raise guard(e) from None
         return {}
@@ -232,7 +262,11 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
         )
         try:
             await d.export_add(
-                a["id"], a["node-name"], a.get("name", a["node-name"]), a.get("writable", False), a.get("description", "")
+                a["id"],
+                a["node-name"],
+                a.get("name", a["node-name"]),
+                a.get("writable", False),
+                a.get("description", ""),
             )
         except BlockError as e:
             raise guard(e) from None
@@ -324,18 +358,34 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
         job_call(lambda: job.set_speed(a["speed"]))
         return {}
 
-    common_job = {"job-id": "str", "speed": "int", "auto-finalize": "bool", "auto-dismiss": "bool",
-                  "filter-node-name": "str"}
+    common_job = {
+        "job-id": "str",
+        "speed": "int",
+        "auto-finalize": "bool",
+        "auto-dismiss": "bool",
+        "filter-node-name": "str",
+    }
     error_enum = ("enum", ("report", "ignore", "enospc", "stop", "auto"))
 
     @command("blockdev-backup")
     async def blockdev_backup(args: dict[str, Any]) -> Any:
         a = args_of(
-            {**common_job, "device": "str", "target": "str",
-             "sync": ("enum", ("full", "none", "top", "incremental", "bitmap")), "bitmap": "str",
-             "bitmap-mode": "str", "compress": "bool", "on-source-error": error_enum,
-             "on-target-error": error_enum, "x-perf": "any", "discard-source": "bool"},
-            args, ("device", "target", "sync"))
+            {
+                **common_job,
+                "device": "str",
+                "target": "str",
+                "sync": ("enum", ("full", "none", "top", "incremental", "bitmap")),
+                "bitmap": "str",
+                "bitmap-mode": "str",
+                "compress": "bool",
+                "on-source-error": error_enum,
+                "on-target-error": error_enum,
+                "x-perf": "any",
+                "discard-source": "bool",
+            },
+            args,
+            ("device", "target", "sync"),
+        )
         try:
             await d.start_backup(a)
         except (BlockError, JobError) as e:
@@ -345,20 +395,39 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
     @command("block-commit")
     async def block_commit(args: dict[str, Any]) -> Any:
         a = args_of(
-            {**common_job, "device": "str", "base-node": "str", "base": "str", "top-node": "str",
-             "top": "str", "backing-file": "str", "on-error": error_enum, "backing-mask-protocol": "bool"},
-            args, ("device",))
+            {
+                **common_job,
+                "device": "str",
+                "base-node": "str",
+                "base": "str",
+                "top-node": "str",
+                "top": "str",
+                "backing-file": "str",
+                "on-error": error_enum,
+                "backing-mask-protocol": "bool",
+            },
+            args,
+            ("device",),
+        )
         try:
             await d.start_commit(a)
         except (BlockError, JobError) as e:
             raise guard(e) if isinstance(e, BlockError) else QMPError(e.desc, e.cls) from None
         return {}
 
-    mirror_schema = {**common_job, "device": "str", "target": "str", "replaces": "str",
-                     "sync": ("enum", ("full", "top", "none", "incremental", "bitmap")),
-                     "granularity": "int", "buf-size": "int", "on-source-error": error_enum,
-                     "on-target-error": error_enum, "copy-mode": ("enum", ("background", "write-blocking")),
-                     "unmap": "bool"}
+    mirror_schema = {
+        **common_job,
+        "device": "str",
+        "target": "str",
+        "replaces": "str",
+        "sync": ("enum", ("full", "top", "none", "incremental", "bitmap")),
+        "granularity": "int",
+        "buf-size": "int",
+        "on-source-error": error_enum,
+        "on-target-error": error_enum,
+        "copy-mode": ("enum", ("background", "write-blocking")),
+        "unmap": "bool",
+    }
 
     @command("blockdev-mirror")
     async def blockdev_mirror(args: dict[str, Any]) -> Any:
@@ -371,8 +440,16 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
 
     @command("drive-mirror")
     async def drive_mirror(args: dict[str, Any]) -> Any:
-        a = args_of({**mirror_schema, "format": "str", "node-name": "str",
-                     "mode": ("enum", ("existing", "absolute-paths"))}, args, ("device", "target", "sync"))
+        a = args_of(
+            {
+                **mirror_schema,
+                "format": "str",
+                "node-name": "str",
+                "mode": ("enum", ("existing", "absolute-paths")),
+            },
+            args,
+            ("device", "target", "sync"),
+        )
         try:
             await d.start_mirror(a, a.get("format"))
         except (BlockError, JobError) as e:
@@ -386,7 +463,9 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
 
     @command("xen-set-replication")
     async def xen_set_replication(args: dict[str, Any]) -> Any:
-        a = args_of({"enable": "bool", "primary": "bool", "failover": "bool"}, args, ("enable", "primary"))
+        a = args_of(
+            {"enable": "bool", "primary": "bool", "failover": "bool"}, args, ("enable", "primary")
+        )
         mode = PRIMARY if a["primary"] else SECONDARY
         if "failover" in a and a["enable"]:
             raise QMPError("Parameter 'failover' is only for stopping replication")

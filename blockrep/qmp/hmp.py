@@ -135,7 +135,7 @@ async def qemu_io(node: Node, command: str) -> str:
         return f"{cmd} failed: {os.strerror(e.errno)}\n"
     except HMPError as e:
         return f"{e}\n"
-    raise HMPError(f"command \"{cmd}\" not found")
+    raise HMPError(f'command "{cmd}" not found')
 
 
 async def run_hmp(
@@ -156,7 +156,7 @@ async def run_hmp(
         if args and args[0] == "-d":
             args = args[1:]
         if len(args) != 2:
-            return "Error: qemu-io: usage: qemu-io [-d] [device] \"[command]\"\r\n"
+            return 'Error: qemu-io: usage: qemu-io [-d] [device] "[command]"\r\n'
         try:
             node = lookup(args[0])
         except BlockError as e:

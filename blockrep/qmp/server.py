@@ -63,7 +63,9 @@ class QMPServer:
         self.servers.append(srv)
 
     async def listen_tcp(self, host: str, port: int) -> None:
-        self.servers.append(await asyncio.start_server(self._accept, host, port, reuse_address=True))
+        self.servers.append(
+            await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = QMPSession(self, reader, writer)
@@ -92,13 +94,17 @@ class QMPServer:
         for s in sessions:
             s.writer.close()
         # let each session see its end and return, so nothing is left to cancel
-        tasks = [s.task for s in sessions if s.task is not None and s.task is not asyncio.current_task()]
+        tasks = [
+            s.task for s in sessions if s.task is not None and s.task is not asyncio.current_task()
+        ]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
 
 
 class QMPSession:
-    def __init__(self, server: QMPServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, server: QMPServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
@@ -162,18 +168,24 @@ class QMPSession:
         reply_extra = {"id": rid} if "id" in req else {}
         for key in req:
             if key not in ("execute", "exec-oob", "arguments", "id"):
-                await self.send({**_error(f"QMP input member '{key}' is unexpected"), **reply_extra})
+                await self.send(
+                    {**_error(f"QMP input member '{key}' is unexpected"), **reply_extra}
+                )
                 return
         cmd = req.get("execute")
         if cmd is None:
             await self.send({**_error("QMP input lacks member 'execute'"), **reply_extra})
             return
         if not isinstance(cmd, str):
-            await self.send({**_error("QMP input member 'execute' must be a string"), **reply_extra})
+            await self.send(
+                {**_error("QMP input member 'execute' must be a string"), **reply_extra}
+            )
             return
         args = req.get("arguments", {})
         if not isinstance(args, dict):
-            await self.send({**_error("QMP input member 'arguments' must be an object"), **reply_extra})
+            await self.send(
+                {**_error("QMP input member 'arguments' must be an object"), **reply_extra}
+            )
             return
         if not self.negotiated:
             if cmd != "qmp_capabilities":
@@ -189,7 +201,9 @@ class QMPSession:
                 return
             enable = args.get("enable", [])
             if enable:
-                await self.send({**_error(f"Capability '{enable[0]}' not available"), **reply_extra})
+                await self.send(
+                    {**_error(f"Capability '{enable[0]}' not available"), **reply_extra}
+                )
                 return
             self.negotiated = True
             await self.send({"return": {}, **reply_extra})
@@ -207,7 +221,12 @@ class QMPSession:
             return
         handler = self.server.commands.get(cmd)
         if handler is None:
-            await self.send({**_error(f"The command {cmd} has not been found", "CommandNotFound"), **reply_extra})
+            await self.send(
+                {
+                    **_error(f"The command {cmd} has not been found", "CommandNotFound"),
+                    **reply_extra,
+                }
+            )
             return
         try:
             result = await handler(args)

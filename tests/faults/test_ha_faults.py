@@ -54,7 +54,16 @@ async def _kill_run(seed: int) -> dict:
     ha = HA()
     try:
         ha.make_disks(SIZE, seed)
-        s = ha.secondary(extra=["--auto-failover", "--fence-command", "true", "--failover-timeout", "0.3", *FAST_S])
+        s = ha.secondary(
+            extra=[
+                "--auto-failover",
+                "--fence-command",
+                "true",
+                "--failover-timeout",
+                "0.3",
+                *FAST_S,
+            ]
+        )
         p = ha.primary(f"unix:{ha.path('s.ctl')}", extra=FAST_P)
         await s.wait_ready()
         await p.wait_ready()
@@ -91,7 +100,7 @@ async def _kill_run(seed: int) -> dict:
                 off = wr.randrange(0, SIZE - n)
                 data = wr.randbytes(n)
                 await asyncio.wait_for(sc.write(off, data), 10)  # must never fail, failover or not
-                model[off:off + n] = data
+                model[off : off + n] = data
                 s_writes[0] += 1
                 await asyncio.sleep(0)
 
@@ -102,7 +111,9 @@ async def _kill_run(seed: int) -> dict:
         os.kill(p.pid, signal.SIGKILL)
         p.proc.wait(10)
         stop_p.set()
-        st_done = await s.wait_status(lambda x: x["peer"] == "failed-over" and x["stage"] == "done", 15, "failover")
+        st_done = await s.wait_status(
+            lambda x: x["peer"] == "failed-over" and x["stage"] == "done", 15, "failover"
+        )
         t_failover = time.monotonic() - t_kill
         await asyncio.sleep(0.1)  # a few S writes after the failover too
         stop_s.set()
@@ -123,7 +134,7 @@ async def _kill_run(seed: int) -> dict:
 
 def _first_diff(a: bytes, b: bytes | bytearray, ckpt: bytes) -> str:
     i = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), -1)
-    return f"first difference at {i}: got {a[i:i+8].hex()} model {bytes(b[i:i+8]).hex()} checkpoint {ckpt[i:i+8].hex()}"
+    return f"first difference at {i}: got {a[i : i + 8].hex()} model {bytes(b[i : i + 8]).hex()} checkpoint {ckpt[i : i + 8].hex()}"
 
 
 async def test_primary_sigkill_under_load_secondary_equals_model():
@@ -155,9 +166,11 @@ async def test_secondary_killed_primary_consumer_unaffected(ha):
     async def batch() -> None:
         chosen = rnd.sample(slots, 8)
         datas = [rnd.randbytes(4096) for _ in chosen]
-        await asyncio.wait_for(asyncio.gather(*(pc.write(c * 4096, d) for c, d in zip(chosen, datas, strict=True))), 10)
+        await asyncio.wait_for(
+            asyncio.gather(*(pc.write(c * 4096, d) for c, d in zip(chosen, datas, strict=True))), 10
+        )
         for c, d in zip(chosen, datas, strict=True):
-            model[c * 4096:(c + 1) * 4096] = d
+            model[c * 4096 : (c + 1) * 4096] = d
 
     for _ in range(10):
         await batch()
@@ -173,7 +186,9 @@ async def test_secondary_killed_primary_consumer_unaffected(ha):
         n += 1
     assert n > 0
     st = await p.wait_status(lambda x: x["peer"] == "degraded", 10, "degraded")
-    assert any("secondary" in e and ("lost" in e or "closed" in e) for e in st["errors"]), st["errors"]
+    assert any("secondary" in e and ("lost" in e or "closed" in e) for e in st["errors"]), st[
+        "errors"
+    ]
     assert st["alone-since"] and st["alone-since"].startswith("degraded:")
     assert st["written-alone"], st
     for _ in range(5):
@@ -195,8 +210,10 @@ async def test_blackholed_link_no_failover_without_fence(ha, fence):
     proxy = BlackholeProxy(port)
     try:
         fence_args = ["--fence-command", fence] if fence else []
-        s = ha.secondary(listen=f"127.0.0.1:{port}",
-                         extra=["--auto-failover", *fence_args, "--failover-timeout", "1.0", *FAST_S])
+        s = ha.secondary(
+            listen=f"127.0.0.1:{port}",
+            extra=["--auto-failover", *fence_args, "--failover-timeout", "1.0", *FAST_S],
+        )
         p = ha.primary(proxy.addr, extra=FAST_P)
         await s.wait_ready()
         await p.wait_ready()
@@ -216,7 +233,9 @@ async def test_blackholed_link_no_failover_without_fence(ha, fence):
         proxy.blackhole()
         st = await s.wait_status(lambda x: x["peer"] == "peer-lost", 10, "peer-lost")
         if fence:
-            st = await s.wait_status(lambda x: "fence" in x["auto-failover"]["reason"], 10, "fence failure")
+            st = await s.wait_status(
+                lambda x: "fence" in x["auto-failover"]["reason"], 10, "fence failure"
+            )
             assert "fail" in st["auto-failover"]["reason"]
             assert any("fence" in e for e in st["errors"]), st["errors"]
         await asyncio.sleep(1.0)  # well past the failover timeout
@@ -247,8 +266,17 @@ async def test_partition_both_write_split_brain_detected_nothing_overwritten(ha)
     port = free_port()
     proxy = BlackholeProxy(port)
     try:
-        s = ha.secondary(listen=f"127.0.0.1:{port}",
-                         extra=["--auto-failover", "--fence-command", "true", "--failover-timeout", "1.0", *FAST_S])
+        s = ha.secondary(
+            listen=f"127.0.0.1:{port}",
+            extra=[
+                "--auto-failover",
+                "--fence-command",
+                "true",
+                "--failover-timeout",
+                "1.0",
+                *FAST_S,
+            ],
+        )
         p = ha.primary(proxy.addr, extra=[*FAST_P, "--reconnect"])
         await s.wait_ready()
         await p.wait_ready()
@@ -265,7 +293,9 @@ async def test_partition_both_write_split_brain_detected_nothing_overwritten(ha)
         await _region_writes(sc, rnd, 0, MiB, 6, s_model)
 
         proxy.blackhole()
-        await s.wait_status(lambda x: x["peer"] == "failed-over" and x["stage"] == "done", 15, "S failover")
+        await s.wait_status(
+            lambda x: x["peer"] == "failed-over" and x["stage"] == "done", 15, "S failover"
+        )
         await p.wait_status(lambda x: x["peer"] == "degraded", 15, "P degraded")
         await _region_writes(sc, rnd, MiB, MiB, 6, s_model)
         await _region_writes(pc, rnd, 2 * MiB, 2 * MiB, 10, p_model)
@@ -283,7 +313,9 @@ async def test_partition_both_write_split_brain_detected_nothing_overwritten(ha)
 
         # a restarted P (same disk, same state file) against S: refused the same way
         p.kill()
-        p2 = ha.primary(proxy.addr, name="p2", disk=p.disk, extra=[*FAST_P, "--state-file", p.state])
+        p2 = ha.primary(
+            proxy.addr, name="p2", disk=p.disk, extra=[*FAST_P, "--state-file", p.state]
+        )
         await p2.wait_ready()
         st = await p2.astatus()
         assert st["peer"] == "split-brain", st
@@ -295,13 +327,15 @@ async def test_partition_both_write_split_brain_detected_nothing_overwritten(ha)
         proxy.close()
 
 
-async def _region_writes(node, rnd: random.Random, start: int, length: int, count: int, model: bytearray) -> None:
+async def _region_writes(
+    node, rnd: random.Random, start: int, length: int, count: int, model: bytearray
+) -> None:
     for _ in range(count):
         n = rnd.choice((512, 4096, 16384))
         off = rnd.randrange(start, start + length - n)
         data = rnd.randbytes(n)
         await node.write(off, data)
-        model[off:off + n] = data
+        model[off : off + n] = data
 
 
 def _covers(ranges: list[list[int]], start: int, length: int) -> bool:

@@ -51,7 +51,9 @@ class Closed(Exception):
 class Conn:
     """A blocking raw client socket with exact reads and a deadline."""
 
-    def __init__(self, path: str | None = None, addr: tuple[str, int] | None = None, timeout: float = 10.0):
+    def __init__(
+        self, path: str | None = None, addr: tuple[str, int] | None = None, timeout: float = 10.0
+    ):
         if path:
             self.s = socket.socket(socket.AF_UNIX)
             self.s.settimeout(timeout)
@@ -108,24 +110,45 @@ def opt_msgs(rnd: random.Random) -> list[bytes]:
         elif k == 1:
             out.append(p.pack_option(p.OPT_LIST))
         elif k == 2:
-            out.append(p.pack_option(p.OPT_INFO, p.pack_info_request(name, rnd.sample(range(5), rnd.randint(0, 4)))))
+            out.append(
+                p.pack_option(
+                    p.OPT_INFO, p.pack_info_request(name, rnd.sample(range(5), rnd.randint(0, 4)))
+                )
+            )
         elif k in (3, 4):
-            qs = rnd.sample(["base:allocation", "base:", "qemu:dirty-bitmap:x", "", "nosuch:ctx"], rnd.randint(0, 3))
+            qs = rnd.sample(
+                ["base:allocation", "base:", "qemu:dirty-bitmap:x", "", "nosuch:ctx"],
+                rnd.randint(0, 3),
+            )
             opt = p.OPT_LIST_META_CONTEXT if k == 3 else p.OPT_SET_META_CONTEXT
             out.append(p.pack_option(opt, p.pack_meta_request(name, qs)))
         elif k == 5:
             out.append(p.pack_option(p.OPT_STARTTLS))
         elif k == 6:
-            out.append(p.pack_option(rnd.choice([0, 4, 11, 12, 99, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF]),
-                                     rnd.randbytes(rnd.randint(0, 40))))
+            out.append(
+                p.pack_option(
+                    rnd.choice([0, 4, 11, 12, 99, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF]),
+                    rnd.randbytes(rnd.randint(0, 40)),
+                )
+            )
         elif k == 7:
-            out.append(p.pack_option(rnd.choice([p.OPT_LIST, p.OPT_STRUCTURED_REPLY, p.OPT_STARTTLS]),
-                                     rnd.randbytes(rnd.randint(1, 20))))
+            out.append(
+                p.pack_option(
+                    rnd.choice([p.OPT_LIST, p.OPT_STRUCTURED_REPLY, p.OPT_STARTTLS]),
+                    rnd.randbytes(rnd.randint(1, 20)),
+                )
+            )
         else:
-            out.append(p.pack_option(p.OPT_INFO, p.pack_info_request(RO_NAME, [p.INFO_NAME, p.INFO_BLOCK_SIZE])))
+            out.append(
+                p.pack_option(
+                    p.OPT_INFO, p.pack_info_request(RO_NAME, [p.INFO_NAME, p.INFO_BLOCK_SIZE])
+                )
+            )
     last = rnd.randrange(4)
     if last == 0:
-        out.append(p.pack_option(p.OPT_GO, p.pack_info_request(rnd.choice([RO_NAME, "nosuch"]), [])))
+        out.append(
+            p.pack_option(p.OPT_GO, p.pack_info_request(rnd.choice([RO_NAME, "nosuch"]), []))
+        )
     elif last == 1:
         out.append(p.pack_option(p.OPT_EXPORT_NAME, rnd.choice([RO_NAME, "nosuch", ""]).encode()))
     elif last == 2:
@@ -143,17 +166,41 @@ def req_msgs(rnd: random.Random, n: int) -> list[bytes]:
             out.append(p.pack_request(p.CMD_READ, h, off, rnd.randint(0, min(16384, SIZE - off))))
         elif k == 1:
             ln = rnd.randint(0, 8192)
-            out.append(p.pack_request(p.CMD_WRITE, h, rnd.randrange(SIZE), ln, rnd.choice([0, 1])) + rnd.randbytes(ln))
+            out.append(
+                p.pack_request(p.CMD_WRITE, h, rnd.randrange(SIZE), ln, rnd.choice([0, 1]))
+                + rnd.randbytes(ln)
+            )
         elif k == 2:
-            out.append(p.pack_request(rnd.choice([p.CMD_TRIM, p.CMD_WRITE_ZEROES]), h, rnd.randrange(SIZE), 4096))
+            out.append(
+                p.pack_request(
+                    rnd.choice([p.CMD_TRIM, p.CMD_WRITE_ZEROES]), h, rnd.randrange(SIZE), 4096
+                )
+            )
         elif k == 3:
-            out.append(p.pack_request(rnd.randrange(8, 1 << 16), h, rnd.randrange(1 << 64), rnd.randrange(1 << 32)))
+            out.append(
+                p.pack_request(
+                    rnd.randrange(8, 1 << 16), h, rnd.randrange(1 << 64), rnd.randrange(1 << 32)
+                )
+            )
         elif k == 4:
-            out.append(p.pack_request(p.CMD_READ, h, rnd.choice([SIZE, SIZE + 1, (1 << 64) - 1, SIZE - 1]),
-                                      rnd.choice([1, 4096, 1 << 31, (1 << 32) - 1])))
+            out.append(
+                p.pack_request(
+                    p.CMD_READ,
+                    h,
+                    rnd.choice([SIZE, SIZE + 1, (1 << 64) - 1, SIZE - 1]),
+                    rnd.choice([1, 4096, 1 << 31, (1 << 32) - 1]),
+                )
+            )
         elif k == 5:
-            out.append(p.pack_request(rnd.choice([p.CMD_FLUSH, p.CMD_CACHE, p.CMD_BLOCK_STATUS]), h,
-                                      rnd.randrange(SIZE), rnd.randint(0, 65536), rnd.choice([0, 0, 8, 1 << 15])))
+            out.append(
+                p.pack_request(
+                    rnd.choice([p.CMD_FLUSH, p.CMD_CACHE, p.CMD_BLOCK_STATUS]),
+                    h,
+                    rnd.randrange(SIZE),
+                    rnd.randint(0, 65536),
+                    rnd.choice([0, 0, 8, 1 << 15]),
+                )
+            )
         elif k == 6:
             out.append(p.pack_request(p.CMD_READ, h, 0, 512, rnd.randrange(1, 1 << 16)))
         else:
@@ -172,10 +219,12 @@ def mutate(rnd: random.Random, b: bytes) -> bytes:
         return bytes(ba)
     if k == 2:  # huge 32-bit field somewhere
         i = rnd.randrange(0, max(1, len(ba) - 3))
-        ba[i:i + 4] = rnd.choice([b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff", b"\x00\x01\x00\x01", b"\x02\x00\x00\x00"])
+        ba[i : i + 4] = rnd.choice(
+            [b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff", b"\x00\x01\x00\x01", b"\x02\x00\x00\x00"]
+        )
         return bytes(ba)
     if k == 3:  # truncated
-        return bytes(ba[:rnd.randrange(len(ba))])
+        return bytes(ba[: rnd.randrange(len(ba))])
     if k == 4:  # trailing junk
         return bytes(ba) + rnd.randbytes(rnd.randint(1, 64))
     if k == 5:  # bad magic
@@ -227,14 +276,18 @@ class Stats:
                 self.failures.append(what)
 
 
-def handshake(c: Conn, rnd: random.Random, export: str, structured: bool, meta: bool, use_go: bool) -> tuple[int, int]:
+def handshake(
+    c: Conn, rnd: random.Random, export: str, structured: bool, meta: bool, use_go: bool
+) -> tuple[int, int]:
     """A valid handshake (with some answered-with-error options mixed in); returns (size, flags)."""
     magic, ihave, hflags = p.HEADER.unpack(c.recv_exact(p.HEADER.size))
     assert magic == p.NBDMAGIC and ihave == p.IHAVEOPT and hflags & p.FLAG_FIXED_NEWSTYLE
     c.send(struct.pack(">I", p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES))
     opts: list[tuple[int, bytes, int | None]] = []  # (opt, payload, expected final reply)
     if rnd.random() < 0.3:
-        opts.append((rnd.choice([42, 0xDEAD, 4]), rnd.randbytes(rnd.randint(0, 9)), p.REP_ERR_UNSUP))
+        opts.append(
+            (rnd.choice([42, 0xDEAD, 4]), rnd.randbytes(rnd.randint(0, 9)), p.REP_ERR_UNSUP)
+        )
     if rnd.random() < 0.2:
         opts.append((p.OPT_STARTTLS, b"", None))  # no TLS configured: some error
     if rnd.random() < 0.2:
@@ -244,7 +297,13 @@ def handshake(c: Conn, rnd: random.Random, export: str, structured: bool, meta: 
     if structured and use_go:
         opts.append((p.OPT_STRUCTURED_REPLY, b"", p.REP_ACK))
         if meta:
-            opts.append((p.OPT_SET_META_CONTEXT, p.pack_meta_request(export, [p.META_BASE_ALLOCATION]), p.REP_ACK))
+            opts.append(
+                (
+                    p.OPT_SET_META_CONTEXT,
+                    p.pack_meta_request(export, [p.META_BASE_ALLOCATION]),
+                    p.REP_ACK,
+                )
+            )
     c.send(b"".join(p.pack_option(o, d) for o, d, _ in opts))
     for o, _, want in opts:
         final, _ = read_option_replies(c, o)
@@ -265,7 +324,9 @@ def handshake(c: Conn, rnd: random.Random, export: str, structured: bool, meta: 
     return struct.unpack(">QH", c.recv_exact(10))
 
 
-def read_replies(c: Conn, pending: dict[int, tuple], structured: bool) -> dict[int, tuple[int, bytes, list]]:
+def read_replies(
+    c: Conn, pending: dict[int, tuple], structured: bool
+) -> dict[int, tuple[int, bytes, list]]:
     """Read replies until every pending handle is answered: handle -> (error, data, extents)."""
     results: dict[int, list] = {}
     done: dict[int, tuple[int, bytes, list]] = {}
@@ -292,7 +353,9 @@ def read_replies(c: Conn, pending: dict[int, tuple], structured: bool) -> dict[i
                 assert off == pending[h][1] + len(r[1])
                 r[1] += payload[8:]
             elif ctype == p.REPLY_TYPE_BLOCK_STATUS:
-                r[2] += [struct.unpack(">II", payload[i:i + 8]) for i in range(4, len(payload), 8)]
+                r[2] += [
+                    struct.unpack(">II", payload[i : i + 8]) for i in range(4, len(payload), 8)
+                ]
             elif ctype in (p.REPLY_TYPE_ERROR, p.REPLY_TYPE_ERROR_OFFSET):
                 r[0] = struct.unpack(">I", payload[:4])[0]
                 assert r[0]
@@ -317,13 +380,20 @@ def fuzz_handshake(rnd: random.Random, sock: str, stats: Stats) -> None:
             i = rnd.randrange(len(msgs))
             msgs[i] = mutate(rnd, msgs[i])
         if rnd.random() < 0.3:
-            msgs += [mutate(rnd, m) if rnd.random() < 0.5 else m for m in req_msgs(rnd, rnd.randint(1, 8))]
+            msgs += [
+                mutate(rnd, m) if rnd.random() < 0.5 else m
+                for m in req_msgs(rnd, rnd.randint(1, 8))
+            ]
         if rnd.random() < 0.1:  # one more option with a huge claimed length
-            msgs.append(p.OPTION.pack(p.IHAVEOPT, p.OPT_GO, rnd.choice([p.MAX_OPTION_LEN + 1, 1 << 31, (1 << 32) - 1])))
+            msgs.append(
+                p.OPTION.pack(
+                    p.IHAVEOPT, p.OPT_GO, rnd.choice([p.MAX_OPTION_LEN + 1, 1 << 31, (1 << 32) - 1])
+                )
+            )
         data = b"".join(msgs)
         if rnd.random() < 0.2:  # dribble it in pieces
             for i in range(0, len(data), 7):
-                c.send(data[i:i + 7])
+                c.send(data[i : i + 7])
         else:
             c.send(data)
         if not c.drain_to_eof():
@@ -374,24 +444,35 @@ def fuzz_transmission(rnd: random.Random, sock: str, stats: Stats, model: bytes)
                 elif typ > p.CMD_BLOCK_STATUS and not err:
                     stats.fail(f"unknown command {typ} accepted")
                 elif typ == p.CMD_READ:
-                    valid = in_bounds and ln <= p.MAX_BUFFER and (fl == 0 or (fl == p.CMD_FLAG_DF and structured))
+                    valid = (
+                        in_bounds
+                        and ln <= p.MAX_BUFFER
+                        and (fl == 0 or (fl == p.CMD_FLAG_DF and structured))
+                    )
                     if valid != (not err):
                         stats.fail(f"read off={off} len={ln} flags={fl} -> error {err}")
                     if not err:
                         if len(data) != ln:
                             stats.fail(f"read returned {len(data)} of {ln} bytes")
                         elif off >= STATIC[0]:
-                            if data != model[off:off + ln]:
+                            if data != model[off : off + ln]:
                                 stats.fail(f"read of untouched data at {off} differs")
                             with stats.lock:
                                 stats.checked_reads += 1
                 elif typ == p.CMD_BLOCK_STATUS:
                     valid = meta and in_bounds and fl in (0, p.CMD_FLAG_REQ_ONE)
                     if valid != (not err):
-                        stats.fail(f"block status off={off} len={ln} flags={fl} meta={meta} -> {err}")
+                        stats.fail(
+                            f"block status off={off} len={ln} flags={fl} meta={meta} -> {err}"
+                        )
                     if not err and ln and not (ext and sum(e[0] for e in ext) >= 1):
                         stats.fail(f"empty block status for {off}+{ln}")
-                elif typ in (p.CMD_FLUSH, p.CMD_CACHE) and fl == 0 and (typ == p.CMD_FLUSH or in_bounds) and err:
+                elif (
+                    typ in (p.CMD_FLUSH, p.CMD_CACHE)
+                    and fl == 0
+                    and (typ == p.CMD_FLUSH or in_bounds)
+                    and err
+                ):
                     stats.fail(f"{typ} failed with {err}")
             stats.add(batch, 0)
         # hostile ending
@@ -407,7 +488,7 @@ def fuzz_transmission(rnd: random.Random, sock: str, stats: Stats, model: bytes)
         elif k == 4:
             end = rnd.randbytes(rnd.randint(1, 200))
         elif k == 5:
-            end = p.pack_request(p.CMD_READ, 1, 0, 512)[:rnd.randrange(1, 28)]
+            end = p.pack_request(p.CMD_READ, 1, 0, 512)[: rnd.randrange(1, 28)]
         else:
             end = p.pack_option(p.OPT_STARTTLS)  # an option in transmission phase
         c.send(end)
@@ -422,7 +503,9 @@ def fuzz_transmission(rnd: random.Random, sock: str, stats: Stats, model: bytes)
         c.close()
 
 
-def valid_writer(sock: str, stats: Stats, model: bytearray, stop: threading.Event, seed: int) -> None:
+def valid_writer(
+    sock: str, stats: Stats, model: bytearray, stop: threading.Event, seed: int
+) -> None:
     """Well-formed requests on the writable export, one at a time; only accepted valid writes
     go into the model, and every invalid one must be refused."""
     rnd = random.Random(seed)
@@ -445,8 +528,13 @@ def valid_writer(sock: str, stats: Stats, model: bytearray, stop: threading.Even
             elif k == 3:
                 ln = rnd.randint(1, 65536)
                 off = rnd.randrange(lo, hi - ln)
-                req = p.pack_request(p.CMD_WRITE_ZEROES, h, off, ln,
-                                     rnd.choice([0, p.CMD_FLAG_NO_HOLE, p.CMD_FLAG_FUA]))
+                req = p.pack_request(
+                    p.CMD_WRITE_ZEROES,
+                    h,
+                    off,
+                    ln,
+                    rnd.choice([0, p.CMD_FLAG_NO_HOLE, p.CMD_FLAG_FUA]),
+                )
             elif k == 4:  # crosses the end: refused, nothing written
                 ln = rnd.randint(2, 8192)
                 off = SIZE - rnd.randint(1, ln - 1)
@@ -457,11 +545,17 @@ def valid_writer(sock: str, stats: Stats, model: bytearray, stop: threading.Even
                 ln = rnd.randint(1, 4096)
                 off = rnd.randrange(lo, hi - ln)
                 payload = rnd.randbytes(ln)
-                req = p.pack_request(p.CMD_WRITE, h, off, ln, rnd.choice([1 << 5, 1 << 9, 1 << 15, p.CMD_FLAG_DF]))
+                req = p.pack_request(
+                    p.CMD_WRITE, h, off, ln, rnd.choice([1 << 5, 1 << 9, 1 << 15, p.CMD_FLAG_DF])
+                )
                 valid = False
             elif k == 6:  # zeroes / trim out of bounds or overflowing
-                req = p.pack_request(rnd.choice([p.CMD_WRITE_ZEROES, p.CMD_TRIM]), h,
-                                     rnd.choice([(1 << 64) - 4096, SIZE + 1, SIZE - 10]), rnd.choice([4096, 1 << 31]))
+                req = p.pack_request(
+                    rnd.choice([p.CMD_WRITE_ZEROES, p.CMD_TRIM]),
+                    h,
+                    rnd.choice([(1 << 64) - 4096, SIZE + 1, SIZE - 10]),
+                    rnd.choice([4096, 1 << 31]),
+                )
                 valid = False
             else:  # unknown command naming an in-bounds range
                 req = p.pack_request(rnd.randrange(8, 1 << 16), h, lo, 4096)
@@ -477,9 +571,9 @@ def valid_writer(sock: str, stats: Stats, model: bytearray, stop: threading.Even
                 stats.fail(f"invalid write-type {typ} at {off}+{ln} flags accepted")
             if valid and not err:
                 if typ == p.CMD_WRITE:
-                    model[off:off + ln] = payload
+                    model[off : off + ln] = payload
                 else:
-                    model[off:off + ln] = bytes(ln)
+                    model[off : off + ln] = bytes(ln)
                 with stats.lock:
                     stats.valid_writes += 1
             stats.add(1, 0)
@@ -535,7 +629,10 @@ class GoodClients:
         self.qemu_io_iters = 0
         self.qmp_iters = 0
         self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._node_thread), threading.Thread(target=self._qemu_io_thread)]
+        self.threads = [
+            threading.Thread(target=self._node_thread),
+            threading.Thread(target=self._qemu_io_thread),
+        ]
 
     def start(self) -> None:
         for t in self.threads:
@@ -554,7 +651,9 @@ class GoodClients:
 
     async def _node_loop(self) -> None:
         g = Graph()
-        n = await g.add({"driver": "nbd", "server": {"type": "unix", "path": self.sock}, "export": RW_NAME})
+        n = await g.add(
+            {"driver": "nbd", "server": {"type": "unix", "path": self.sock}, "export": RW_NAME}
+        )
         rnd = random.Random(99)
         try:
             while not self.stop.is_set():
@@ -562,7 +661,7 @@ class GoodClients:
                 off = rnd.randrange(GOOD[0], GOOD[1] - ln)
                 data = rnd.randbytes(ln)
                 await asyncio.wait_for(n.write(off, data), 30)
-                self.model[off:off + ln] = data
+                self.model[off : off + ln] = data
                 got = await asyncio.wait_for(n.read(off, ln), 30)
                 if got != data:
                     self.errors.append(f"node read back differs at {off}+{ln}")
@@ -571,7 +670,9 @@ class GoodClients:
                     await asyncio.wait_for(n.flush(), 30)
                     ext = await asyncio.wait_for(n.block_status(0, SIZE), 30)
                     assert sum(e.length for e in ext) == SIZE
-                    if await asyncio.wait_for(n.read(STATIC[0], 65536), 30) != bytes(self.model[STATIC[0]:STATIC[0] + 65536]):
+                    if await asyncio.wait_for(n.read(STATIC[0], 65536), 30) != bytes(
+                        self.model[STATIC[0] : STATIC[0] + 65536]
+                    ):
                         self.errors.append("node read of untouched data differs")
                         return
                     await asyncio.to_thread(qmp_query, self.qmp)
@@ -587,13 +688,29 @@ class GoodClients:
             pat = pat % 250 + 1
             lo, hi = QIO
             try:
-                r = tool("qemu-io", "-f", "raw", "-c", f"write -P {pat} {lo} {hi - lo}",
-                         "-c", f"read -P {pat} {lo} {hi - lo}", uri, check=False, timeout=60)
+                r = tool(
+                    "qemu-io",
+                    "-f",
+                    "raw",
+                    "-c",
+                    f"write -P {pat} {lo} {hi - lo}",
+                    "-c",
+                    f"read -P {pat} {lo} {hi - lo}",
+                    uri,
+                    check=False,
+                    timeout=60,
+                )
             except Exception as e:  # noqa: BLE001
                 self.errors.append(f"qemu-io: {e!r}")
                 return
-            if r.returncode != 0 or "Pattern verification failed" in r.stdout or "failed" in r.stderr.lower():
-                self.errors.append(f"qemu-io rc={r.returncode}: {r.stdout[-300:]} {r.stderr[-300:]}")
+            if (
+                r.returncode != 0
+                or "Pattern verification failed" in r.stdout
+                or "failed" in r.stderr.lower()
+            ):
+                self.errors.append(
+                    f"qemu-io rc={r.returncode}: {r.stdout[-300:]} {r.stderr[-300:]}"
+                )
                 return
             self.model[lo:hi] = bytes([pat]) * (hi - lo)
             self.qemu_io_iters += 1
@@ -605,11 +722,16 @@ class GoodClients:
 
 def _daemon_args(disk: str, sock: str, extra: tuple[str, ...] = ()) -> list[str]:
     return [
-        "--blockdev", f"driver=file,node-name=f0,filename={disk}",
-        "--blockdev", "driver=raw,node-name=disk,file=f0",
-        "--nbd-server", f"addr.type=unix,addr.path={sock}" + "".join(extra),
-        "--export", f"type=nbd,id=ro,node-name=disk,name={RO_NAME}",
-        "--export", f"type=nbd,id=rw,node-name=disk,name={RW_NAME},writable=on",
+        "--blockdev",
+        f"driver=file,node-name=f0,filename={disk}",
+        "--blockdev",
+        "driver=raw,node-name=disk,file=f0",
+        "--nbd-server",
+        f"addr.type=unix,addr.path={sock}" + "".join(extra),
+        "--export",
+        f"type=nbd,id=ro,node-name=disk,name={RO_NAME}",
+        "--export",
+        f"type=nbd,id=rw,node-name=disk,name={RW_NAME},writable=on",
     ]
 
 
@@ -637,8 +759,10 @@ def test_nbd_fuzz_daemon_survives_and_data_intact(tmp_path):
         stop = threading.Event()
         writer_stop = threading.Event()
         wt = threading.Thread(target=valid_writer, args=(sock, stats, model, writer_stop, 7))
-        workers = [threading.Thread(target=fuzz_worker, args=(1000 + i, sock, stats, initial, stop))
-                   for i in range(WORKERS)]
+        workers = [
+            threading.Thread(target=fuzz_worker, args=(1000 + i, sock, stats, initial, stop))
+            for i in range(WORKERS)
+        ]
         t0 = time.monotonic()
         wt.start()
         for w in workers:
@@ -661,13 +785,23 @@ def test_nbd_fuzz_daemon_survives_and_data_intact(tmp_path):
         assert d.proc.poll() is None, f"daemon died: {d.output()[-3000:]}"
         assert qmp_query(d.qmp_sock)["qemu"]["major"] >= 1
         # a fresh well-behaved client still works after the storm
-        r = tool("qemu-io", "-r", "-f", "raw", "-c", f"read 0 {SIZE}", f"nbd+unix:///{RO_NAME}?socket={sock}")
+        r = tool(
+            "qemu-io",
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            f"read 0 {SIZE}",
+            f"nbd+unix:///{RO_NAME}?socket={sock}",
+        )
         assert "read 8388608/8388608" in r.stdout
         assert d.stop() == 0, d.output()[-3000:]
         log = d.output()
-    report = (f"{stats.messages} messages on {stats.connections} connections in {elapsed:.1f}s; "
-              f"{stats.valid_writes} valid writes, {stats.checked_reads} reads verified; "
-              f"node {good.node_iters} iterations, qemu-io {good.qemu_io_iters}, qmp {good.qmp_iters}")
+    report = (
+        f"{stats.messages} messages on {stats.connections} connections in {elapsed:.1f}s; "
+        f"{stats.valid_writes} valid writes, {stats.checked_reads} reads verified; "
+        f"node {good.node_iters} iterations, qemu-io {good.qemu_io_iters}, qmp {good.qmp_iters}"
+    )
     print(report)
     assert not good.errors, good.errors
     assert not stats.failures, stats.failures
@@ -679,7 +813,7 @@ def test_nbd_fuzz_daemon_survives_and_data_intact(tmp_path):
     with open(disk, "rb") as f:
         final = f.read()
     assert hashlib.sha256(final).hexdigest() == hashlib.sha256(bytes(model)).hexdigest(), report
-    assert final[STATIC[0]:] == initial[STATIC[0]:]
+    assert final[STATIC[0] :] == initial[STATIC[0] :]
 
 
 def test_nbd_fuzz_starttls_garbage(tmp_path):
@@ -697,17 +831,26 @@ def test_nbd_fuzz_starttls_garbage(tmp_path):
     portnum = port.getsockname()[1]
     port.close()
     args = [
-        "--blockdev", f"driver=file,node-name=f0,filename={disk}",
-        "--blockdev", "driver=raw,node-name=disk,file=f0",
-        "-object", f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server,verify-peer=on",
-        "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={portnum},tls-creds=tls0",
-        "--export", f"type=nbd,id=ro,node-name=disk,name={RO_NAME}",
-        "--export", f"type=nbd,id=rw,node-name=disk,name={RW_NAME},writable=on",
+        "--blockdev",
+        f"driver=file,node-name=f0,filename={disk}",
+        "--blockdev",
+        "driver=raw,node-name=disk,file=f0",
+        "-object",
+        f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server,verify-peer=on",
+        "--nbd-server",
+        f"addr.type=inet,addr.host=127.0.0.1,addr.port={portnum},tls-creds=tls0",
+        "--export",
+        f"type=nbd,id=ro,node-name=disk,name={RO_NAME}",
+        "--export",
+        f"type=nbd,id=rw,node-name=disk,name={RW_NAME},writable=on",
     ]
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.load_verify_locations(os.path.join(pki["client"], "ca-cert.pem"))
-    ctx.load_cert_chain(os.path.join(pki["client"], "client-cert.pem"), os.path.join(pki["client"], "client-key.pem"))
+    ctx.load_cert_chain(
+        os.path.join(pki["client"], "client-cert.pem"),
+        os.path.join(pki["client"], "client-key.pem"),
+    )
     rnd = random.Random(11)
     stats = Stats()
     addr = ("127.0.0.1", portnum)
@@ -722,7 +865,10 @@ def test_nbd_fuzz_starttls_garbage(tmp_path):
                 c.send(struct.pack(">I", 3))
                 k = n % 5
                 if k == 0:  # plaintext options are refused with TLS_REQD, EXPORT_NAME drops us
-                    c.send(p.pack_option(p.OPT_GO, p.pack_info_request(RO_NAME, [])) + p.pack_option(p.OPT_LIST))
+                    c.send(
+                        p.pack_option(p.OPT_GO, p.pack_info_request(RO_NAME, []))
+                        + p.pack_option(p.OPT_LIST)
+                    )
                     assert read_option_replies(c, p.OPT_GO)[0] == p.REP_ERR_TLS_REQD
                     assert read_option_replies(c, p.OPT_LIST)[0] == p.REP_ERR_TLS_REQD
                     c.send(p.pack_option(p.OPT_EXPORT_NAME, RO_NAME.encode()))
@@ -734,7 +880,10 @@ def test_nbd_fuzz_starttls_garbage(tmp_path):
                         junk = b"\x16\x03\x01" + struct.pack(">H", rnd.randrange(1 << 16)) + junk
                     c.send(junk)
                 elif k == 3:  # mutated STARTTLS option
-                    c.send(mutate(rnd, p.pack_option(p.OPT_STARTTLS)) + rnd.randbytes(rnd.randint(0, 64)))
+                    c.send(
+                        mutate(rnd, p.pack_option(p.OPT_STARTTLS))
+                        + rnd.randbytes(rnd.randint(0, 64))
+                    )
                 else:  # a real TLS session, then hostile options and requests inside it
                     c.send(p.pack_option(p.OPT_STARTTLS))
                     assert read_option_replies(c, p.OPT_STARTTLS)[0] == p.REP_ACK
@@ -761,16 +910,29 @@ def test_nbd_fuzz_starttls_garbage(tmp_path):
         async def good_client():
             g = Graph()
             g.objects["tls0"] = TLSCredsX509("tls0", pki["client"], "client", True)
-            node = await g.add({"driver": "nbd", "server": {"type": "inet", "host": "127.0.0.1", "port": str(portnum)},
-                                "export": RW_NAME, "tls-creds": "tls0"})
+            node = await g.add(
+                {
+                    "driver": "nbd",
+                    "server": {"type": "inet", "host": "127.0.0.1", "port": str(portnum)},
+                    "export": RW_NAME,
+                    "tls-creds": "tls0",
+                }
+            )
             try:
                 await node.write(4096, b"\xee" * 4096)
-                assert await node.read(0, 3 * 4096) == initial[:4096] + b"\xee" * 4096 + initial[8192:12288]
+                assert (
+                    await node.read(0, 3 * 4096)
+                    == initial[:4096] + b"\xee" * 4096 + initial[8192:12288]
+                )
             finally:
                 await g.close_all()
 
         asyncio.run(good_client())
-        r = tool("nbdinfo", "--json", f"nbds://127.0.0.1:{portnum}/{RO_NAME}?tls-certificates={pki['client']}")
+        r = tool(
+            "nbdinfo",
+            "--json",
+            f"nbds://127.0.0.1:{portnum}/{RO_NAME}?tls-certificates={pki['client']}",
+        )
         assert json.loads(r.stdout)["exports"][0]["export-size"] == SIZE
         assert d.stop() == 0
         log = d.output()

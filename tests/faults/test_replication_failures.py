@@ -58,28 +58,34 @@ class Pair:
     def s_args(self) -> list[str]:
         d = self.dir
         return [
-            "-qmp", f"unix:{d}/S.qmp,server=on,wait=off",
-            "-drive", f"if=none,id=parent0,driver=raw,file.driver=blkdebug,file.node-name=secbd,"
-                      f"file.image.driver=file,file.image.filename={self.sec}",
-            "-drive", "if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,"
-                      "file.driver=qcow2,file.node-name=active0,"
-                      f"file.file.driver=blkdebug,file.file.node-name=actbd,"
-                      f"file.file.image.driver=file,file.file.image.filename={self.active},"
-                      "file.backing.driver=qcow2,file.backing.node-name=hidden0,"
-                      "file.backing.file.driver=blkdebug,file.backing.file.node-name=hidbd,"
-                      f"file.backing.file.image.driver=file,file.backing.file.image.filename={self.hidden},"
-                      "file.backing.backing=parent0",
-            "-drive", "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0",
+            "-qmp",
+            f"unix:{d}/S.qmp,server=on,wait=off",
+            "-drive",
+            f"if=none,id=parent0,driver=raw,file.driver=blkdebug,file.node-name=secbd,"
+            f"file.image.driver=file,file.image.filename={self.sec}",
+            "-drive",
+            "if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,"
+            "file.driver=qcow2,file.node-name=active0,"
+            f"file.file.driver=blkdebug,file.file.node-name=actbd,"
+            f"file.file.image.driver=file,file.file.image.filename={self.active},"
+            "file.backing.driver=qcow2,file.backing.node-name=hidden0,"
+            "file.backing.file.driver=blkdebug,file.backing.file.node-name=hidbd,"
+            f"file.backing.file.image.driver=file,file.backing.file.image.filename={self.hidden},"
+            "file.backing.backing=parent0",
+            "-drive",
+            "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0",
         ]
 
     def p_args(self) -> list[str]:
         d = self.dir
         return [
-            "-qmp", f"unix:{d}/P.qmp,server=on,wait=off",
-            "-drive", "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,"
-                      "children.0.driver=raw,children.0.node-name=plocal,"
-                      "children.0.file.driver=blkdebug,children.0.file.node-name=pbd,"
-                      f"children.0.file.image.driver=file,children.0.file.image.filename={self.prim}",
+            "-qmp",
+            f"unix:{d}/P.qmp,server=on,wait=off",
+            "-drive",
+            "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,"
+            "children.0.driver=raw,children.0.node-name=plocal,"
+            "children.0.file.driver=blkdebug,children.0.file.node-name=pbd,"
+            f"children.0.file.image.driver=file,children.0.file.image.filename={self.prim}",
         ]
 
     async def start(self) -> tuple[Q, Q]:
@@ -93,10 +99,19 @@ class Pair:
         p = await Q.connect("P", self.P_proc)
         await s.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.nbd_sock}}})
         await s.run("nbd-server-add", {"device": "parent0", "writable": True})
-        await p.run("blockdev-add", {
-            "driver": "replication", "node-name": "replication0", "mode": "primary",
-            "file": {"driver": "nbd", "export": "parent0", "server": {"type": "unix", "path": self.nbd_sock}},
-        })
+        await p.run(
+            "blockdev-add",
+            {
+                "driver": "replication",
+                "node-name": "replication0",
+                "mode": "primary",
+                "file": {
+                    "driver": "nbd",
+                    "export": "parent0",
+                    "server": {"type": "unix", "path": self.nbd_sock},
+                },
+            },
+        )
         await p.run("x-blockdev-change", {"parent": "colo-disk0", "node": "replication0"})
         await s.run("xen-set-replication", {"enable": True, "primary": False})
         await p.run("xen-set-replication", {"enable": True, "primary": True})
@@ -172,7 +187,10 @@ def test_1_primary_disk_io_error(tmp_path):
         out = await p.read_fails("colo-disk0", 0, C)
         evs = await drain_events(p)
         bad = named(evs, "QUORUM_REPORT_BAD")
-        assert [(e["type"], e["node-name"]) for e in bad] == [("read", "plocal"), ("read", "replication0")]
+        assert [(e["type"], e["node-name"]) for e in bad] == [
+            ("read", "plocal"),
+            ("read", "replication0"),
+        ]
         assert named(evs, "QUORUM_FAILURE") == []  # QEMU's fifo reads never vote
         assert out.startswith("read failed: ")
         # a read error on P is no replication error
@@ -227,7 +245,10 @@ def test_2_forwarding_failed(tmp_path, how):
             assert await s.status() == OK
             await s.quit()
         # primary failover: stop, take the child out of the quorum, delete it
-        assert await p.run("xen-set-replication", {"enable": False, "primary": True, "failover": True}) == {}
+        assert (
+            await p.run("xen-set-replication", {"enable": False, "primary": True, "failover": True})
+            == {}
+        )
         assert await p.status() == OK
         await p.run("x-blockdev-change", {"parent": "colo-disk0", "child": "children.1"})
         await p.run("blockdev-del", {"node-name": "replication0"})
@@ -366,7 +387,12 @@ def test_7_failover_commit_failed(tmp_path):
         await asyncio.get_running_loop().run_in_executor(None, pair.P_proc.proc.wait, 10)
         await s.run("nbd-server-stop")
         await set_rules(s, "secbd", EIO)
-        assert await s.run("xen-set-replication", {"enable": False, "primary": False, "failover": True}) == {}
+        assert (
+            await s.run(
+                "xen-set-replication", {"enable": False, "primary": False, "failover": True}
+            )
+            == {}
+        )
         r = await s.wait_stage(("failover-failed", "done"))
         assert r["stage"] == "failover-failed" and r["error"]
         assert await s.status() == IOERR

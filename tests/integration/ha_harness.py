@@ -30,7 +30,16 @@ MiB = 1 << 20
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # README "The HA manager": `blockrep status --json` keys and their types
-PEER_STATES = {"connecting", "connected", "peer-lost", "degraded", "failed-over", "split-brain", "stale", "refused"}
+PEER_STATES = {
+    "connecting",
+    "connected",
+    "peer-lost",
+    "degraded",
+    "failed-over",
+    "split-brain",
+    "stale",
+    "refused",
+}
 STAGES = {"none", "running", "failover", "failover-failed", "done"}
 NUM = (int, float)
 
@@ -54,7 +63,9 @@ def free_port() -> int:
 
 def _ranges_ok(v: Any) -> bool:
     return isinstance(v, list) and all(
-        isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+        isinstance(r, list)
+        and len(r) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
         for r in v
     )
 
@@ -86,7 +97,9 @@ def check_status_schema(s: dict[str, Any], role: str | None = None) -> None:
     assert s["replication-error"] is None or isinstance(s["replication-error"], str)
     assert isinstance(s["errors"], list) and all(isinstance(e, str) for e in s["errors"])
     af = s["auto-failover"]
-    assert isinstance(af, dict) and isinstance(af["enabled"], bool) and isinstance(af["reason"], str), af
+    assert (
+        isinstance(af, dict) and isinstance(af["enabled"], bool) and isinstance(af["reason"], str)
+    ), af
     if "timeout" in af:
         assert is_num(af["timeout"])
     assert s["alone-since"] is None or isinstance(s["alone-since"], str)
@@ -100,7 +113,9 @@ def check_status_schema(s: dict[str, Any], role: str | None = None) -> None:
         assert isinstance(sy["what"], str) and is_int(sy["current"]) and is_int(sy["total"]), sy
     assert isinstance(s["jobs"], list)
     for j in s["jobs"]:
-        assert isinstance(j["id"], str) and isinstance(j["type"], str) and isinstance(j["status"], str), j
+        assert (
+            isinstance(j["id"], str) and isinstance(j["type"], str) and isinstance(j["status"], str)
+        ), j
         assert is_int(j["current"]) and is_int(j["total"]), j
 
 
@@ -116,8 +131,18 @@ def scrape_metrics(port: int) -> dict[str, float]:
 
 
 class Node:
-    def __init__(self, ha: HA, role: str, name: str, proc: subprocess.Popen, disk: str, log: str,
-                 qmp: str, export: str, state: str) -> None:
+    def __init__(
+        self,
+        ha: HA,
+        role: str,
+        name: str,
+        proc: subprocess.Popen,
+        disk: str,
+        log: str,
+        qmp: str,
+        export: str,
+        state: str,
+    ) -> None:
         self.ha, self.role, self.name, self.proc = ha, role, name, proc
         self.disk, self.log, self.qmp, self.export, self.state = disk, log, qmp, export, state
 
@@ -141,7 +166,10 @@ class Node:
         """`blockrep status --json` as a user runs it."""
         r = subprocess.run(
             [sys.executable, "-m", "blockrep.cli", "status", "--qmp", f"unix:{self.qmp}", "--json"],
-            capture_output=True, text=True, timeout=60, cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
         )
         assert r.returncode == 0, r.stderr
         s = json.loads(r.stdout)
@@ -151,7 +179,9 @@ class Node:
     async def astatus(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.status)
 
-    async def qmp_async(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 60) -> Any:
+    async def qmp_async(
+        self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 60
+    ) -> Any:
         try:
             return await asyncio.to_thread(qmp_call, self.qmp, cmd, args, timeout)
         except RuntimeError as e:
@@ -162,12 +192,16 @@ class Node:
         s: dict[str, Any] = {}
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited ({self.proc.returncode}):\n{self.log_text()}")
+                raise AssertionError(
+                    f"{self.name} exited ({self.proc.returncode}):\n{self.log_text()}"
+                )
             s = await self.astatus()
             if pred(s):
                 return s
             await asyncio.sleep(0.05)
-        raise AssertionError(f"{self.name}: timed out waiting for {what}; last status {json.dumps(s)}\n{self.log_text()}")
+        raise AssertionError(
+            f"{self.name}: timed out waiting for {what}; last status {json.dumps(s)}\n{self.log_text()}"
+        )
 
     async def wait_ready(self, timeout: float = 40.0) -> None:
         deadline = time.monotonic() + timeout
@@ -175,7 +209,9 @@ class Node:
             if f"blockrep {self.role}: ready" in self.log_text():
                 return
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited ({self.proc.returncode}):\n{self.log_text()}")
+                raise AssertionError(
+                    f"{self.name} exited ({self.proc.returncode}):\n{self.log_text()}"
+                )
             await asyncio.sleep(0.03)
         raise AssertionError(f"{self.name} not ready after {timeout} s:\n{self.log_text()}")
 
@@ -207,7 +243,9 @@ class Node:
 
     async def client(self) -> tuple[Graph, Any]:
         g = Graph()
-        node = await g.add({"driver": "nbd", "server": {"type": "unix", "path": self.export}, "export": "disk"})
+        node = await g.add(
+            {"driver": "nbd", "server": {"type": "unix", "path": self.export}, "export": "disk"}
+        )
         return g, node
 
 
@@ -228,7 +266,9 @@ class HA:
         """Disk files carry the dir's tag: the overlays in /dev/shm are named after them."""
         return os.path.join(self.dir, f"{self.tag}-{name}")
 
-    def make_disks(self, size: int, seed: int = 1, names: tuple[str, ...] = ("p.raw", "s.raw")) -> bytes:
+    def make_disks(
+        self, size: int, seed: int = 1, names: tuple[str, ...] = ("p.raw", "s.raw")
+    ) -> bytes:
         data = random.Random(seed).randbytes(size)
         for n in names:
             with open(self.disk(n), "wb") as f:
@@ -239,31 +279,95 @@ class HA:
         log = self.path(f"{name}.log")
         with open(log, "ab") as lf:
             return subprocess.Popen(
-                [sys.executable, "-m", "blockrep.cli", role, *args], stdout=lf, stderr=subprocess.STDOUT,
-                cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                [sys.executable, "-m", "blockrep.cli", role, *args],
+                stdout=lf,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
 
-    def secondary(self, name: str = "s", disk: str | None = None, listen: str | None = None,
-                  extra: list[str] | tuple[str, ...] = ()) -> Node:
+    def secondary(
+        self,
+        name: str = "s",
+        disk: str | None = None,
+        listen: str | None = None,
+        extra: list[str] | tuple[str, ...] = (),
+    ) -> Node:
         disk = disk or self.disk("s.raw")
         listen = listen or f"unix:{self.path(name + '.ctl')}"
-        qmp, export, state = self.path(f"{name}.qmp"), self.path(f"{name}.nbd"), self.path(f"{name}.state")
-        args = ["--disk", disk, "--listen", listen, "--export", f"unix:{export}", "--qmp", f"unix:{qmp}",
-                "--state-file", state, "--buffer-dir", "/dev/shm" if os.path.isdir("/dev/shm") else self.dir,
-                *extra]
-        n = Node(self, "secondary", name, self._start("secondary", name, args), disk, self.path(f"{name}.log"),
-                 qmp, export, state)
+        qmp, export, state = (
+            self.path(f"{name}.qmp"),
+            self.path(f"{name}.nbd"),
+            self.path(f"{name}.state"),
+        )
+        args = [
+            "--disk",
+            disk,
+            "--listen",
+            listen,
+            "--export",
+            f"unix:{export}",
+            "--qmp",
+            f"unix:{qmp}",
+            "--state-file",
+            state,
+            "--buffer-dir",
+            "/dev/shm" if os.path.isdir("/dev/shm") else self.dir,
+            *extra,
+        ]
+        n = Node(
+            self,
+            "secondary",
+            name,
+            self._start("secondary", name, args),
+            disk,
+            self.path(f"{name}.log"),
+            qmp,
+            export,
+            state,
+        )
         self.nodes.append(n)
         return n
 
-    def primary(self, secondary: str, name: str = "p", disk: str | None = None,
-                extra: list[str] | tuple[str, ...] = ()) -> Node:
+    def primary(
+        self,
+        secondary: str,
+        name: str = "p",
+        disk: str | None = None,
+        extra: list[str] | tuple[str, ...] = (),
+    ) -> Node:
         disk = disk or self.disk("p.raw")
-        qmp, export, state = self.path(f"{name}.qmp"), self.path(f"{name}.nbd"), self.path(f"{name}.state")
-        args = ["--disk", disk, "--secondary", secondary, "--export", f"unix:{export}", "--qmp", f"unix:{qmp}",
-                "--state-file", state, "--connect-timeout", "20", *extra]
-        n = Node(self, "primary", name, self._start("primary", name, args), disk, self.path(f"{name}.log"),
-                 qmp, export, state)
+        qmp, export, state = (
+            self.path(f"{name}.qmp"),
+            self.path(f"{name}.nbd"),
+            self.path(f"{name}.state"),
+        )
+        args = [
+            "--disk",
+            disk,
+            "--secondary",
+            secondary,
+            "--export",
+            f"unix:{export}",
+            "--qmp",
+            f"unix:{qmp}",
+            "--state-file",
+            state,
+            "--connect-timeout",
+            "20",
+            *extra,
+        ]
+        n = Node(
+            self,
+            "primary",
+            name,
+            self._start("primary", name, args),
+            disk,
+            self.path(f"{name}.log"),
+            qmp,
+            export,
+            state,
+        )
         self.nodes.append(n)
         return n
 
@@ -308,8 +412,15 @@ def cleanup_overlays(disk_stem: str) -> None:
                 pass
 
 
-async def random_writes(node, rnd: random.Random, size: int, count: int, model: bytearray | None = None,
-                        sizes=(512, 1000, 4096, 16384, 65536), concurrent: bool = True) -> int:
+async def random_writes(
+    node,
+    rnd: random.Random,
+    size: int,
+    count: int,
+    model: bytearray | None = None,
+    sizes=(512, 1000, 4096, 16384, 65536),
+    concurrent: bool = True,
+) -> int:
     """``count`` random writes; with ``model``, written sequentially (the model stays exact)."""
     ops = []
     for _ in range(count):
@@ -320,7 +431,7 @@ async def random_writes(node, rnd: random.Random, size: int, count: int, model: 
         for off, data in ops:
             await node.write(off, data)
             if model is not None:
-                model[off:off + len(data)] = data
+                model[off : off + len(data)] = data
     else:
         await asyncio.gather(*(node.write(off, data) for off, data in ops))
     return sum(len(d) for _, d in ops)

@@ -56,7 +56,9 @@ class Session:
     async def x(self, cmd: str, **args: Any) -> Any:
         return await asyncio.wait_for(self.c.execute(cmd, args), 30)
 
-    async def err(self, cmd: str, args: dict[str, Any], desc: str, cls: str = "GenericError") -> None:
+    async def err(
+        self, cmd: str, args: dict[str, Any], desc: str, cls: str = "GenericError"
+    ) -> None:
         with pytest.raises(ExecuteError) as e:
             await asyncio.wait_for(self.c.execute(cmd, args), 30)
         got = (e.value.error.error.class_, e.value.error.error.desc)
@@ -94,7 +96,9 @@ class Session:
             d = e["data"]
             if e["event"] == "JOB_STATUS_CHANGE" and d.get("id") == job:
                 out.append(d["status"])
-            elif e["event"].startswith("BLOCK_JOB_") and (d.get("device") == job or d.get("id") == job):
+            elif e["event"].startswith("BLOCK_JOB_") and (
+                d.get("device") == job or d.get("id") == job
+            ):
                 out.append(e["event"])
         return out
 
@@ -117,7 +121,9 @@ def run_tool(*args: str, check: bool = True, timeout: float = 60) -> subprocess.
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=check)
 
 
-def qcow2(path: str, size: int = 4 * MiB, backing: str | None = None, cluster: int | None = None) -> str:
+def qcow2(
+    path: str, size: int = 4 * MiB, backing: str | None = None, cluster: int | None = None
+) -> str:
     args = ["qemu-img", "create", "-q", "-f", "qcow2"]
     if backing:
         args += ["-b", backing, "-F", "qcow2"]
@@ -174,9 +180,16 @@ class QSD:
         self.sock = os.path.join(dirpath, f"{name}.qmp")
         self.log = open(os.path.join(dirpath, f"{name}.log"), "wb")
         self.proc = subprocess.Popen(
-            ["qemu-storage-daemon", "--chardev", f"socket,id=m0,path={self.sock},server=on,wait=off",
-             "--monitor", "chardev=m0", *(extra or [])],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                "qemu-storage-daemon",
+                "--chardev",
+                f"socket,id=m0,path={self.sock},server=on,wait=off",
+                "--monitor",
+                "chardev=m0",
+                *(extra or []),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
 
     def stop(self) -> None:

@@ -224,8 +224,9 @@ def chain_json(active: str, hidden: str, sec: str) -> str:
 class Pair:
     """A Primary and a Secondary, set up as REFERENCE-QEMU.md §2 describes."""
 
-    def __init__(self, p_kind: str, s_kind: str, size: int = 16 * MiB, seed: int = 1,
-                 exports: bool = True) -> None:
+    def __init__(
+        self, p_kind: str, s_kind: str, size: int = 16 * MiB, seed: int = 1, exports: bool = True
+    ) -> None:
         import random
 
         self.size = size
@@ -255,27 +256,50 @@ class Pair:
         for path in (self.hidden, self.active):
             tool("qemu-img", "create", "-q", "-f", "qcow2", path, str(self.size))
         wd = self.wd
-        self.S = Side("S", self.s_kind, wd, [
-            "-drive", f"if=none,id=parent0,driver=raw,file.filename={self.sec}",
-            "-drive", "if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,"
-                      f"file.driver=qcow2,file.node-name=active0,file.file.filename={self.active},"
-                      "file.backing.driver=qcow2,file.backing.node-name=hidden0,"
-                      f"file.backing.file.filename={self.hidden},file.backing.backing=parent0",
-            "-drive", "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0",
-        ])
-        self.P = Side("P", self.p_kind, wd, [
-            "-drive", "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,"
-                      f"children.0.file.filename={self.prim},children.0.driver=raw",
-        ])
+        self.S = Side(
+            "S",
+            self.s_kind,
+            wd,
+            [
+                "-drive",
+                f"if=none,id=parent0,driver=raw,file.filename={self.sec}",
+                "-drive",
+                "if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,"
+                f"file.driver=qcow2,file.node-name=active0,file.file.filename={self.active},"
+                "file.backing.driver=qcow2,file.backing.node-name=hidden0,"
+                f"file.backing.file.filename={self.hidden},file.backing.backing=parent0",
+                "-drive",
+                "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0",
+            ],
+        )
+        self.P = Side(
+            "P",
+            self.p_kind,
+            wd,
+            [
+                "-drive",
+                "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,"
+                f"children.0.file.filename={self.prim},children.0.driver=raw",
+            ],
+        )
         await self.S.connect()
         await self.P.connect()
         S, P = self.S, self.P
         await S.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.rep_sock}}})
         await S.cmd("nbd-server-add", {"device": "parent0", "writable": True})
-        await P.cmd("blockdev-add", {
-            "driver": "replication", "node-name": "replication0", "mode": "primary",
-            "file": {"driver": "nbd", "export": "parent0", "server": {"type": "unix", "path": self.rep_sock}},
-        })
+        await P.cmd(
+            "blockdev-add",
+            {
+                "driver": "replication",
+                "node-name": "replication0",
+                "mode": "primary",
+                "file": {
+                    "driver": "nbd",
+                    "export": "parent0",
+                    "server": {"type": "unix", "path": self.rep_sock},
+                },
+            },
+        )
         await P.cmd("x-blockdev-change", {"parent": "colo-disk0", "node": "replication0"})
         await S.cmd("xen-set-replication", {"enable": True, "primary": False})
         await P.cmd("xen-set-replication", {"enable": True, "primary": True})
@@ -292,13 +316,22 @@ class Pair:
                 self.s_client = await self._client(self.rep_sock)
 
     async def _export(self, side: Side, sock: str) -> None:
-        await side.cmd("block-export-add", {"type": "nbd", "id": "cons0", "node-name": "colo-disk0",
-                                            "name": "colo-disk0", "writable": True})
+        await side.cmd(
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": "cons0",
+                "node-name": "colo-disk0",
+                "name": "colo-disk0",
+                "writable": True,
+            },
+        )
         side.nbd_sock = sock
 
     async def _client(self, sock: str):
-        return await self.graph.add({"driver": "nbd", "export": "colo-disk0",
-                                     "server": {"type": "unix", "path": sock}})
+        return await self.graph.add(
+            {"driver": "nbd", "export": "colo-disk0", "server": {"type": "unix", "path": sock}}
+        )
 
     async def close(self) -> None:
         for c in (self.p_client, self.s_client):
@@ -313,7 +346,9 @@ class Pair:
                 await side.stop()
 
     def logs(self) -> str:
-        return "".join(f"--- {s.name} ({s.kind}) ---\n{s.output()[-4000:]}\n" for s in (self.P, self.S) if s)
+        return "".join(
+            f"--- {s.name} ({s.kind}) ---\n{s.output()[-4000:]}\n" for s in (self.P, self.S) if s
+        )
 
     def cleanup(self) -> None:
         shutil.rmtree(self.wd, ignore_errors=True)
@@ -418,7 +453,15 @@ class Pair:
     def chain_view(self) -> bytes:
         """S's view from the files: active → hidden → secondary disk (after flush_s)."""
         out = os.path.join(self.wd, "view.raw")
-        tool("qemu-img", "convert", "-U", "-O", "raw", chain_json(self.active, self.hidden, self.sec), out)
+        tool(
+            "qemu-img",
+            "convert",
+            "-U",
+            "-O",
+            "raw",
+            chain_json(self.active, self.hidden, self.sec),
+            out,
+        )
         data = read_file(out)
         os.unlink(out)
         return data
@@ -448,14 +491,22 @@ class Pair:
 
     def expected(self, name: str) -> bytearray:
         m = self.model
-        return {"prim": m.p, "p_export": m.p, "sec": m.sec, "s_view_files": m.s_view,
-                "s_view_export": m.s_view}[name]
+        return {
+            "prim": m.p,
+            "p_export": m.p,
+            "sec": m.sec,
+            "s_view_files": m.s_view,
+            "s_view_export": m.s_view,
+        }[name]
 
     async def check(self, label: str) -> dict[str, str]:
         """Every image equals the model; qemu-img check clean. Returns the shas."""
         imgs = await self.images()
-        bad = [f"{n}: {first_diff(d, self.expected(n))}" for n, d in imgs.items()
-               if sha(d) != sha(self.expected(n))]
+        bad = [
+            f"{n}: {first_diff(d, self.expected(n))}"
+            for n, d in imgs.items()
+            if sha(d) != sha(self.expected(n))
+        ]
         assert not bad, f"[{label}] model mismatch: {bad}"
         if self.S.alive:
             self.qcow2_check()

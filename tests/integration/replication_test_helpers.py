@@ -64,8 +64,19 @@ class Q:
     async def read_ok(self, node: str, pattern: int, offset: int, length: int) -> None:
         """Read [offset, offset+length) from ``node``: it must succeed and be exactly ``pattern``."""
         out = await self.io(node, f"read -P {pattern:#x} {offset} {length}")
-        assert out.startswith(f"read {length}/{length} bytes at offset {offset}\r\n"), (self.name, node, out)
-        assert "Pattern verification failed" not in out, (self.name, node, hex(pattern), offset, length, out)
+        assert out.startswith(f"read {length}/{length} bytes at offset {offset}\r\n"), (
+            self.name,
+            node,
+            out,
+        )
+        assert "Pattern verification failed" not in out, (
+            self.name,
+            node,
+            hex(pattern),
+            offset,
+            length,
+            out,
+        )
 
     async def read_fails(self, node: str, offset: int, length: int) -> str:
         out = await self.io(node, f"read {offset} {length}")
@@ -74,7 +85,11 @@ class Q:
 
     async def write_ok(self, node: str, pattern: int, offset: int, length: int) -> None:
         out = await self.io(node, f"write -P {pattern:#x} {offset} {length}")
-        assert out.startswith(f"wrote {length}/{length} bytes at offset {offset}\r\n"), (self.name, node, out)
+        assert out.startswith(f"wrote {length}/{length} bytes at offset {offset}\r\n"), (
+            self.name,
+            node,
+            out,
+        )
 
     async def write_fails(self, node: str, pattern: int, offset: int, length: int) -> str:
         out = await self.io(node, f"write -P {pattern:#x} {offset} {length}")
@@ -89,7 +104,9 @@ class Q:
     async def rep(self, index: int = 0) -> dict[str, Any]:
         return (await self.run("query-replication"))[index]
 
-    async def wait_stage(self, want: str | tuple[str, ...], timeout: float = 30.0, index: int = 0) -> dict[str, Any]:
+    async def wait_stage(
+        self, want: str | tuple[str, ...], timeout: float = 30.0, index: int = 0
+    ) -> dict[str, Any]:
         wanted = (want,) if isinstance(want, str) else want
         deadline = time.monotonic() + timeout
         while True:
@@ -134,9 +151,26 @@ def assert_check_clean(path) -> None:
 
 def assert_file_pattern(path, fmt: str, pattern: int, offset: int, length: int) -> None:
     """qemu-io on a file (the daemon that wrote it has exited): exactly ``pattern`` there."""
-    r = tool("qemu-io", "-r", "-f", fmt, "-c", f"read -P {pattern:#x} {offset} {length}", str(path), check=False)
-    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, (str(path), r.stdout, r.stderr)
-    assert f"read {length}/{length} bytes at offset {offset}" in r.stdout, (str(path), r.stdout, r.stderr)
+    r = tool(
+        "qemu-io",
+        "-r",
+        "-f",
+        fmt,
+        "-c",
+        f"read -P {pattern:#x} {offset} {length}",
+        str(path),
+        check=False,
+    )
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, (
+        str(path),
+        r.stdout,
+        r.stderr,
+    )
+    assert f"read {length}/{length} bytes at offset {offset}" in r.stdout, (
+        str(path),
+        r.stdout,
+        r.stderr,
+    )
 
 
 def allocated_ranges(path, fmt: str = "qcow2") -> list[tuple[int, int]]:

@@ -18,10 +18,23 @@ from tests.daemon_harness import BLOCKREP, DaemonProc, daemon
 from tests.helpers import tool
 
 ISSUE_COMMANDS = [
-    "qmp_capabilities", "query-version", "query-commands", "quit", "blockdev-add", "blockdev-del",
-    "x-blockdev-del", "query-named-block-nodes", "query-block", "nbd-server-start", "nbd-server-add",
-    "nbd-server-remove", "nbd-server-stop", "block-export-add", "block-export-del",
-    "query-block-exports", "human-monitor-command",
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "quit",
+    "blockdev-add",
+    "blockdev-del",
+    "x-blockdev-del",
+    "query-named-block-nodes",
+    "query-block",
+    "nbd-server-start",
+    "nbd-server-add",
+    "nbd-server-remove",
+    "nbd-server-stop",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
+    "human-monitor-command",
 ]
 
 
@@ -31,7 +44,9 @@ async def client(sock: str) -> QMPClient:
     return c
 
 
-async def expect_error(c: QMPClient, cmd: str, args: dict | None, desc: str, cls: str = "GenericError") -> None:
+async def expect_error(
+    c: QMPClient, cmd: str, args: dict | None, desc: str, cls: str = "GenericError"
+) -> None:
     with pytest.raises(ExecuteError) as e:
         await c.execute(cmd, args or {})
     assert e.value.error.error.class_ == cls
@@ -113,7 +128,13 @@ def test_qmp_protocol_errors_keep_the_connection(tmp_path):
     assert r[2]["error"]["class"] == "GenericError" and "JSON parse error" in r[2]["error"]["desc"]
     assert r[3]["error"]["desc"] == "QMP input must be a JSON object"
     assert r[4]["error"]["desc"] == "QMP input lacks member 'execute'"
-    assert r[5] == {"error": {"class": "CommandNotFound", "desc": "The command no-such-command has not been found"}, "id": "x"}
+    assert r[5] == {
+        "error": {
+            "class": "CommandNotFound",
+            "desc": "The command no-such-command has not been found",
+        },
+        "id": "x",
+    }
     assert r[6]["id"] == {"deep": [1]} and "return" in r[6]
     assert r[7]["error"]["desc"] == "QMP input member 'bogus' is unexpected"
     assert r[8]["error"]["class"] == "CommandNotFound"
@@ -123,15 +144,29 @@ def test_qmp_protocol_errors_keep_the_connection(tmp_path):
 def test_blockdev_add_del_and_queries(tmp_path, raw_disk):
     async def go(sock):
         c = await client(sock)
-        await expect_error(c, "blockdev-add", {"driver": "raw"}, "'node-name' must be specified for the root node")
+        await expect_error(
+            c, "blockdev-add", {"driver": "raw"}, "'node-name' must be specified for the root node"
+        )
         await c.execute("blockdev-add", {"driver": "file", "node-name": "f0", "filename": raw_disk})
         await c.execute("blockdev-add", {"driver": "raw", "node-name": "r0", "file": "f0"})
-        await expect_error(c, "blockdev-add", {"driver": "raw", "node-name": "r1", "file": "nothere"},
-                           "Cannot find device='nothere' nor node-name='nothere'")
-        await expect_error(c, "blockdev-add", {"driver": "raw", "node-name": "r0", "file": "f0"},
-                           "Duplicate nodes with node-name='r0'")
-        await expect_error(c, "blockdev-add", {"driver": "file", "node-name": "x", "filename": raw_disk, "bogus": 1},
-                           "Parameter 'bogus' is unexpected")
+        await expect_error(
+            c,
+            "blockdev-add",
+            {"driver": "raw", "node-name": "r1", "file": "nothere"},
+            "Cannot find device='nothere' nor node-name='nothere'",
+        )
+        await expect_error(
+            c,
+            "blockdev-add",
+            {"driver": "raw", "node-name": "r0", "file": "f0"},
+            "Duplicate nodes with node-name='r0'",
+        )
+        await expect_error(
+            c,
+            "blockdev-add",
+            {"driver": "file", "node-name": "x", "filename": raw_disk, "bogus": 1},
+            "Parameter 'bogus' is unexpected",
+        )
         nodes = await c.execute("query-named-block-nodes", {"flat": True})
         by = {n["node-name"]: n for n in nodes}
         assert by["r0"]["drv"] == "raw" and by["r0"]["image"]["virtual-size"] == 16 << 20
@@ -140,7 +175,9 @@ def test_blockdev_add_del_and_queries(tmp_path, raw_disk):
         await c.execute("blockdev-del", {"node-name": "r0"})
         await c.execute("x-blockdev-del", {"node-name": "f0"})
         assert await c.execute("query-named-block-nodes") == []
-        await expect_error(c, "blockdev-del", {"node-name": "r0"}, "Failed to find node with node-name='r0'")
+        await expect_error(
+            c, "blockdev-del", {"node-name": "r0"}, "Failed to find node with node-name='r0'"
+        )
         await c.disconnect()
 
     with daemon(tmp_path) as d:
@@ -156,21 +193,55 @@ def test_nbd_server_and_exports(tmp_path, raw_disk):
         await expect_error(c, "nbd-server-stop", {}, "NBD server not running")
         # SocketAddressLegacy with port as a string, as REFERENCE-QEMU.md and the seed write it
         await c.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd_sock}}})
-        await expect_error(c, "nbd-server-start", {"addr": {"type": "unix", "path": nbd_sock}},
-                           "NBD server already running")
+        await expect_error(
+            c,
+            "nbd-server-start",
+            {"addr": {"type": "unix", "path": nbd_sock}},
+            "NBD server already running",
+        )
         await c.execute("nbd-server-add", {"device": "parent0", "writable": True})
-        await expect_error(c, "nbd-server-add", {"device": "parent0"}, "Block export id 'parent0' is already in use")
+        await expect_error(
+            c,
+            "nbd-server-add",
+            {"device": "parent0"},
+            "Block export id 'parent0' is already in use",
+        )
         exports = await c.execute("query-block-exports")
-        assert exports == [{"type": "nbd", "id": "parent0", "node-name": exports[0]["node-name"], "shutting-down": False}]
-        r = tool("qemu-io", "-f", "raw", "-c", "write -P 0x3c 4096 8192", f"nbd+unix:///parent0?socket={nbd_sock}")
+        assert exports == [
+            {
+                "type": "nbd",
+                "id": "parent0",
+                "node-name": exports[0]["node-name"],
+                "shutting-down": False,
+            }
+        ]
+        r = tool(
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 4096 8192",
+            f"nbd+unix:///parent0?socket={nbd_sock}",
+        )
         assert "wrote 8192/8192" in r.stdout
-        out = await c.execute("human-monitor-command", hmp('qemu-io parent0 "read -P 0x3c 4096 8192"'))
-        assert "read 8192/8192 bytes at offset 4096" in out and "Pattern verification failed" not in out
-        out = await c.execute("human-monitor-command", hmp('qemu-io parent0 "read -P 0x3d 4096 8192"'))
+        out = await c.execute(
+            "human-monitor-command", hmp('qemu-io parent0 "read -P 0x3c 4096 8192"')
+        )
+        assert (
+            "read 8192/8192 bytes at offset 4096" in out
+            and "Pattern verification failed" not in out
+        )
+        out = await c.execute(
+            "human-monitor-command", hmp('qemu-io parent0 "read -P 0x3d 4096 8192"')
+        )
         assert "Pattern verification failed at offset 4096, 8192 bytes" in out
         await c.execute("nbd-server-remove", {"name": "parent0"})
-        await expect_error(c, "nbd-server-remove", {"name": "parent0"}, "Export 'parent0' is not found")
-        await c.execute("block-export-add", {"type": "nbd", "id": "e1", "node-name": "parent0", "name": "disk"})
+        await expect_error(
+            c, "nbd-server-remove", {"name": "parent0"}, "Export 'parent0' is not found"
+        )
+        await c.execute(
+            "block-export-add", {"type": "nbd", "id": "e1", "node-name": "parent0", "name": "disk"}
+        )
         info = json.loads(tool("nbdinfo", "--json", f"nbd+unix:///disk?socket={nbd_sock}").stdout)
         assert info["exports"][0]["is_read_only"] is True
         assert info["exports"][0]["export-size"] == 16 << 20
@@ -179,9 +250,19 @@ def test_nbd_server_and_exports(tmp_path, raw_disk):
         await c.execute("nbd-server-stop")
         # flat SocketAddress and an integer port
         port = _free_port()
-        await c.execute("nbd-server-start", {"addr": {"type": "inet", "host": "127.0.0.1", "port": port}})
+        await c.execute(
+            "nbd-server-start", {"addr": {"type": "inet", "host": "127.0.0.1", "port": port}}
+        )
         await c.execute("nbd-server-add", {"device": "parent0", "name": "p"})
-        r = tool("qemu-io", "-r", "-f", "raw", "-c", "read -P 0x3c 4096 8192", f"nbd://127.0.0.1:{port}/p")
+        r = tool(
+            "qemu-io",
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x3c 4096 8192",
+            f"nbd://127.0.0.1:{port}/p",
+        )
         assert "read 8192/8192" in r.stdout and "verification failed" not in r.stdout
         await c.execute("nbd-server-stop")
         await c.disconnect()
@@ -204,7 +285,9 @@ def _free_port() -> int:
 def test_hmp_reports_failures_in_the_reply(tmp_path, raw_disk):
     async def go(sock):
         c = await client(sock)
-        out = await c.execute("human-monitor-command", hmp('qemu-io disk0 "write -P 0x11 16777000 4096"'))
+        out = await c.execute(
+            "human-monitor-command", hmp('qemu-io disk0 "write -P 0x11 16777000 4096"')
+        )
         assert out.startswith("write failed:")
         out = await c.execute("human-monitor-command", hmp('qemu-io nodisk "read 0 512"'))
         assert "Cannot find device='nodisk' nor node-name='nodisk'" in out
@@ -216,7 +299,9 @@ def test_hmp_reports_failures_in_the_reply(tmp_path, raw_disk):
         # drive_add -n creates a node; drive_del removes a drive
         out = await c.execute(
             "human-monitor-command",
-            hmp(f"drive_add -n buddy driver=raw,file.driver=file,file.filename={raw_disk},file.locking=off,node-name=extra0"),
+            hmp(
+                f"drive_add -n buddy driver=raw,file.driver=file,file.filename={raw_disk},file.locking=off,node-name=extra0"
+            ),
         )
         assert out == ""
         names = {n["node-name"] for n in await c.execute("query-named-block-nodes")}
@@ -257,10 +342,14 @@ def test_sigterm_drains_flushes_and_exits_zero(tmp_path, raw_disk):
     tool("qemu-img", "create", "-q", "-f", "qcow2", qcow, "16M")
     d = DaemonProc(
         [
-            "--blockdev", f"driver=qcow2,node-name=q0,file.driver=file,file.filename={qcow}",
-            "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
-            "--export", "type=nbd,id=e0,node-name=q0,name=q,writable=on",
-            "--pidfile", str(tmp_path / "pid"),
+            "--blockdev",
+            f"driver=qcow2,node-name=q0,file.driver=file,file.filename={qcow}",
+            "--nbd-server",
+            f"addr.type=unix,addr.path={nbd_sock}",
+            "--export",
+            "type=nbd,id=e0,node-name=q0,name=q,writable=on",
+            "--pidfile",
+            str(tmp_path / "pid"),
         ],
         None,
         str(tmp_path / "log"),
@@ -282,8 +371,17 @@ def test_daemonize_returns_when_ready(tmp_path, raw_disk):
     sock = str(tmp_path / "q.sock")
     pidfile = str(tmp_path / "pid")
     r = subprocess.run(
-        [*BLOCKREP, "daemon", "--daemonize", "--pidfile", pidfile, "-qmp", f"unix:{sock},server=on,wait=off"],
-        capture_output=True, timeout=30,
+        [
+            *BLOCKREP,
+            "daemon",
+            "--daemonize",
+            "--pidfile",
+            pidfile,
+            "-qmp",
+            f"unix:{sock},server=on,wait=off",
+        ],
+        capture_output=True,
+        timeout=30,
     )
     assert r.returncode == 0, r.stderr
     assert os.path.exists(sock)
@@ -303,14 +401,28 @@ def test_daemonize_returns_when_ready(tmp_path, raw_disk):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["-device", "virtio-blk-pci,drive=x"], "option '-device' is not supported by blockrep daemon"),
+        (
+            ["-device", "virtio-blk-pci,drive=x"],
+            "option '-device' is not supported by blockrep daemon",
+        ),
         (["-machine", "q35"], "only '-machine none' is accepted"),
         (["-drive", "if=ide,file=x"], "if=ide is not supported"),
-        (["-drive", "if=none,id=a,driver=raw,file.filename=/nonexistent/x"], "Could not open '/nonexistent/x'"),
-        (["-drive", "if=none,id=a,driver=file,filename=/dev/null,bogus=1"],
-         "Block format 'file' does not support the option 'bogus'"),
-        (["-blockdev", "driver=file,node-name=f,filename=/dev/null,bogus=1"], "Parameter 'bogus' is unexpected"),
-        (["-drive", "if=none,id=a,driver=raw,file.filename=/dev/null,snapshot=on"], "snapshot=on is not supported"),
+        (
+            ["-drive", "if=none,id=a,driver=raw,file.filename=/nonexistent/x"],
+            "Could not open '/nonexistent/x'",
+        ),
+        (
+            ["-drive", "if=none,id=a,driver=file,filename=/dev/null,bogus=1"],
+            "Block format 'file' does not support the option 'bogus'",
+        ),
+        (
+            ["-blockdev", "driver=file,node-name=f,filename=/dev/null,bogus=1"],
+            "Parameter 'bogus' is unexpected",
+        ),
+        (
+            ["-drive", "if=none,id=a,driver=raw,file.filename=/dev/null,snapshot=on"],
+            "snapshot=on is not supported",
+        ),
         (["--export", "type=nbd,id=e,node-name=n"], "NBD server not running"),
     ],
 )
@@ -333,9 +445,15 @@ def test_reference_command_lines_parse(tmp_path):
     for img in ("hidden", "active"):
         tool("qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / f"{img}.qcow2"), "64M")
     primary = [
-        "-machine", "none", "-nodefaults", "-display", "none",
-        "-qmp", f"unix:{tmp_path}/P.qmp,server=on,wait=off",
-        "-drive", f"if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0.file.filename={prim},children.0.driver=raw",
+        "-machine",
+        "none",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-qmp",
+        f"unix:{tmp_path}/P.qmp,server=on,wait=off",
+        "-drive",
+        f"if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0.file.filename={prim},children.0.driver=raw",
     ]
     d = DaemonProc(primary, f"{tmp_path}/P.qmp", str(tmp_path / "P.log"))
     try:
@@ -352,13 +470,17 @@ def test_reference_command_lines_parse(tmp_path):
     finally:
         assert d.stop() == 0
     secondary = [
-        "-qmp", f"unix:{tmp_path}/S.qmp,server=on,wait=off",
-        "-drive", f"if=none,id=parent0,driver=raw,file.filename={sec}",
-        "-drive", "if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,"
+        "-qmp",
+        f"unix:{tmp_path}/S.qmp,server=on,wait=off",
+        "-drive",
+        f"if=none,id=parent0,driver=raw,file.filename={sec}",
+        "-drive",
+        "if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,"
         f"file.driver=qcow2,file.node-name=active0,file.file.filename={tmp_path}/active.qcow2,"
         f"file.backing.driver=qcow2,file.backing.node-name=hidden0,file.backing.file.filename={tmp_path}/hidden.qcow2,"
         "file.backing.backing=parent0",
-        "-drive", "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0",
+        "-drive",
+        "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0",
     ]
     d = DaemonProc(secondary, f"{tmp_path}/S.qmp", str(tmp_path / "S.log"))
     try:

@@ -49,7 +49,9 @@ async def ha():
         await h.aclose()
 
 
-async def _pair(ha: HA, s_extra=(), p_extra=(), listen: str | None = None, secondary: str | None = None):
+async def _pair(
+    ha: HA, s_extra=(), p_extra=(), listen: str | None = None, secondary: str | None = None
+):
     s = ha.secondary(listen=listen, extra=[*FAST_S, *s_extra])
     p = ha.primary(secondary or f"unix:{ha.path('s.ctl')}", extra=[*FAST_P, *p_extra])
     await s.wait_ready()
@@ -60,8 +62,11 @@ async def _pair(ha: HA, s_extra=(), p_extra=(), listen: str | None = None, secon
 async def test_status_json_schema_and_metrics(ha):
     ha.make_disks(SIZE, 5)
     pm, sm = free_port(), free_port()
-    p, s = await _pair(ha, s_extra=["--metrics", f"127.0.0.1:{sm}", "--auto-failover", "--fence-command", "true"],
-                       p_extra=["--metrics", f"127.0.0.1:{pm}"])
+    p, s = await _pair(
+        ha,
+        s_extra=["--metrics", f"127.0.0.1:{sm}", "--auto-failover", "--fence-command", "true"],
+        p_extra=["--metrics", f"127.0.0.1:{pm}"],
+    )
     pc = await ha.client(p)
     sc = await ha.client(s)
     rnd = random.Random(5)
@@ -80,13 +85,22 @@ async def test_status_json_schema_and_metrics(ha):
     assert ps["checkpoints"] == 3 and ps["last-checkpoint-pause-ms"] > 0
     assert 0 < ps["checkpoint-pause-p50-ms"] <= ps["checkpoint-pause-p99-ms"]
     assert ss["active-bytes"] > 0  # S's speculative writes are buffered
-    assert ss["auto-failover"] == {"enabled": True, "timeout": 5.0, "reason": ss["auto-failover"]["reason"]}
+    assert ss["auto-failover"] == {
+        "enabled": True,
+        "timeout": 5.0,
+        "reason": ss["auto-failover"]["reason"],
+    }
     assert ps["errors"] == [] and ss["errors"] == []
     assert ps["alone-since"] is None and ps["written-alone"] == []
     assert any(j["type"] == "backup" for j in ss["jobs"])
     for n in (p, s):  # the human form works too
-        r = subprocess.run([sys.executable, "-m", "blockrep.cli", "status", "--qmp", f"unix:{n.qmp}"],
-                           capture_output=True, text=True, timeout=60, cwd=REPO)
+        r = subprocess.run(
+            [sys.executable, "-m", "blockrep.cli", "status", "--qmp", f"unix:{n.qmp}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
         assert r.returncode == 0 and "peer:        connected" in r.stdout, r
 
     async def metrics_match(port: int, node, extra) -> dict[str, float]:
@@ -99,12 +113,24 @@ async def test_status_json_schema_and_metrics(ha):
             await asyncio.sleep(0.1)
         raise AssertionError(f"metrics never matched the status: {m}")
 
-    mp = await metrics_match(pm, p, lambda m, st: m.get("blockrep_checkpoints_total") == st["checkpoints"])
-    ms = await metrics_match(sm, s, lambda m, st: m.get("blockrep_active_bytes") == st["active-bytes"])
+    mp = await metrics_match(
+        pm, p, lambda m, st: m.get("blockrep_checkpoints_total") == st["checkpoints"]
+    )
+    ms = await metrics_match(
+        sm, s, lambda m, st: m.get("blockrep_active_bytes") == st["active-bytes"]
+    )
     for m in (mp, ms):
-        for k in ("blockrep_epoch", "blockrep_epoch_age_seconds", "blockrep_hidden_bytes", "blockrep_active_bytes",
-                  "blockrep_unacked_bytes", "blockrep_checkpoints_total", "blockrep_last_checkpoint_pause_ms",
-                  "blockrep_peer_connected", "blockrep_errors"):
+        for k in (
+            "blockrep_epoch",
+            "blockrep_epoch_age_seconds",
+            "blockrep_hidden_bytes",
+            "blockrep_active_bytes",
+            "blockrep_unacked_bytes",
+            "blockrep_checkpoints_total",
+            "blockrep_last_checkpoint_pause_ms",
+            "blockrep_peer_connected",
+            "blockrep_errors",
+        ):
             assert k in m, (k, m)
         assert m["blockrep_epoch"] == 4
         assert 0 <= m["blockrep_epoch_age_seconds"] < 120
@@ -129,8 +155,12 @@ async def test_differing_disks_refused_then_initial_sync(ha):
     assert "the disks differ at offset 1234567" in p.log_text(), p.log_text()
     assert sha_file(ha.disk("s.raw")) != sha_file(ha.disk("p.raw"))  # nothing copied
 
-    p2 = ha.primary(f"unix:{ha.path('s.ctl')}", name="p2", disk=ha.disk("p.raw"),
-                    extra=[*FAST_P, "--initial-sync", "--progress"])
+    p2 = ha.primary(
+        f"unix:{ha.path('s.ctl')}",
+        name="p2",
+        disk=ha.disk("p.raw"),
+        extra=[*FAST_P, "--initial-sync", "--progress"],
+    )
     await p2.wait_ready()
     st = await p2.astatus()
     assert st["peer"] == "connected", st
@@ -141,7 +171,11 @@ async def test_differing_disks_refused_then_initial_sync(ha):
     await random_writes(pc, random.Random(6), SIZE, 32)
     await p2.qmp_async("replication-checkpoint")
     sc = await ha.client(s)
-    assert sha(bytes(await sc.read(0, SIZE))) == sha(bytes(await pc.read(0, SIZE))) == sha_file(ha.disk("s.raw"))
+    assert (
+        sha(bytes(await sc.read(0, SIZE)))
+        == sha(bytes(await pc.read(0, SIZE)))
+        == sha_file(ha.disk("s.raw"))
+    )
 
 
 _UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}
@@ -178,7 +212,9 @@ async def test_incremental_resync_after_secondary_restart(ha):
 
     s2 = ha.secondary(name="s", extra=FAST_S)  # same disk, state file and listen address
     await s2.wait_ready()
-    st = await p.wait_status(lambda x: x["peer"] == "connected" and x["alone-since"] is None, 20, "paired again")
+    st = await p.wait_status(
+        lambda x: x["peer"] == "connected" and x["alone-since"] is None, 20, "paired again"
+    )
     assert st["written-alone"] == []
     m = re.findall(r"resync: +100%\|[^|]*\| *([\d.]+)([kMG]?)/([\d.]+)([kMG]?)", p.log_text())
     assert m, p.log_text()
@@ -191,7 +227,11 @@ async def test_incremental_resync_after_secondary_restart(ha):
     await random_writes(pc, rnd, size, 16)
     await p.qmp_async("replication-checkpoint")
     sc = await ha.client(s2)
-    assert sha(bytes(await sc.read(0, size))) == sha(bytes(await pc.read(0, size))) == sha_file(s2.disk)
+    assert (
+        sha(bytes(await sc.read(0, size)))
+        == sha(bytes(await pc.read(0, size)))
+        == sha_file(s2.disk)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +257,13 @@ async def test_tls_control_channel(ha, tls_dir, transport):
         addr = f"127.0.0.1:{free_port()}"
     else:
         addr = f"unix:{ha.path('s.ctl')}"
-    p, s = await _pair(ha, s_extra=["--tls-dir", tls_dir], p_extra=["--tls-dir", tls_dir], listen=addr, secondary=addr)
+    p, s = await _pair(
+        ha,
+        s_extra=["--tls-dir", tls_dir],
+        p_extra=["--tls-dir", tls_dir],
+        listen=addr,
+        secondary=addr,
+    )
     pc = await ha.client(p)
     await random_writes(pc, random.Random(8), SIZE, 16)
     await p.qmp_async("replication-checkpoint")

@@ -36,7 +36,11 @@ async def test_two_daemons_checkpoints_and_secondary_failover():
         P, S = pair.P, pair.S
         await pair.check("started")
         (s_node,) = await replication_nodes(S)
-        assert s_node["mode"] == "secondary" and s_node["stage"] == "running" and s_node["error"] is None
+        assert (
+            s_node["mode"] == "secondary"
+            and s_node["stage"] == "running"
+            and s_node["error"] is None
+        )
         assert s_node["hidden-allocated-bytes"] == 0 and s_node["active-allocated-bytes"] == 0
         epoch0 = s_node["epoch"]
         (p_node,) = await replication_nodes(P)
@@ -94,7 +98,8 @@ async def test_two_daemons_checkpoints_and_secondary_failover():
 
         # S failover: P dies; secondary disk = last checkpoint + S's writes
         during = [(13 * MiB, b"\x5a" * 65536)] + [
-            (rng.randrange(7 * MiB, 12 * MiB), bytes([i + 1]) * rng.randrange(1, 100000)) for i in range(8)
+            (rng.randrange(7 * MiB, 12 * MiB), bytes([i + 1]) * rng.randrange(1, 100000))
+            for i in range(8)
         ]
         await pair.s_failover(write_during=during)
         await pair.check("after S failover")
@@ -149,7 +154,9 @@ def disjoint_writes(rng: random.Random, n: int, size: int, max_len: int) -> list
             off = rng.choice(hot) + rng.randrange(0, 64 * KiB)
         else:
             off = rng.randrange(0, size)
-        length = rng.choice([1, rng.randrange(1, 512), rng.randrange(512, 8192), rng.randrange(1, max_len)])
+        length = rng.choice(
+            [1, rng.randrange(1, 512), rng.randrange(512, 8192), rng.randrange(1, max_len)]
+        )
         length = min(length, size - off)
         if length <= 0 or any(off < b + m and b < off + length for b, m in taken):
             continue
@@ -171,8 +178,11 @@ async def test_two_daemons_concurrent_writes_across_checkpoints():
             sw = disjoint_writes(rng, 150, size, 200 * KiB)
             # S writes in this epoch prefer P's clusters, to race copy-before-write
             # against the active disk's copy-on-write
-            sw[:50] = [(o + rng.randrange(0, 4096), min(1 + rng.randrange(0, 3000), size - o - 4096))
-                       for o, _ in pw[:50] if o + 8192 < size]
+            sw[:50] = [
+                (o + rng.randrange(0, 4096), min(1 + rng.randrange(0, 3000), size - o - 4096))
+                for o, _ in pw[:50]
+                if o + 8192 < size
+            ]
             # keep S's list disjoint after the change
             sw_clean: list[tuple[int, int]] = []
             for o, n in sw:
@@ -218,6 +228,6 @@ async def test_sub_sector_primary_writes_reach_secondary_exactly():
         await pair.check("checkpoint")
         # S's consumer sees them exactly after the checkpoint
         assert await pair.s_client.read(12345, 3) == b"\x42" * 3
-        assert await pair.s_client.read(8 * MiB + 510, 4) == bytes([pair.model.p[8 * MiB + 510]]) + b"\x43\x43" + bytes(
-            [pair.model.p[8 * MiB + 513]]
-        )
+        assert await pair.s_client.read(8 * MiB + 510, 4) == bytes(
+            [pair.model.p[8 * MiB + 510]]
+        ) + b"\x43\x43" + bytes([pair.model.p[8 * MiB + 513]])

@@ -104,7 +104,12 @@ def test_primary_start(tmp_path):
         await p.write_ok(P_ID, 0x22, 0, IMG_SIZE)
         assert await p.status() == {"error": False}
         r = await p.rep()
-        assert (r["node-name"], r["mode"], r["stage"], r["error"]) == ("xxx", "primary", "running", None)
+        assert (r["node-name"], r["mode"], r["stage"], r["error"]) == (
+            "xxx",
+            "primary",
+            "running",
+            None,
+        )
 
     disk = run_primary(tmp_path, body)
     assert_file_pattern(disk, "qcow2", 0x22, 0, IMG_SIZE)
@@ -113,7 +118,10 @@ def test_primary_start(tmp_path):
 def test_primary_stop(tmp_path):
     async def body(p: Q):
         await p.run("xen-set-replication", {"enable": True, "primary": True})
-        assert await p.run("xen-set-replication", {"enable": False, "primary": True, "failover": True}) == {}
+        assert (
+            await p.run("xen-set-replication", {"enable": False, "primary": True, "failover": True})
+            == {}
+        )
         r = await p.rep()
         assert (r["stage"], r["error"]) == ("done", None)
         assert await p.status() == {"error": False}
@@ -161,7 +169,9 @@ class SecondaryImages:
         qemu_img_create(self.hidden, size)
 
     def args(self, top_id: str = S_ID) -> list[str]:
-        local = f"if=none,id={S_LOCAL_DISK_ID},file.filename={self.local},driver=qcow2,file.locking=off"
+        local = (
+            f"if=none,id={S_LOCAL_DISK_ID},file.filename={self.local},driver=qcow2,file.locking=off"
+        )
         rep = (
             f"if=none,id={S_ID},"
             f"driver=replication,mode=secondary,top-id={top_id},"
@@ -210,7 +220,10 @@ async def start_s(s: Q) -> None:
 
 async def failover(s: Q) -> None:
     """replication_stop_all(true), then wait until the active commit has finished."""
-    assert await s.run("xen-set-replication", {"enable": False, "primary": False, "failover": True}) == {}
+    assert (
+        await s.run("xen-set-replication", {"enable": False, "primary": False, "failover": True})
+        == {}
+    )
     r = await s.wait_stage(("done", "failover-failed"))
     assert (r["stage"], r["error"], r["jobs"]) == ("done", None, [])
     assert await s.status() == {"error": False}
@@ -300,12 +313,22 @@ def test_secondary_continuous_replication(tmp_path):
         await p_writes_local_upper_half(s)
         await s.write_ok(S_ID, 0x33, 0, HALF)
         # do failover (active commit)
-        assert await s.run("xen-set-replication", {"enable": False, "primary": False, "failover": True}) == {}
+        assert (
+            await s.run(
+                "xen-set-replication", {"enable": False, "primary": False, "failover": True}
+            )
+            == {}
+        )
         # it should ignore all requests from now on: start (even with the other mode),
         # checkpoint and stop all succeed without doing anything
         assert await s.run("xen-set-replication", {"enable": True, "primary": True}) == {}
         assert await s.run("xen-colo-do-checkpoint") == {}
-        assert await s.run("xen-set-replication", {"enable": False, "primary": False, "failover": True}) == {}
+        assert (
+            await s.run(
+                "xen-set-replication", {"enable": False, "primary": False, "failover": True}
+            )
+            == {}
+        )
         r = await s.wait_stage(("done", "failover-failed"))
         assert (r["stage"], r["error"]) == ("done", None)
         # and still, once done
@@ -331,7 +354,11 @@ def test_secondary_do_checkpoint(tmp_path):
         assert await s.run("xen-colo-do-checkpoint") == {}
         r = await s.rep()
         assert (r["stage"], r["error"], r["epoch"]) == ("running", None, epoch + 1)
-        assert (r["hidden-allocated-bytes"], r["active-allocated-bytes"], r["clusters-copied"]) == (0, 0, 0)
+        assert (r["hidden-allocated-bytes"], r["active-allocated-bytes"], r["clusters-copied"]) == (
+            0,
+            0,
+            0,
+        )
         # after checkpoint, read pattern 0x22 from s_local_disk; S's write is gone
         await s.read_ok(S_ID, 0x22, HALF, HALF)
         await s.read_ok(S_ID, 0x11, 0, HALF)
@@ -370,7 +397,9 @@ def test_secondary_stop_without_failover_checkpoints_cleanly(tmp_path):
 
             async def read_only_of(filename) -> set[bool]:
                 nodes = await s.run("query-named-block-nodes")
-                return {n["ro"] for n in nodes if n["drv"] == "qcow2" and n["file"] == str(filename)}
+                return {
+                    n["ro"] for n in nodes if n["drv"] == "qcow2" and n["file"] == str(filename)
+                }
 
             await start_secondary(s, SMALL)
             # the hidden disk is opened read-only as a backing file...
@@ -381,7 +410,10 @@ def test_secondary_stop_without_failover_checkpoints_cleanly(tmp_path):
             await s.write_ok(S_LOCAL_DISK_ID, 0x22, SMALL // 2, SMALL // 2)
             await s.write_ok(S_ID, 0x33, 0, SMALL // 2)
             r = await s.rep()
-            assert (r["hidden-allocated-bytes"], r["active-allocated-bytes"]) == (SMALL // 2, SMALL // 2)
+            assert (r["hidden-allocated-bytes"], r["active-allocated-bytes"]) == (
+                SMALL // 2,
+                SMALL // 2,
+            )
             assert await s.run("xen-set-replication", {"enable": False, "primary": False}) == {}
             r = await s.rep()
             assert (r["stage"], r["error"], r["jobs"]) == ("done", None, [])
@@ -414,12 +446,15 @@ def test_control_table_errors(tmp_path):
     imgs = SecondaryImages(tmp_path, SMALL)
     pdisk = tmp_path / "p.qcow2"
     qemu_img_create(pdisk, SMALL)
-    with daemon(tmp_path, *imgs.args(), name="S") as ds, daemon(
-        tmp_path,
-        "-drive",
-        f"if=none,id={P_ID},driver=replication,mode=primary,node-name=xxx,file.driver=qcow2,file.file.filename={pdisk}",
-        name="P",
-    ) as dp:
+    with (
+        daemon(tmp_path, *imgs.args(), name="S") as ds,
+        daemon(
+            tmp_path,
+            "-drive",
+            f"if=none,id={P_ID},driver=replication,mode=primary,node-name=xxx,file.driver=qcow2,file.file.filename={pdisk}",
+            name="P",
+        ) as dp,
+    ):
 
         async def go():
             s = await Q.connect("S", ds)
@@ -428,15 +463,25 @@ def test_control_table_errors(tmp_path):
             not_running = {"error": True, "desc": "Block replication is not running"}
             assert await s.status() == not_running
             assert await p.status() == not_running
-            assert await s.error("xen-colo-do-checkpoint") == "Backup job was cancelled unexpectedly"
+            assert (
+                await s.error("xen-colo-do-checkpoint") == "Backup job was cancelled unexpectedly"
+            )
             assert await p.run("xen-colo-do-checkpoint") == {}  # no-op on the primary
             for q in (s, p):
                 desc = await q.error("xen-set-replication", {"enable": False, "primary": q is p})
                 assert desc == "Block replication is not running"
-                desc = await q.error("xen-set-replication", {"enable": False, "primary": q is p, "failover": False})
+                desc = await q.error(
+                    "xen-set-replication", {"enable": False, "primary": q is p, "failover": False}
+                )
                 assert desc == "Block replication is not running"
                 # a failover stop drops its errors, as QEMU's (errp=NULL): nothing happened
-                assert await q.run("xen-set-replication", {"enable": False, "primary": q is p, "failover": True}) == {}
+                assert (
+                    await q.run(
+                        "xen-set-replication",
+                        {"enable": False, "primary": q is p, "failover": True},
+                    )
+                    == {}
+                )
                 assert (await q.rep())["stage"] == "none"
             assert (
                 await s.error("xen-set-replication", {"enable": True, "primary": True})
@@ -447,7 +492,9 @@ def test_control_table_errors(tmp_path):
                 == "The parameter mode's value is invalid, needs 0, but got 1"
             )
             assert (
-                await s.error("xen-set-replication", {"enable": True, "primary": False, "failover": True})
+                await s.error(
+                    "xen-set-replication", {"enable": True, "primary": False, "failover": True}
+                )
                 == "Parameter 'failover' is only for stopping replication"
             )
             assert (await s.rep())["stage"] == (await p.rep())["stage"] == "none"
@@ -456,12 +503,16 @@ def test_control_table_errors(tmp_path):
             assert await p.run("xen-set-replication", {"enable": True, "primary": True}) == {}
             for q in (s, p):
                 for primary in (True, False):
-                    desc = await q.error("xen-set-replication", {"enable": True, "primary": primary})
+                    desc = await q.error(
+                        "xen-set-replication", {"enable": True, "primary": primary}
+                    )
                     assert desc == "Block replication is running or done"
                 assert await q.status() == {"error": False}
                 assert await q.run("xen-colo-do-checkpoint") == {}
             # block management operations on top-id are blocked while the backup job runs
-            blocked = f"Error: Node '{S_ID}' is busy: Block device is in use by internal backup job\r\n"
+            blocked = (
+                f"Error: Node '{S_ID}' is busy: Block device is in use by internal backup job\r\n"
+            )
             assert await s.hmp(f"drive_del {S_ID}") == blocked
             job_ids = (await s.rep())["jobs"]
             assert len(job_ids) == 1
@@ -488,7 +539,10 @@ def test_open_time_errors(tmp_path):
         async def go():
             q = await Q.connect("D", d)
             for extra, want in cases:
-                desc = await q.error("blockdev-add", {"driver": "replication", "node-name": "r0", "file": file, **extra})
+                desc = await q.error(
+                    "blockdev-add",
+                    {"driver": "replication", "node-name": "r0", "file": file, **extra},
+                )
                 assert desc == want, extra
                 # the -drive syntax of the C test (drive_add -n)
                 keyval = "".join(f",{k}={v}" for k, v in extra.items())
@@ -506,7 +560,10 @@ def test_open_time_errors(tmp_path):
     for extra, want in cases:
         keyval = "".join(f",{k}={v}" for k, v in extra.items())
         d = DaemonProc(
-            ["-drive", f"if=none,id=r{keyval},driver=replication,file.driver=qcow2,file.file.filename={disk}"],
+            [
+                "-drive",
+                f"if=none,id=r{keyval},driver=replication,file.driver=qcow2,file.file.filename={disk}",
+            ],
             None,
             str(tmp_path / "cmdline.log"),
         )
@@ -554,49 +611,83 @@ def test_secondary_start_checks_in_qemu_order(tmp_path):
     hidden = f",file.backing.driver=qcow2,file.backing.file.filename={d}/hidden.qcow2"
     # 1. active without backing (and a small active, and a bad top-id)
     _start_check_case(
-        tmp_path, "no-active-backing", ["-drive", local, "-drive", rep("active_small", "", top="nosuch")],
+        tmp_path,
+        "no-active-backing",
+        ["-drive", local, "-drive", rep("active_small", "", top="nosuch")],
         "Active disk doesn't have backing file",
     )
     # 2. hidden without backing (and a small active, a bad top-id)
     _start_check_case(
-        tmp_path, "no-hidden-backing", ["-drive", local, "-drive", rep("active_small", hidden, top="nosuch")],
+        tmp_path,
+        "no-hidden-backing",
+        ["-drive", local, "-drive", rep("active_small", hidden, top="nosuch")],
         "Hidden disk doesn't have backing file",
     )
     # 3. the secondary disk defined with -blockdev and not exported: no block backend
     _start_check_case(
         tmp_path,
         "no-backend",
-        ["-blockdev", local_node, "-drive", rep("active_small", hidden + ",file.backing.backing=localnode", top="nosuch")],
+        [
+            "-blockdev",
+            local_node,
+            "-drive",
+            rep("active_small", hidden + ",file.backing.backing=localnode", top="nosuch"),
+        ],
         "The secondary disk doesn't have block backend",
     )
     # 4. lengths differ (active at half the size; and a bad top-id)
     _start_check_case(
-        tmp_path, "lengths", ["-drive", local, "-drive", rep("active_small", hidden + ",file.backing.backing=local", top="nosuch")],
+        tmp_path,
+        "lengths",
+        [
+            "-drive",
+            local,
+            "-drive",
+            rep("active_small", hidden + ",file.backing.backing=local", top="nosuch"),
+        ],
         "Active disk, hidden disk, secondary disk's length are not the same",
     )
     # 5. (make_empty: every blockrep format that can have a backing file is qcow2, which
     #    supports it, so that check cannot be reached with a real graph)
     # 6. top-id names no node
     _start_check_case(
-        tmp_path, "no-top", ["-drive", local, "-drive", rep("active", hidden + ",file.backing.backing=local", top="nosuch")],
+        tmp_path,
+        "no-top",
+        [
+            "-drive",
+            local,
+            "-drive",
+            rep("active", hidden + ",file.backing.backing=local", top="nosuch"),
+        ],
         "No top_bs or it is invalid",
     )
     # 7. top-id names a node that exists but does not contain the replication node
     _start_check_case(
         tmp_path,
         "top-elsewhere",
-        ["-drive", local, "-drive", f"if=none,id=other,driver=qcow2,file.filename={d}/other.qcow2",
-         "-drive", rep("active", hidden + ",file.backing.backing=local", top="other")],
+        [
+            "-drive",
+            local,
+            "-drive",
+            f"if=none,id=other,driver=qcow2,file.filename={d}/other.qcow2",
+            "-drive",
+            rep("active", hidden + ",file.backing.backing=local", top="other"),
+        ],
         "No top_bs or it is invalid",
     )
     # 8. top-id names a node that contains it but is not a root (the docs' top-id=childs1 mistake)
     _start_check_case(
         tmp_path,
         "top-not-root",
-        ["-drive", local,
-         "-drive", f"if=none,id=childs1,driver=replication,mode=secondary,top-id=childs1,"
-                   f"file.driver=qcow2,file.file.filename={d}/active.qcow2{hidden},file.backing.backing=local",
-         "-drive", "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs1"],
+        [
+            "-drive",
+            local,
+            "-drive",
+            f"if=none,id=childs1,driver=replication,mode=secondary,top-id=childs1,"
+            f"file.driver=qcow2,file.file.filename={d}/active.qcow2{hidden},file.backing.backing=local",
+            "-drive",
+            "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs1",
+        ],
         "No top_bs or it is invalid",
     )
     # and the images are untouched by all of that (reopened read-only again, not written)

@@ -65,7 +65,13 @@ def nbd_io(sock: str, export: str, *cmds: str) -> None:
 def strip_blips(trace: list[str]) -> list[str]:
     out: list[str] = []
     for t in trace:
-        if t == "running" and out and out[-1] == "paused" and len(out) >= 2 and out[-2] == "running":
+        if (
+            t == "running"
+            and out
+            and out[-1] == "paused"
+            and len(out) >= 2
+            and out[-2] == "running"
+        ):
             out.pop()
             continue
         out.append(t)
@@ -81,20 +87,35 @@ async def scenario(s: Session, d: str) -> dict[str, list]:
     await s.x("blockdev-add", **fmt_opts("xt", p["xt"], backing="xm"))
     await s.x("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}})
     for n in ("src", "ms"):
-        await s.x("block-export-add", type="nbd", id=f"e-{n}", **{"node-name": n}, name=n, writable=True)
+        await s.x(
+            "block-export-add", type="nbd", id=f"e-{n}", **{"node-name": n}, name=n, writable=True
+        )
 
     # backup sync=full
-    await s.x("blockdev-backup", **{"job-id": "b1", "device": "src", "target": "bt", "sync": "full"})
+    await s.x(
+        "blockdev-backup", **{"job-id": "b1", "device": "src", "target": "bt", "sync": "full"}
+    )
     await s.wait_status("b1", "null")
     # backup sync=none while the guest writes through the export
-    await s.x("blockdev-backup", **{"job-id": "b2", "device": "src", "target": "bn", "sync": "none"})
+    await s.x(
+        "blockdev-backup", **{"job-id": "b2", "device": "src", "target": "bn", "sync": "none"}
+    )
     await s.wait_status("b2", "running")
-    await asyncio.to_thread(nbd_io, nbd, "src", "write -P 0x91 4096 4096", "write -P 0x92 1M 128k",
-                            "write -P 0x93 4096 512", "write -z 2M 64k")
+    await asyncio.to_thread(
+        nbd_io,
+        nbd,
+        "src",
+        "write -P 0x91 4096 4096",
+        "write -P 0x92 1M 128k",
+        "write -P 0x93 4096 512",
+        "write -z 2M 64k",
+    )
     await s.x("job-cancel", id="b2")
     await s.wait_status("b2", "null")
     # non-active commit, then active commit with job-complete
-    await s.x("block-commit", **{"job-id": "c1", "device": "xt", "top-node": "xm", "base-node": "xb"})
+    await s.x(
+        "block-commit", **{"job-id": "c1", "device": "xt", "top-node": "xm", "base-node": "xb"}
+    )
     await s.wait_status("c1", "null")
     await s.x("block-commit", **{"job-id": "c2", "device": "xt"})
     await s.wait("BLOCK_JOB_READY", device="c2")
@@ -156,7 +177,19 @@ def test_backup_commit_mirror_same_images_as_qemu(tmp_path):
         info = run_tool("qemu-img", "info", "--output=json", os.path.join(base, "xt.qcow2")).stdout
         assert os.path.join(base, "xb.qcow2") in info
     # sanity: the scenario did what it says
-    qio(os.path.join(bd, "bn.qcow2"), "qcow2", "read -P 0x41 0 64k", "read -P 0 1M 128k", "read -P 0x42 2M 64k")
+    qio(
+        os.path.join(bd, "bn.qcow2"),
+        "qcow2",
+        "read -P 0x41 0 64k",
+        "read -P 0 1M 128k",
+        "read -P 0x42 2M 64k",
+    )
     qio(os.path.join(bd, "mt.qcow2"), "qcow2", "read -P 0xa1 2M 64k", "read -P 0xa3 3M 4096")
-    qio(os.path.join(bd, "xb.qcow2"), "qcow2", "read -P 0x02 512k 512k", "read -P 0x03 1M 64k", "read -P 0x04 3M 1M")
+    qio(
+        os.path.join(bd, "xb.qcow2"),
+        "qcow2",
+        "read -P 0x02 512k 512k",
+        "read -P 0x03 1M 64k",
+        "read -P 0x04 3M 1M",
+    )
     assert MiB

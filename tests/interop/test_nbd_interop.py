@@ -62,15 +62,24 @@ def make_layout_file(path: str, size: int, data_mib: list[int], seed: int = 1) -
         return f.read()
 
 
-def daemon_args(disk: str, *, port: int | None = None, unix: str | None = None, tls: str | None = None,
-                authz: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+def daemon_args(
+    disk: str,
+    *,
+    port: int | None = None,
+    unix: str | None = None,
+    tls: str | None = None,
+    authz: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
     if unix:
         addr = f"addr.type=unix,addr.path={unix}"
     else:
         addr = f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}"
     args = [
-        "--blockdev", f"driver=file,node-name=f0,filename={disk}",
-        "--blockdev", "driver=raw,node-name=disk,file=f0",
+        "--blockdev",
+        f"driver=file,node-name=f0,filename={disk}",
+        "--blockdev",
+        "driver=raw,node-name=disk,file=f0",
     ]
     if tls:
         args += ["-object", f"tls-creds-x509,id=tls0,dir={tls},endpoint=server,verify-peer=on"]
@@ -78,7 +87,12 @@ def daemon_args(disk: str, *, port: int | None = None, unix: str | None = None, 
     if authz:
         args += ["-object", "authz-simple,id=auth0,identity=" + authz.replace(",", ",,")]
         addr += ",tls-authz=auth0"
-    args += ["--nbd-server", addr, "--export", "type=nbd,id=e0,node-name=disk,name=disk,writable=on"]
+    args += [
+        "--nbd-server",
+        addr,
+        "--export",
+        "type=nbd,id=e0,node-name=disk,name=disk,writable=on",
+    ]
     return args + list(extra)
 
 
@@ -116,7 +130,9 @@ def server_proc(args: list[str], addr, tmp_path, name: str):
         log.close()
 
 
-def qemu_nbd_args(path: str, sock: str | None = None, port: int | None = None, export: str = "exp") -> list[str]:
+def qemu_nbd_args(
+    path: str, sock: str | None = None, port: int | None = None, export: str = "exp"
+) -> list[str]:
     args = ["qemu-nbd", "-f", "raw", "-x", export, "-t", "--cache=writeback"]
     if sock:
         args += ["-k", sock]
@@ -125,7 +141,9 @@ def qemu_nbd_args(path: str, sock: str | None = None, port: int | None = None, e
     return [*args, path]
 
 
-def nbdkit_args(*plugin: str, sock: str | None = None, port: int | None = None, filters=()) -> list[str]:
+def nbdkit_args(
+    *plugin: str, sock: str | None = None, port: int | None = None, filters=()
+) -> list[str]:
     args = ["nbdkit", "-f", "--exit-with-parent"]
     args += ["-U", sock] if sock else ["-i", "127.0.0.1", "-p", str(port)]
     for f in filters:
@@ -301,13 +319,13 @@ def test_qemu_io_patterns_over_nbd(tmp_path):
         data = f.read()
     assert data[0:4095] == b"\x11" * 4095
     assert data[4095:4097] == b"\x22\x22"
-    assert data[4097:4096 * 2] == bytes(4095)
-    assert data[MiB:MiB + 4096] == bytes(4096)
-    assert data[MiB + 4096:MiB + 65536] == b"\xab" * (65536 - 4096)
-    assert data[8 * MiB:9 * MiB] == b"\x33" * MiB
-    assert data[9 * MiB:10 * MiB] == b"\x44" * MiB
-    assert data[12 * MiB:12 * MiB + 65536] == b"\x55" * 65536
-    assert data[14 * MiB:15 * MiB] == bytes(MiB)
+    assert data[4097 : 4096 * 2] == bytes(4095)
+    assert data[MiB : MiB + 4096] == bytes(4096)
+    assert data[MiB + 4096 : MiB + 65536] == b"\xab" * (65536 - 4096)
+    assert data[8 * MiB : 9 * MiB] == b"\x33" * MiB
+    assert data[9 * MiB : 10 * MiB] == b"\x44" * MiB
+    assert data[12 * MiB : 12 * MiB + 65536] == b"\x55" * 65536
+    assert data[14 * MiB : 15 * MiB] == bytes(MiB)
 
 
 # -- 4. blockrep's nbd node against qemu-nbd and nbdkit ------------------------------------
@@ -319,19 +337,19 @@ async def _exercise_node(n, size: int) -> bytes:
     assert n.length == size
     pat = os.urandom(3 * MiB + 123)
     await n.write(MiB - 7, pat)
-    img[MiB - 7:MiB - 7 + len(pat)] = pat
+    img[MiB - 7 : MiB - 7 + len(pat)] = pat
     # many requests in flight at once
     writes = [(i * 65536 + 5 * MiB, bytes([i + 1]) * 65536) for i in range(32)]
     await asyncio.gather(*(n.write(o, d) for o, d in writes))
     for o, d in writes:
-        img[o:o + len(d)] = d
+        img[o : o + len(d)] = d
     await n.write(6 * MiB, b"\x5a" * 4096, fua=True)
-    img[6 * MiB:6 * MiB + 4096] = b"\x5a" * 4096
+    img[6 * MiB : 6 * MiB + 4096] = b"\x5a" * 4096
     await n.write_zeroes(2 * MiB, 65536)
-    img[2 * MiB:2 * MiB + 65536] = bytes(65536)
+    img[2 * MiB : 2 * MiB + 65536] = bytes(65536)
     await n.flush()
     reads = await asyncio.gather(*(n.read(o, 65536) for o in range(0, 8 * MiB, 65536)))
-    assert b"".join(reads) == bytes(img[:8 * MiB])
+    assert b"".join(reads) == bytes(img[: 8 * MiB])
     assert await n.read(0, size) == bytes(img)
     ext = await n.block_status(0, size)
     assert ext and ext[0].start == 0 and sum(e.length for e in ext) == size
@@ -354,7 +372,9 @@ async def test_node_against_qemu_nbd(tmp_path):
         finally:
             await g.close_all()
         # qemu-io via the same server sees what the node wrote
-        r = tool("qemu-io", "-f", "raw", "-c", "read -P 0x5a 6M 4k", f"nbd+unix:///exp?socket={sock}")
+        r = tool(
+            "qemu-io", "-f", "raw", "-c", "read -P 0x5a 6M 4k", f"nbd+unix:///exp?socket={sock}"
+        )
         assert "Pattern verification failed" not in r.stdout
     with open(path, "rb") as f:
         assert f.read() == img
@@ -380,7 +400,7 @@ async def test_node_against_nbdkit_memory(tmp_path):
             img = await _exercise_node(n, 16 * MiB)
             await n.discard(10 * MiB, MiB)  # memory plugin: trimmed range reads as zeroes
             assert await n.read(10 * MiB, MiB) == bytes(MiB)
-            img = img[:10 * MiB] + bytes(MiB) + img[11 * MiB:]
+            img = img[: 10 * MiB] + bytes(MiB) + img[11 * MiB :]
         finally:
             await g.close_all()
         # verify through a second, independent client (nbdcopy from libnbd)
@@ -389,9 +409,15 @@ async def test_node_against_nbdkit_memory(tmp_path):
         with open(out, "rb") as f:
             assert f.read() == img
     port = free_port()
-    with server_proc(nbdkit_args("memory", "size=1M", port=port), ("127.0.0.1", port), tmp_path, "nbdkit-tcp"):
-        g, n = await open_nbd({"server": {"type": "inet", "host": "127.0.0.1", "port": str(port)},
-                               "export": "anything"})
+    with server_proc(
+        nbdkit_args("memory", "size=1M", port=port), ("127.0.0.1", port), tmp_path, "nbdkit-tcp"
+    ):
+        g, n = await open_nbd(
+            {
+                "server": {"type": "inet", "host": "127.0.0.1", "port": str(port)},
+                "export": "anything",
+            }
+        )
         try:
             await n.write(4096, b"\x77" * 8192)
             assert await n.read(0, 16384) == bytes(4096) + b"\x77" * 8192 + bytes(4096)
@@ -402,7 +428,9 @@ async def test_node_against_nbdkit_memory(tmp_path):
 async def test_node_clear_errors(tmp_path):
     port = free_port()
     with pytest.raises(BlockError) as e:
-        await open_nbd({"server": {"type": "inet", "host": "127.0.0.1", "port": str(port)}, "export": "x"})
+        await open_nbd(
+            {"server": {"type": "inet", "host": "127.0.0.1", "port": str(port)}, "export": "x"}
+        )
     assert e.value.errno == errno.ECONNREFUSED
     assert f"Failed to connect to '127.0.0.1:{port}'" in e.value.message
     missing = str(tmp_path / "nope.sock")
@@ -474,8 +502,9 @@ async def test_node_reconnect_delay(tmp_path):
 
     try:
         proc = start()
-        g, n = await open_nbd({"server": {"type": "unix", "path": sock}, "export": "exp",
-                               "reconnect-delay": 15})
+        g, n = await open_nbd(
+            {"server": {"type": "unix", "path": sock}, "export": "exp", "reconnect-delay": 15}
+        )
         await n.write(0, b"A" * 65536)
         kill(proc)
         # requests issued while the server is away wait for it ...
@@ -493,8 +522,9 @@ async def test_node_reconnect_delay(tmp_path):
         with open(path, "rb") as f:
             assert f.read(2 * 65536) == b"A" * 65536 + b"B" * 65536
         # a delay that runs out gives EIO
-        g, n = await open_nbd({"server": {"type": "unix", "path": sock}, "export": "exp",
-                               "reconnect-delay": 1})
+        g, n = await open_nbd(
+            {"server": {"type": "unix", "path": sock}, "export": "exp", "reconnect-delay": 1}
+        )
         kill(proc)
         proc = None
         t0 = time.monotonic()
@@ -521,9 +551,14 @@ def pki(tmp_path_factory):
 
 def qemu_tls(creds_dir: str, port: int, cmd: str, *cargs: str, export: str = "disk"):
     return tool(
-        cmd, *cargs, "--object", f"tls-creds-x509,id=tls0,dir={creds_dir},endpoint=client",
-        "--image-opts", f"driver=nbd,host=127.0.0.1,port={port},export={export},tls-creds=tls0",
-        check=False, timeout=30,
+        cmd,
+        *cargs,
+        "--object",
+        f"tls-creds-x509,id=tls0,dir={creds_dir},endpoint=client",
+        "--image-opts",
+        f"driver=nbd,host=127.0.0.1,port={port},export={export},tls-creds=tls0",
+        check=False,
+        timeout=30,
     )
 
 
@@ -548,8 +583,18 @@ def test_tls_qemu_and_libnbd(tmp_path, pki):
         r = qemu_tls(pki["client"], port, "qemu-img", "info", "--output", "json")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["virtual-size"] == 8 * MiB
-        r = qemu_tls(pki["client"], port, "qemu-io", "-c", "write -P 0xc3 64k 64k", "-c", "read -P 0xc3 64k 64k")
-        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
+        r = qemu_tls(
+            pki["client"],
+            port,
+            "qemu-io",
+            "-c",
+            "write -P 0xc3 64k 64k",
+            "-c",
+            "read -P 0xc3 64k 64k",
+        )
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, (
+            r.stdout + r.stderr
+        )
         r = tool("nbdinfo", "--json", nbds_uri(port, pki["client"]), check=False, timeout=30)
         assert r.returncode == 0, r.stderr
         info = json.loads(r.stdout)
@@ -638,10 +683,25 @@ def test_tls_authz_dn_format_matches_qemu_nbd(tmp_path, pki):
     for identity, admitted in ((CLIENT_DN, True), (CLIENT_DN_RFC4514, False)):
         port = free_port()
         args = [
-            "qemu-nbd", "-f", "raw", "-x", "disk", "-t", "-b", "127.0.0.1", "-p", str(port),
-            "--object", f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server,verify-peer=on",
-            "--object", "authz-simple,id=auth0,identity=" + identity.replace(",", ",,"),
-            "--tls-creds", "tls0", "--tls-authz", "auth0", disk,
+            "qemu-nbd",
+            "-f",
+            "raw",
+            "-x",
+            "disk",
+            "-t",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--object",
+            f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server,verify-peer=on",
+            "--object",
+            "authz-simple,id=auth0,identity=" + identity.replace(",", ",,"),
+            "--tls-creds",
+            "tls0",
+            "--tls-authz",
+            "auth0",
+            disk,
         ]
         with server_proc(args, ("127.0.0.1", port), tmp_path, "qemu-nbd-tls"):
             r = qemu_tls(pki["client"], port, "qemu-img", "info")

@@ -149,8 +149,14 @@ def workload(seed: int, size: int, failover: str, steps: int = 22) -> list[tuple
         if i == fo_step:
             off = rng.randrange(0, size // 512) * 512
             if failover == "s":
-                ops.append(("s_failover", rng.randrange(0, size - 70000), 65536 + rng.randrange(0, 4000),
-                            rng.randrange(1, 256)))
+                ops.append(
+                    (
+                        "s_failover",
+                        rng.randrange(0, size - 70000),
+                        65536 + rng.randrange(0, 4000),
+                        rng.randrange(1, 256),
+                    )
+                )
             else:
                 ops.append(("p_failover", off, min(4096, size - off), rng.randrange(1, 256)))
             continue
@@ -192,8 +198,10 @@ async def apply(pair, op: tuple) -> None:
 async def test_differential_qemu_pair_vs_blockrep_pair(seed, failover):
     size = 16 * MiB
     ops = workload(seed, size, failover)
-    async with running_pair("qemu", "qemu", size=size, seed=seed, exports=False) as ref, \
-            running_pair("blockrep", "blockrep", size=size, seed=seed, exports=False) as br:
+    async with (
+        running_pair("qemu", "qemu", size=size, seed=seed, exports=False) as ref,
+        running_pair("blockrep", "blockrep", size=size, seed=seed, exports=False) as br,
+    ):
         await ref.check("start")
         await br.check("start")
         for i, op in enumerate(ops):

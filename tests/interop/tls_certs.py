@@ -35,10 +35,28 @@ def _ssl(*args: str, cwd: str) -> None:
 
 
 def _ca(work: str, name: str, subj: str) -> None:
-    _ssl("req", "-x509", "-new", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "30",
-         "-keyout", f"{name}-key.pem", "-out", f"{name}-cert.pem", "-subj", subj,
-         "-addext", "basicConstraints=critical,CA:TRUE",
-         "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=work)
+    _ssl(
+        "req",
+        "-x509",
+        "-new",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-sha256",
+        "-days",
+        "30",
+        "-keyout",
+        f"{name}-key.pem",
+        "-out",
+        f"{name}-cert.pem",
+        "-subj",
+        subj,
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=work,
+    )
 
 
 def _leaf(work: str, name: str, subj: str, ca: str, server: bool) -> None:
@@ -51,11 +69,40 @@ def _leaf(work: str, name: str, subj: str, ca: str, server: bool) -> None:
             f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
         else:
             f.write("extendedKeyUsage=clientAuth\n")
-    _ssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-sha256",
-         "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", "-subj", subj, cwd=work)
-    _ssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}-cert.pem", "-CAkey", f"{ca}-key.pem",
-         "-CAcreateserial", "-days", "30", "-sha256", "-extfile", ext, "-out", f"{name}-cert.pem",
-         cwd=work)
+    _ssl(
+        "req",
+        "-new",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-sha256",
+        "-keyout",
+        f"{name}-key.pem",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        subj,
+        cwd=work,
+    )
+    _ssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}-cert.pem",
+        "-CAkey",
+        f"{ca}-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-sha256",
+        "-extfile",
+        ext,
+        "-out",
+        f"{name}-cert.pem",
+        cwd=work,
+    )
 
 
 def _creds(base: str, dirname: str, work: str, ca: str, leaf: str, role: str) -> str:

@@ -69,8 +69,12 @@ def test_schema_errors_have_qemu_texts(tmp_path):
         with pytest.raises(
             OptionError, match="Block format 'file' does not support the option 'bogus'"
         ):
-            await g.add({"driver": "file", "filename": p, "bogus": "1"}, typed=False, drive_style=True)
-        with pytest.raises(OptionError, match="Invalid parameter type for 'read-only', expected: boolean"):
+            await g.add(
+                {"driver": "file", "filename": p, "bogus": "1"}, typed=False, drive_style=True
+            )
+        with pytest.raises(
+            OptionError, match="Invalid parameter type for 'read-only', expected: boolean"
+        ):
             await g.add({"driver": "file", "filename": p, "read-only": "yes"})
         with pytest.raises(OptionError, match="Parameter 'read-only' expects 'on' or 'off'"):
             await g.add({"driver": "file", "filename": p, "read-only": "maybe"}, typed=False)
@@ -82,7 +86,9 @@ def test_schema_errors_have_qemu_texts(tmp_path):
         # a child given by the name of an existing node
         raw = await g.add({"driver": "raw", "file": "f0"}, typed=False)
         assert raw.file is n
-        with pytest.raises(BlockError, match="Cannot find device='nothere' nor node-name='nothere'"):
+        with pytest.raises(
+            BlockError, match="Cannot find device='nothere' nor node-name='nothere'"
+        ):
             await g.add({"driver": "raw", "file": "nothere"})
         await g.close_all()
 
@@ -216,14 +222,28 @@ def test_raw_offset_and_size_window(tmp_path):
 
     async def go():
         g = Graph()
-        n = await g.add({"driver": "raw", "offset": 256, "size": 1024, "file": {"driver": "file", "filename": p}})
+        n = await g.add(
+            {
+                "driver": "raw",
+                "offset": 256,
+                "size": 1024,
+                "file": {"driver": "file", "filename": p},
+            }
+        )
         assert n.length == 1024
         assert await n.read(0, 4) == bytes([0, 1, 2, 3])
         await n.write(1020, b"wxyz")
         with pytest.raises(BlockError):
             await n.write(1021, b"wxyz")
         with pytest.raises(OptionError, match="has to be smaller or equal"):
-            await g.add({"driver": "raw", "offset": 4000, "size": 1024, "file": {"driver": "file", "filename": p, "locking": "off"}})
+            await g.add(
+                {
+                    "driver": "raw",
+                    "offset": 4000,
+                    "size": 1024,
+                    "file": {"driver": "file", "filename": p, "locking": "off"},
+                }
+            )
         await g.close_all()
         with open(p, "rb") as f:
             assert f.read()[1276:1280] == b"wxyz"

@@ -19,10 +19,16 @@ CS = 64 << 10
 
 
 async def _open(g: Graph, path: str, fmt: str, name: str):
-    return await g.add({"driver": fmt, "node-name": name, "file": {"driver": "file", "filename": path}})
+    return await g.add(
+        {"driver": fmt, "node-name": name, "file": {"driver": "file", "filename": path}}
+    )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(seed=st.integers(0, 2**32 - 1), epochs=st.integers(1, 3), writes=st.integers(1, 40))
 def test_cbw_target_holds_first_preimages(tmp_path_factory, seed, epochs, writes):
     """Concurrent writes through the filter: per epoch, the target holds exactly the
@@ -41,7 +47,9 @@ def test_cbw_target_holds_first_preimages(tmp_path_factory, seed, epochs, writes
         jobs = JobManager(lambda n, data: events.append((n, data)))
         src = await _open(g, src_path, "raw", "src")
         tgt = await _open(g, tgt_path, "qcow2", "tgt")
-        job = await launch.start_backup(g, jobs, {"job-id": "b", "device": "src", "target": "tgt", "sync": "none"})
+        job = await launch.start_backup(
+            g, jobs, {"job-id": "b", "device": "src", "target": "tgt", "sync": "none"}
+        )
         top = g.find("src")
         assert top is not None
         cbw = job.cbw
@@ -61,6 +69,7 @@ def test_cbw_target_holds_first_preimages(tmp_path_factory, seed, epochs, writes
                 kind = rnd.choice(["w", "w", "w", "z", "d"])
                 data = rnd.randbytes(n) if kind == "w" else None
                 ops.append((kind, off, n, data))
+
             # all writes of the epoch in flight at once, through the filter
             async def one(kind, off, n, data):
                 await asyncio.sleep(rnd.random() * 0.001)
@@ -70,6 +79,7 @@ def test_cbw_target_holds_first_preimages(tmp_path_factory, seed, epochs, writes
                     await cbw.write_zeroes(off, n)
                 else:
                     await cbw.discard(off, n)
+
             await asyncio.gather(*(one(*o) for o in ops))
             for _kind, off, n, _data in ops:
                 touched.update(range(off // cs, (off + n - 1) // cs + 1))
@@ -112,7 +122,9 @@ def test_cbw_sequential_source_model(tmp_path):
         jobs = JobManager(lambda n, d: None)
         src = await _open(g, src_path, "raw", "src")
         tgt = await _open(g, tgt_path, "qcow2", "tgt")
-        job = await launch.start_backup(g, jobs, {"job-id": "b", "device": "src", "target": "tgt", "sync": "none"})
+        job = await launch.start_backup(
+            g, jobs, {"job-id": "b", "device": "src", "target": "tgt", "sync": "none"}
+        )
         cbw = job.cbw
         model = bytearray(initial)
         first_pre: dict[int, bytes] = {}
@@ -143,10 +155,17 @@ def test_failed_copy_fails_the_guest_write(tmp_path):
         g = Graph()
         jobs = JobManager(lambda n, d: None)
         src = await _open(g, src_path, "raw", "src")
-        await g.add({"driver": "blkdebug", "node-name": "tgt",
-                     "image": {"driver": "qcow2", "file": {"driver": "file", "filename": tgt_path}},
-                     "inject-error": [{"event": "write_aio", "errno": 28, "once": True}]})
-        job = await launch.start_backup(g, jobs, {"job-id": "b", "device": "src", "target": "tgt", "sync": "none"})
+        await g.add(
+            {
+                "driver": "blkdebug",
+                "node-name": "tgt",
+                "image": {"driver": "qcow2", "file": {"driver": "file", "filename": tgt_path}},
+                "inject-error": [{"event": "write_aio", "errno": 28, "once": True}],
+            }
+        )
+        job = await launch.start_backup(
+            g, jobs, {"job-id": "b", "device": "src", "target": "tgt", "sync": "none"}
+        )
         cbw = job.cbw
         try:
             await cbw.write(0, b"x" * 100)
@@ -166,13 +185,17 @@ def test_failed_copy_fails_the_guest_write(tmp_path):
 
 def test_active_commit_while_writing(tmp_path):
     """Active commit of top into base with a writer running: base ends equal to top's view."""
-    base_path, mid_path, top_path = (str(tmp_path / n) for n in ("base.raw", "mid.qcow2", "top.qcow2"))
+    base_path, mid_path, top_path = (
+        str(tmp_path / n) for n in ("base.raw", "mid.qcow2", "top.qcow2")
+    )
     rnd = random.Random(11)
     open(base_path, "wb").write(rnd.randbytes(SIZE))
 
     async def go():
         await make_qcow2(mid_path, SIZE, backing="base.raw", backing_fmt="raw")
-        await make_qcow2(top_path, SIZE, backing="mid.qcow2", backing_fmt="qcow2", cluster_size=4096)
+        await make_qcow2(
+            top_path, SIZE, backing="mid.qcow2", backing_fmt="qcow2", cluster_size=4096
+        )
         g = Graph()
         mid = await g.add({"driver": "qcow2", "file": {"driver": "file", "filename": mid_path}})
         for _ in range(10):
@@ -182,7 +205,13 @@ def test_active_commit_while_writing(tmp_path):
         g = Graph()
         events: list[tuple[str, dict]] = []
         jobs = JobManager(lambda n, d: events.append((n, d)))
-        top = await g.add({"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": top_path}})
+        top = await g.add(
+            {
+                "driver": "qcow2",
+                "node-name": "top",
+                "file": {"driver": "file", "filename": top_path},
+            }
+        )
         g.devices["disk0"] = top
         base = top.backing.backing
         model = bytearray(await top.read(0, SIZE))
@@ -228,14 +257,22 @@ def test_active_commit_while_writing(tmp_path):
 
 
 def test_non_active_commit_rewrites_backing_link(tmp_path):
-    base_path, mid_path, top_path = (str(tmp_path / n) for n in ("base.qcow2", "mid.qcow2", "top.qcow2"))
+    base_path, mid_path, top_path = (
+        str(tmp_path / n) for n in ("base.qcow2", "mid.qcow2", "top.qcow2")
+    )
 
     async def go():
         await make_qcow2(base_path, SIZE)
         await make_qcow2(mid_path, SIZE, backing="base.qcow2", backing_fmt="qcow2")
         await make_qcow2(top_path, SIZE, backing="mid.qcow2", backing_fmt="qcow2")
         g = Graph()
-        top = await g.add({"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": top_path}})
+        top = await g.add(
+            {
+                "driver": "qcow2",
+                "node-name": "top",
+                "file": {"driver": "file", "filename": top_path},
+            }
+        )
         mid = top.backing
         await mid.reopen(False)
         await mid.write(65536, b"\x42" * 65536)
@@ -243,7 +280,9 @@ def test_non_active_commit_rewrites_backing_link(tmp_path):
         await top.write(0, b"\x43" * 4096)
         view = await top.read(0, SIZE)
         jobs = JobManager(lambda n, d: None)
-        job = await launch.start_commit(g, jobs, {"device": "top", "job-id": "c", "top-node": mid.node_name})
+        job = await launch.start_commit(
+            g, jobs, {"device": "top", "job-id": "c", "top-node": mid.node_name}
+        )
         await job.done.wait()
         assert top.backing is not None and top.backing.describe_filename() == base_path
         assert await top.read(0, SIZE) == view

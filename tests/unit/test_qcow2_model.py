@@ -46,11 +46,25 @@ def chains(draw):
         if i == 0 and bottom_raw and depth > 1:
             layers.append(("raw", None, 3))
         else:
-            layers.append(("qcow2", draw(st.sampled_from(CLUSTERS)), draw(st.sampled_from([3, 3, 2]))))
+            layers.append(
+                ("qcow2", draw(st.sampled_from(CLUSTERS)), draw(st.sampled_from([3, 3, 2])))
+            )
     ops = draw(
         st.lists(
             st.tuples(
-                st.sampled_from(["write", "write", "write", "zero", "discard", "read", "empty", "reopen", "flush"]),
+                st.sampled_from(
+                    [
+                        "write",
+                        "write",
+                        "write",
+                        "zero",
+                        "discard",
+                        "read",
+                        "empty",
+                        "reopen",
+                        "flush",
+                    ]
+                ),
                 st.integers(0, size - 1),
                 st.integers(1, 300_000),
                 st.booleans(),
@@ -81,7 +95,9 @@ async def build_chain(d: str, size: int, layers, seed: int) -> tuple[list[str], 
         else:
             back = os.path.basename(paths[-1]) if paths else None
             back_fmt = layers[i - 1][0] if paths else None
-            await make_qcow2(path, size, cluster_size=cs, backing=back, backing_fmt=back_fmt, version=ver)
+            await make_qcow2(
+                path, size, cluster_size=cs, backing=back, backing_fmt=back_fmt, version=ver
+            )
             if i < len(layers) - 1:
                 g = Graph()
                 node = await open_image(g, path, "qcow2")
@@ -144,7 +160,9 @@ def test_qcow2_chain_matches_model(params):
             if fmt == "qcow2":
                 r = tool("qemu-img", "check", p, check=False)
                 assert r.returncode == 0, r.stdout + r.stderr
-        r = tool("qemu-img", "compare", "-f", "qcow2", "-F", "raw", paths[-1], model_path, check=False)
+        r = tool(
+            "qemu-img", "compare", "-f", "qcow2", "-F", "raw", paths[-1], model_path, check=False
+        )
         assert r.returncode == 0, r.stdout + r.stderr
 
 
