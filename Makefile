@@ -44,6 +44,8 @@ demo: venv
 
 lint: venv
 	$(VENV)/bin/ruff check blockrep tests bench
+	$(VENV)/bin/ruff format --check blockrep tests bench
+	$(VENV)/bin/mypy blockrep
 
 bench: venv debs
 	$(PY) bench/qcow2.py

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .block import Graph
-from .block.node import BlockError, Node
-from .block.options import OptionError, check, parse_keyval, parse_options
+from .block.node import Node
+from .block.options import check, parse_keyval, parse_options
+from .errors import BlockError, OptionError
 from .jobs import launch
 from .jobs.base import JobManager
 from .nbd.server import Export, NBDServer

@@ -7,7 +7,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from .block.options import OptionError, check
+from .block.options import check
+from .errors import OptionError
 
 X509_SCHEMA = {
     "qom-type": "str",

@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from .block.graph import Graph
-from .block.node import BlockError, Node
+from .block.node import Node
 from .block.replication import (
     DONE,
     FAILOVER,
@@ -26,16 +26,13 @@ from .block.replication import (
     SECONDARY,
     ReplicationNode,
 )
+from .errors import BlockError, ReplicationError
 from .jobs import launch
 from .jobs.base import Job, JobManager
 
 log = logging.getLogger("blockrep.replication")
 
 BACKUP_BLOCKER = "Block device is in use by internal backup job"
-
-
-class ReplicationError(Exception):
-    """A control operation refused or failed; ``str`` is QEMU's message."""
 
 
 def _contains(top: Node, node: Node) -> bool:

@@ -1,7 +1,10 @@
-"""The block layer: nodes, the graph, and the drivers (imported here to register)."""
+"""The block layer: nodes, the graph, the generic request layer and the drivers.
 
-from . import blkdebug, copy_before_write, file, nbd, qcow2, quorum, raw, replication  # noqa: F401  (drivers register themselves)
+Drivers are imported on first use (``graph.DRIVER_MODULES``), not here.
+"""
+
+from ..errors import BlockError
 from .graph import DRIVERS, Graph
-from .node import BlockError, Extent, Node
+from .node import Extent, Node
 
 __all__ = ["DRIVERS", "Graph", "BlockError", "Extent", "Node"]

@@ -16,9 +16,10 @@ import errno
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import BlockError, OptionError
 from .graph import Graph, register
-from .node import BlockError, Extent, Node
-from .options import OptionError, check
+from .node import Extent, Node
+from .options import check
 
 EVENT_KINDS = {
     "read_aio": {"read"},

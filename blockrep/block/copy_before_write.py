@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from ..errors import BlockError, OptionError
 from .graph import Graph, register
-from .node import BlockError, Extent, Node, is_zero
-from .options import OptionError
+from .node import Extent, Node, is_zero
 
 MIN_CLUSTER = 64 << 10
 MAX_RUN = 1 << 20  # contiguous armed clusters copied in one read/write

@@ -25,9 +25,9 @@ import stat
 import struct
 from typing import Any
 
+from ..errors import BlockError, OptionError
 from .graph import Graph, register
-from .node import BlockError, Extent, Node
-from .options import OptionError
+from .node import Extent, Node
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]

@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import re
 from collections.abc import Callable
 from typing import Any
 
-from .node import BlockError, Node
-from .options import COMMON_SCHEMA, OptionError, check
+from ..errors import BlockError, OptionError
+from .node import Node
+from .options import COMMON_SCHEMA, check
 
+# Driver name -> the module that defines it. A driver's module is imported the first
+# time a node of that driver is opened, so that the block layer imports no driver
+# (and no driver's dependencies, such as the qcow2 codec or the NBD client) up front.
+DRIVER_MODULES: dict[str, str] = {
+    "file": "blockrep.block.file",
+    "raw": "blockrep.block.raw",
+    "null-co": "blockrep.block.raw",
+    "qcow2": "blockrep.block.qcow2",
+    "nbd": "blockrep.block.nbd",
+    "quorum": "blockrep.block.quorum",
+    "blkdebug": "blockrep.block.blkdebug",
+    "copy-before-write": "blockrep.block.copy_before_write",
+    "replication": "blockrep.block.replication",
+}
+# Driver classes imported so far (filled by ``register``).
 DRIVERS: dict[str, type[Node]] = {}
 
 _NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,30}$")
@@ -19,6 +36,15 @@ _NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,30}$")
 def register(cls: type[Node]) -> type[Node]:
     """Class decorator: make a driver known by its ``driver_name``."""
     DRIVERS[cls.driver_name] = cls
+    return cls
+
+
+def driver_class(name: str) -> type[Node] | None:
+    """The class of a driver by name, importing its module on first use."""
+    cls = DRIVERS.get(name)
+    if cls is None and name in DRIVER_MODULES:
+        importlib.import_module(DRIVER_MODULES[name])
+        cls = DRIVERS.get(name)
     return cls
 
 
@@ -129,7 +155,7 @@ class Graph:
             opts["driver"] = driver
         if not isinstance(driver, str):
             raise OptionError("Invalid parameter type for 'driver', expected: string")
-        cls = DRIVERS.get(driver)
+        cls = driver_class(driver)
         if cls is None:
             if drive_style:
                 raise OptionError(f"Unknown driver '{driver}'")

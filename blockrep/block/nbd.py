@@ -14,11 +14,11 @@ import time
 import urllib.parse
 from typing import Any
 
+from ..errors import BlockError, OptionError
 from ..nbd import proto as p
 from ..nbd.client import Address, ConnectionLost, NBDConnection
 from .graph import Graph, register
-from .node import BlockError, Extent, Node
-from .options import OptionError
+from .node import Extent, Node
 
 
 def parse_address(server: Any) -> Address:

@@ -10,22 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..errors import BlockError
+
 # QEMU's BDRV_MAX_LENGTH: offsets and lengths beyond this are refused with EIO.
 MAX_LENGTH = (1 << 63) - 1 - (1 << 30)
-
-
-class BlockError(Exception):
-    """An I/O or configuration error in the data path: an errno plus a message."""
-
-    def __init__(self, err: int, message: str | None = None) -> None:
-        self.errno = err
-        self.message = message or os.strerror(err)
-        super().__init__(self.message)
 
 
 @dataclass

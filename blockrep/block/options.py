@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .node import BlockError
+from ..errors import OptionError
 
 Schema = dict[str, Any]
 
@@ -32,13 +32,6 @@ SIZE_SUFFIXES = {
     "p": 1 << 50,
     "e": 1 << 60,
 }
-
-
-class OptionError(BlockError):
-    """A bad option; ``message`` is what QMP and the command line show."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(22, message)
 
 
 def split_keyval(text: str) -> list[tuple[str, str | None]]:

@@ -17,6 +17,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import BlockError, OptionError
 from ..qcow2.format import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
@@ -34,8 +35,7 @@ from ..qcow2.format import (
 from ..qcow2.refcount import Refcounts, TableCache, rc_get, rc_set
 from .file import FileNode
 from .graph import Graph, probe_format, register, resolve_relative
-from .node import BlockError, Extent, Node
-from .options import OptionError
+from .node import Extent, Node
 
 UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, COMPRESSED = range(5)
 DEFAULT_L2_CACHE = 32 << 20

@@ -15,9 +15,9 @@ import hashlib
 import os
 from typing import Any
 
+from ..errors import BlockError, OptionError
 from .graph import Graph, register
-from .node import BlockError, Extent, Node
-from .options import OptionError
+from .node import Extent, Node
 
 
 @register

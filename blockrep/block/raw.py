@@ -5,9 +5,9 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from ..errors import BlockError, OptionError
 from .graph import Graph, register
-from .node import BlockError, Extent, Node
-from .options import OptionError
+from .node import Extent, Node
 
 
 @register

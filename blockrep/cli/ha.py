@@ -99,7 +99,7 @@ def secondary_parser() -> argparse.ArgumentParser:
 
 
 def run_role(kind: str, argv: list[str]) -> int:
-    from ..block.node import BlockError
+    from ..errors import BlockError
     from ..ha.manager import Primary, Secondary
 
     args = (primary_parser() if kind == "primary" else secondary_parser()).parse_args(argv)

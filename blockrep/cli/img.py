@@ -13,10 +13,11 @@ from typing import Any
 from ..block import Graph
 from ..block.file import FileNode
 from ..block.graph import probe_format
-from ..block.node import BlockError, Extent, Node, is_zero
-from ..block.options import OptionError, parse_size, split_keyval
+from ..block.node import Extent, Node, is_zero
+from ..block.options import parse_size, split_keyval
 from ..block.qcow2 import Qcow2Node
 from ..block.qcow2 import create as qcow2_create
+from ..errors import BlockError, OptionError
 from ..qcow2.check import check_image
 from .qemu_json import dumps_pretty
 

@@ -22,12 +22,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..block.node import BlockError, DirtyBitmap, Node
+from ..block.node import DirtyBitmap, Node
 from ..block.qcow2 import create as qcow2_create
 from ..daemon import Daemon
+from ..errors import BlockError, QMPError, ReplicationError
 from ..nbd.server import Export, NBDServer
-from ..qmp.server import QMPError
-from ..replication import ReplicationError
 from . import channel
 from .state import CHUNK, NodeState, chunks_to_ranges, compare
 

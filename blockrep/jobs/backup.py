@@ -13,7 +13,8 @@ import errno
 
 from ..block.copy_before_write import CopyBeforeWriteNode
 from ..block.graph import Graph
-from ..block.node import BlockError, Node
+from ..block.node import Node
+from ..errors import BlockError
 from .base import Job, JobManager
 
 

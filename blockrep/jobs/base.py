@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from ..block.node import BlockError
+from ..errors import BlockError, JobCancelled, JobError
 
 log = logging.getLogger("blockrep.jobs")
 
@@ -37,19 +37,6 @@ VERBS = {
     "finalize": {"pending"},
     "dismiss": {"concluded"},
 }
-
-
-class JobError(Exception):
-    """A job verb refused (QMP GenericError with this text)."""
-
-    def __init__(self, desc: str, cls: str = "GenericError") -> None:
-        super().__init__(desc)
-        self.desc = desc
-        self.cls = cls
-
-
-class JobCancelled(Exception):
-    pass
 
 
 class Job:

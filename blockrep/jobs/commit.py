@@ -10,7 +10,8 @@ sync, and on completion every user of ``top`` is switched to ``base``.
 from __future__ import annotations
 
 from ..block.graph import Graph
-from ..block.node import BlockError, DirtyBitmap, Node, is_zero
+from ..block.node import DirtyBitmap, Node, is_zero
+from ..errors import BlockError
 from .base import Job, JobManager
 from .mirror import GRANULARITY, DirtyCopyJob
 

@@ -6,10 +6,11 @@ import errno
 import os
 from typing import Any
 
-from ..block.graph import Graph
-from ..block.node import BlockError, Node
+from ..block.graph import DRIVER_MODULES, Graph
+from ..block.node import Node
+from ..errors import BlockError, JobError
 from .backup import BackupJob
-from .base import JobError, JobManager
+from .base import JobManager
 from .commit import ActiveCommitJob, CommitJob
 from .mirror import MirrorJob, check_sync
 
@@ -106,9 +107,7 @@ async def start_commit(
 ) -> CommitJob | ActiveCommitJob:
     root = graph.find(a["device"])
     if root is None:
-        err = BlockError(errno.ENODEV, f"Device '{a['device']}' not found")
-        err.qmp_class = "DeviceNotFound"  # type: ignore[attr-defined]
-        raise err
+        raise BlockError(errno.ENODEV, f"Device '{a['device']}' not found", "DeviceNotFound")
     if not internal and root.parents:
         raise BlockError(errno.EINVAL, "Need a root block node")
     active = _skip_filters(root)
@@ -163,9 +162,7 @@ async def start_commit(
 
 
 def graph_drivers() -> set[str]:
-    from ..block.graph import DRIVERS
-
-    return set(DRIVERS)
+    return set(DRIVER_MODULES)
 
 
 def _node(graph: Graph, name: str) -> Node:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 
 from ..block.graph import Graph
-from ..block.node import BlockError, DirtyBitmap, Node, is_zero
-from .base import Job, JobError, JobManager
+from ..block.node import DirtyBitmap, Node, is_zero
+from ..errors import BlockError, JobError
+from .base import Job, JobManager
 
 GRANULARITY = 64 << 10
 RUN_CHUNKS = 16  # 1 MiB per copy at 64 KiB granularity

@@ -17,7 +17,7 @@ import ssl
 import struct
 from dataclasses import dataclass, field
 
-from ..block.node import BlockError
+from ..errors import BlockError
 from . import proto as p
 
 

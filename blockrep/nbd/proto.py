@@ -10,6 +10,8 @@ import errno
 import struct
 from dataclasses import dataclass
 
+from ..errors import ProtocolError
+
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
 OPT_REPLY_MAGIC = 0x3E889045565A9
@@ -215,7 +217,7 @@ def pack_name_list(name: str) -> bytes:
     return struct.pack(">I", len(n)) + n
 
 
-class ParseError(ValueError):
+class ParseError(ProtocolError):
     """An option payload that does not follow the protocol (answered with ERR_INVALID)."""
 
 

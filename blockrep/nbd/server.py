@@ -16,7 +16,8 @@ import ssl
 import struct
 from collections.abc import Callable
 
-from ..block.node import BlockError, Child, Node
+from ..block.node import Child, Node
+from ..errors import BlockError, ProtocolError
 from . import proto as p
 
 log = logging.getLogger("blockrep.nbd.server")
@@ -95,10 +96,6 @@ class Export:
         else:
             f |= p.TF_READ_ONLY
         return f
-
-
-class ProtocolError(Exception):
-    """The client broke the protocol in a way that ends its connection."""
 
 
 class NBDServer:

@@ -15,7 +15,8 @@ import struct
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
-from ..block.node import BlockError, Node
+from ..block.node import Node
+from ..errors import BlockError
 from .format import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, Header
 
 

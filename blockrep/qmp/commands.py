@@ -6,11 +6,10 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..block.node import BlockError, Node
-from ..block.options import OptionError, check
-from ..jobs.base import JobError
+from ..block.node import Node
+from ..block.options import check
+from ..errors import BlockError, JobError, OptionError, QMPError
 from .hmp import run_hmp
-from .server import QMPError
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -318,7 +317,7 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
         try:
             return fn()
         except JobError as e:
-            raise QMPError(e.desc, e.cls) from None
+            raise QMPError(e.message, e.qmp_class) from None
 
     @command("query-jobs")
     async def query_jobs(args: dict[str, Any]) -> Any:
@@ -389,7 +388,9 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
         try:
             await d.start_backup(a)
         except (BlockError, JobError) as e:
-            raise guard(e) if isinstance(e, BlockError) else QMPError(e.desc, e.cls) from None
+            raise (
+                guard(e) if isinstance(e, BlockError) else QMPError(e.message, e.qmp_class)
+            ) from None
         return {}
 
     @command("block-commit")
@@ -412,7 +413,9 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
         try:
             await d.start_commit(a)
         except (BlockError, JobError) as e:
-            raise guard(e) if isinstance(e, BlockError) else QMPError(e.desc, e.cls) from None
+            raise (
+                guard(e) if isinstance(e, BlockError) else QMPError(e.message, e.qmp_class)
+            ) from None
         return {}
 
     mirror_schema = {
@@ -435,7 +438,9 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
         try:
             await d.start_mirror(a, None)
         except (BlockError, JobError) as e:
-            raise guard(e) if isinstance(e, BlockError) else QMPError(e.desc, e.cls) from None
+            raise (
+                guard(e) if isinstance(e, BlockError) else QMPError(e.message, e.qmp_class)
+            ) from None
         return {}
 
     @command("drive-mirror")
@@ -453,13 +458,15 @@ def build_commands(d: Daemon) -> dict[str, Handler]:
         try:
             await d.start_mirror(a, a.get("format"))
         except (BlockError, JobError) as e:
-            raise guard(e) if isinstance(e, BlockError) else QMPError(e.desc, e.cls) from None
+            raise (
+                guard(e) if isinstance(e, BlockError) else QMPError(e.message, e.qmp_class)
+            ) from None
         return {}
 
     # -- replication ----------------------------------------------------------------
 
     from ..block.replication import PRIMARY, SECONDARY
-    from ..replication import ReplicationError
+    from ..errors import ReplicationError
 
     @command("xen-set-replication")
     async def xen_set_replication(args: dict[str, Any]) -> Any:

@@ -12,8 +12,9 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable
 
-from ..block.node import BlockError, Node
+from ..block.node import Node
 from ..block.options import parse_size
+from ..errors import BlockError
 
 
 class HMPError(Exception):

@@ -18,19 +18,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .. import __version__
+from ..errors import QMPError
 
 log = logging.getLogger("blockrep.qmp")
 
 MAX_INPUT = 16 << 20  # a client that sends more than this without a complete object is dropped
-
-
-class QMPError(Exception):
-    """A command failure: QMP ``error`` with a class and a description."""
-
-    def __init__(self, desc: str, cls: str = "GenericError") -> None:
-        super().__init__(desc)
-        self.desc = desc
-        self.cls = cls
 
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -231,7 +223,7 @@ class QMPSession:
         try:
             result = await handler(args)
         except QMPError as e:
-            await self.send({**_error(e.desc, e.cls), **reply_extra})
+            await self.send({**_error(e.message, e.qmp_class), **reply_extra})
             return
         except Exception as e:  # a bug in one command must not end the session
             log.exception("command %s failed", cmd)

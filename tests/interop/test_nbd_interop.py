@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import pytest
 
 from blockrep.block import Graph
-from blockrep.block.node import BlockError
+from blockrep.errors import BlockError
 from blockrep.objects import TLSCredsX509
 from tests.daemon_harness import daemon
 from tests.helpers import tool

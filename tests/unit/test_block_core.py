@@ -9,8 +9,9 @@ import os
 import pytest
 
 from blockrep.block import Graph
-from blockrep.block.node import BlockError, Node
-from blockrep.block.options import OptionError, parse_keyval, parse_options, split_keyval
+from blockrep.block.node import Node
+from blockrep.block.options import parse_keyval, parse_options, split_keyval
+from blockrep.errors import BlockError, OptionError
 from tests.helpers import make_qcow2, run
 
 # -- options ---------------------------------------------------------------------------
