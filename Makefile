@@ -47,10 +47,13 @@ lint: venv
 	$(VENV)/bin/ruff format --check blockrep tests bench
 	$(VENV)/bin/mypy blockrep
 
+# every benchmark in bench/; each writes bench/results/<name>.json and .md
 bench: venv debs
 	$(PY) bench/qcow2.py
 	$(PY) bench/nbd.py
+	$(PY) bench/jobs.py
 	$(PY) bench/replication.py
+	$(PY) bench/ha.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

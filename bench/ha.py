@@ -31,10 +31,9 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from blockrep.testing import HA, MiB
 
-from tests.integration.ha_harness import HA, MiB  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BS = 4096
 

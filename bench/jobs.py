@@ -23,15 +23,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
 from qemu.qmp import EventListener, QMPClient
 
+from blockrep.qcow2.create import create_file
+from blockrep.testing import blockrep_argv
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-PY = sys.executable
 MiB = 1 << 20
 DATA_MIB = 256
 CBW_DISK_MIB = 512
@@ -49,10 +50,7 @@ class Server:
             os.unlink(self.sock)
         if kind == "blockrep":
             cmd = [
-                PY,
-                "-m",
-                "blockrep.cli",
-                "daemon",
+                *blockrep_argv("daemon"),
                 "-qmp",
                 f"unix:{self.sock},server=on,wait=off",
             ]
@@ -118,11 +116,10 @@ class Server:
         self.log.close()
 
 
-def qcow(path: str, size_mib: int, backing: str | None = None) -> str:
-    args = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if backing:
-        args += ["-b", backing, "-F", "qcow2"]
-    sh(*args, path, f"{size_mib}M")
+async def qcow(path: str, size_mib: int, backing: str | None = None) -> str:
+    await create_file(
+        path, size_mib * MiB, backing_file=backing, backing_format="qcow2" if backing else None
+    )
     return path
 
 
@@ -130,9 +127,9 @@ def node(name: str, path: str, fmt: str = "qcow2", **extra) -> dict:
     return {"driver": fmt, "node-name": name, "file": {"driver": "file", "filename": path}, **extra}
 
 
-def make_top(d: str, data: str) -> tuple[str, str]:
-    base = qcow(os.path.join(d, "base.qcow2"), DATA_MIB)
-    top = qcow(os.path.join(d, "top.qcow2"), DATA_MIB, backing=base)
+async def make_top(d: str, data: str) -> tuple[str, str]:
+    base = await qcow(os.path.join(d, "base.qcow2"), DATA_MIB)
+    top = await qcow(os.path.join(d, "top.qcow2"), DATA_MIB, backing=base)
     # 256 MiB of random data into top (qemu-img convert keeps it allocated)
     sh("qemu-img", "rebase", "-u", "-b", "", top)
     sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", data, top)
@@ -141,7 +138,7 @@ def make_top(d: str, data: str) -> tuple[str, str]:
 
 
 async def commit_bench(kind: str, d: str, data: str) -> float:
-    base, top = make_top(d, data)
+    base, top = await make_top(d, data)
     s = Server(kind, d)
     try:
         await s.open()
@@ -160,8 +157,8 @@ async def commit_bench(kind: str, d: str, data: str) -> float:
 
 
 async def mirror_bench(kind: str, d: str, data: str) -> float:
-    _, top = make_top(d, data)
-    tgt = qcow(os.path.join(d, "mt.qcow2"), DATA_MIB)
+    _, top = await make_top(d, data)
+    tgt = await qcow(os.path.join(d, "mt.qcow2"), DATA_MIB)
     s = Server(kind, d)
     try:
         await s.open()
@@ -210,7 +207,7 @@ async def cbw_bench(kind: str, d: str, runtime: int) -> list[dict]:
             disk = os.path.join(d, "cbw.raw")
             with open(disk, "wb") as f:
                 f.truncate(CBW_DISK_MIB * MiB)
-            tgt = qcow(os.path.join(d, "cbw-t.qcow2"), CBW_DISK_MIB)
+            tgt = await qcow(os.path.join(d, "cbw-t.qcow2"), CBW_DISK_MIB)
             nbd = os.path.join(d, f"{kind}.nbd")
             s = Server(kind, d)
             try:

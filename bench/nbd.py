@@ -14,15 +14,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
+
+from blockrep.testing import blockrep_argv, free_port, wait_accepting
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-PY = sys.executable
 
 CASES = [
     ("seq write 1M qd8", ["--rw=write", "--bs=1M", "--iodepth=8"], "write", "bw"),
@@ -31,34 +29,6 @@ CASES = [
     ("rand write 4k qd32", ["--rw=randwrite", "--bs=4k", "--iodepth=32"], "write", "iops"),
     ("rand read 4k qd1", ["--rw=randread", "--bs=4k", "--iodepth=1"], "read", "iops"),
 ]
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(
-    host: str, port: int | None, path: str | None, proc: subprocess.Popen, timeout: float = 20
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.returncode}")
-        try:
-            if path:
-                s = socket.socket(socket.AF_UNIX)
-                s.connect(path)
-            else:
-                s = socket.create_connection((host, port), 0.5)
-            s.close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError("server did not come up")
 
 
 def start_server(kind: str, disk: str, transport: str, d: str) -> tuple[subprocess.Popen, str]:
@@ -74,10 +44,7 @@ def start_server(kind: str, disk: str, transport: str, d: str) -> tuple[subproce
         uri = f"nbd+unix:///disk?socket={path}"
     if kind == "blockrep":
         cmd = [
-            PY,
-            "-m",
-            "blockrep.cli",
-            "daemon",
+            *blockrep_argv("daemon"),
             "--blockdev",
             f"driver=file,node-name=f0,filename={disk}",
             "--blockdev",
@@ -104,7 +71,7 @@ def start_server(kind: str, disk: str, transport: str, d: str) -> tuple[subproce
         cmd += ["-i", "127.0.0.1", "-p", str(port)] if transport == "tcp" else ["-U", path]
         cmd += ["file", disk]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port("127.0.0.1", port, path if transport == "unix" else None, proc)
+    wait_accepting(path if transport == "unix" else ("127.0.0.1", port), proc)
     return proc, uri
 
 

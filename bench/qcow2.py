@@ -23,14 +23,11 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from blockrep.block import Graph  # noqa: E402
-from blockrep.block.qcow2 import create as qcow2_create  # noqa: E402
+from blockrep.block import Graph
+from blockrep.qcow2.create import create_file
 
 MiB = 1 << 20
 
@@ -40,11 +37,7 @@ def sh(*args: str) -> str:
 
 
 async def make_overlay(path: str, base: str, size: int) -> None:
-    open(path, "wb").close()
-    g = Graph()
-    f = await g.add({"driver": "file", "filename": path})
-    await qcow2_create(f, size, backing_file=os.path.basename(base), backing_format="raw")
-    await g.close_all()
+    await create_file(path, size, backing_file=os.path.basename(base), backing_format="raw")
 
 
 async def open_qcow2(path: str):

@@ -4,7 +4,7 @@
 Configurations (issue 5, "Benchmark (bench/replication)"):
 
 * blockrep pair: two ``python -m blockrep.cli daemon`` processes with the command lines and
-  the QMP sequence of /work/shared/REFERENCE-QEMU.md §2; replication link (P's NBD client ->
+  the QMP sequence of REFERENCE-QEMU.md §2 (blockrep.testing); replication link (P's NBD client ->
   S's NBD server, export ``parent0``) over TCP on 127.0.0.1 and, separately, a unix socket.
 * QEMU pair: the same recipe with ``qemu-system-x86_64 -machine none -nodefaults -display none``
   (QEMU 7.2's NBD server does not set TCP_NODELAY, REFERENCE-QEMU.md §4.7: its TCP figures are
@@ -48,7 +48,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,11 +57,19 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from qemu.qmp import QMPClient
+
+from blockrep.qcow2.create import create_file
+from blockrep.testing import (
+    drive_args,
+    free_port,
+    separate_primary_drives,
+    separate_secondary_drives,
+    start_replication,
+)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-
-from qemu.qmp import QMPClient  # noqa: E402
 
 MiB = 1 << 20
 QEMU = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none"]
@@ -89,14 +96,6 @@ def log(msg: str) -> None:
 
 def sh(*args: str, timeout: float = 120) -> str:
     return subprocess.run(args, check=True, capture_output=True, text=True, timeout=timeout).stdout
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def median(xs: list[float]) -> float | None:
@@ -146,7 +145,7 @@ class Daemon:
                 )
             await asyncio.sleep(0.05)
 
-    async def cmd(
+    async def run(
         self, name: str, args: dict[str, Any] | None = None, timeout: float = QMP_TIMEOUT
     ) -> Any:
         assert self.qmp is not None
@@ -283,12 +282,12 @@ class Images:
         self.active = os.path.join(self.bd, "active.qcow2")
         self.golden = golden
 
-    def make(self, raws: tuple[str, ...] = ("prim", "sec"), qcow2: bool = True) -> None:
+    async def make(self, raws: tuple[str, ...] = ("prim", "sec"), qcow2: bool = True) -> None:
         for r in raws:
             shutil.copyfile(self.golden, getattr(self, r))
         if qcow2:
             for q in (self.hidden, self.active):
-                sh("qemu-img", "create", "-q", "-f", "qcow2", q, str(self.size))
+                await create_file(q, self.size)
 
     def sock(self, name: str) -> str:
         return os.path.join(self.d, name)
@@ -355,10 +354,10 @@ class Setup:
     async def export_consumer(self, device: str) -> None:
         assert self.P is not None
         self.consumer_export = device
-        await self.P.cmd(
+        await self.P.run(
             "nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.consumer_sock}}}
         )
-        await self.P.cmd("nbd-server-add", {"device": device, "writable": True})
+        await self.P.run("nbd-server-add", {"device": device, "writable": True})
 
     async def stop(self) -> None:
         for d in (self.P, self.S):
@@ -384,7 +383,7 @@ class Baseline(Setup):
         self.layout = layout
 
     async def start(self) -> None:
-        self.img.make(("prim",), qcow2=False)
+        await self.img.make(("prim",), qcow2=False)
         if self.layout == "raw":
             args = ["-drive", f"if=none,id=disk0,driver=raw,file.filename={self.img.prim}"]
             dev = "disk0"
@@ -418,48 +417,13 @@ class Pair(Setup):
 
     async def start(self) -> None:
         i = self.img
-        i.make()
-        self.S = self.daemon(
-            "S",
-            [
-                "-drive",
-                f"if=none,id=parent0,driver=raw,file.filename={i.sec}",
-                "-drive",
-                "if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,"
-                f"file.driver=qcow2,file.node-name=active0,file.file.filename={i.active},"
-                f"file.backing.driver=qcow2,file.backing.node-name=hidden0,file.backing.file.filename={i.hidden},"
-                "file.backing.backing=parent0",
-                "-drive",
-                "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0",
-            ],
-        )
-        self.P = self.daemon(
-            "P",
-            [
-                "-drive",
-                "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,"
-                f"children.0.file.filename={i.prim},children.0.driver=raw",
-            ],
-        )
+        await i.make()
+        self.S = self.daemon("S", drive_args(separate_secondary_drives(i.sec, i.active, i.hidden)))
+        self.P = self.daemon("P", drive_args(separate_primary_drives(i.prim)))
         await self.S.connect()
         await self.P.connect()
         s_addr, p_server = self.link_addrs()
-        await self.S.cmd("nbd-server-start", {"addr": s_addr})
-        await self.S.cmd("nbd-server-add", {"device": "parent0", "writable": True})
-        await self.P.cmd(
-            "blockdev-add",
-            {
-                "driver": "replication",
-                "node-name": "replication0",
-                "mode": "primary",
-                "file": {"driver": "nbd", "export": "parent0", "server": p_server},
-            },
-        )
-        await self.P.cmd("x-blockdev-change", {"parent": "colo-disk0", "node": "replication0"})
-        await self.S.cmd(
-            "xen-set-replication", {"enable": True, "primary": False}
-        )  # secondary first
-        await self.P.cmd("xen-set-replication", {"enable": True, "primary": True})
+        await start_replication(self.P, self.S, shared=False, s_addr=s_addr, p_server=p_server)
         await self.check_status("start")
         await self.export_consumer("colo-disk0")
 
@@ -467,16 +431,16 @@ class Pair(Setup):
         """query-xen-replication-status on both: forwarding errors are invisible to the consumer."""
         for d in (self.S, self.P):
             assert d is not None
-            st = await d.cmd("query-xen-replication-status")
+            st = await d.run("query-xen-replication-status")
             if st.get("error"):
                 raise RuntimeError(f"{d.name} replication status after {step}: {st}")
 
     async def checkpoint(self) -> tuple[float, float]:
         assert self.S is not None and self.P is not None
         t0 = time.perf_counter()
-        await self.S.cmd("xen-colo-do-checkpoint")
+        await self.S.run("xen-colo-do-checkpoint")
         t1 = time.perf_counter()
-        await self.P.cmd("xen-colo-do-checkpoint")
+        await self.P.run("xen-colo-do-checkpoint")
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1
 
@@ -485,7 +449,7 @@ class Pair(Setup):
         if self.impl != "blockrep":
             return None
         assert self.S is not None
-        nodes = await self.S.cmd("query-replication")
+        nodes = await self.S.run("query-replication")
         return {
             n["node-name"]: {
                 k: n.get(k)
@@ -513,7 +477,7 @@ class Pair(Setup):
         S = self.S
         active_name = os.path.basename(self.img.active)
         if self.impl == "qemu":
-            chain = self.chain_text(await S.cmd("query-block"), "childs0")
+            chain = self.chain_text(await S.run("query-block"), "childs0")
             if chain is None or active_name not in chain:
                 raise RuntimeError(f"cannot detect the end of failover: childs0 chain is {chain}")
         if self.shared:
@@ -521,9 +485,9 @@ class Pair(Setup):
             assert self.P is not None
             await self.P.stop(signal.SIGKILL)
         t0 = time.perf_counter()
-        await S.cmd("nbd-server-stop")
+        await S.run("nbd-server-stop")
         t_stop = time.perf_counter()
-        await S.cmd(
+        await S.run(
             "xen-set-replication",
             {"enable": False, "primary": False, "failover": True},
             timeout=timeout,
@@ -535,13 +499,13 @@ class Pair(Setup):
         while True:
             polls += 1
             if self.impl == "blockrep":
-                nodes = await S.cmd("query-replication")
+                nodes = await S.run("query-replication")
                 stages = [n["stage"] for n in nodes]
                 final = nodes
                 if all(s in ("done", "failover-failed") for s in stages):
                     break
             else:
-                chain = self.chain_text(await S.cmd("query-block"), "childs0")
+                chain = self.chain_text(await S.run("query-block"), "childs0")
                 final = chain
                 if chain is not None and active_name not in chain:
                     break
@@ -560,7 +524,7 @@ class Pair(Setup):
             out["error"] = [n.get("error") for n in final if n.get("error")]
         else:
             out["stage"] = ["done"]
-            out["status"] = await S.cmd("query-xen-replication-status")
+            out["status"] = await S.run("query-xen-replication-status")
         return out
 
 
@@ -574,7 +538,7 @@ class SharedPair(Pair):
 
     async def start(self) -> None:
         i = self.img
-        i.make(("prim",))  # prim.raw is the shared disk
+        await i.make(("prim",))  # prim.raw is the shared disk
         self.S = self.daemon(
             "S",
             [
@@ -592,25 +556,9 @@ class SharedPair(Pair):
         await self.S.connect()
         await self.P.connect()
         s_addr, _ = self.link_addrs()
-        await self.S.cmd("nbd-server-start", {"addr": s_addr})
-        await self.S.cmd("nbd-server-add", {"device": "hidden_disk0", "writable": True})
-        server = {
-            "type": s_addr["type"],
-            "data": s_addr["data"],
-        }  # the seed's SocketAddressLegacy form
-        await self.P.cmd(
-            "blockdev-add",
-            {
-                "driver": "replication",
-                "node-name": "rep",
-                "mode": "primary",
-                "shared-disk-id": "primary_disk0",
-                "shared-disk": True,
-                "file": {"driver": "nbd", "export": "hidden_disk0", "server": server},
-            },
-        )
-        await self.S.cmd("xen-set-replication", {"enable": True, "primary": False})
-        await self.P.cmd("xen-set-replication", {"enable": True, "primary": True})
+        # the seed's SocketAddressLegacy form on P too
+        server = {"type": s_addr["type"], "data": s_addr["data"]}
+        await start_replication(self.P, self.S, shared=True, s_addr=s_addr, p_server=server)
         await self.check_status("start")
         await self.export_consumer("primary_disk0")
 

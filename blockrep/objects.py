@@ -9,6 +9,7 @@ from typing import Any
 
 from .block.options import check
 from .errors import OptionError
+from .tls import X509Credentials
 
 X509_SCHEMA = {
     "qom-type": "str",
@@ -25,36 +26,22 @@ AUTHZ_SCHEMA = {"qom-type": "str", "id": "str", "identity": "str"}
 
 @dataclass
 class TLSCredsX509:
-    """Certificates in ``dir`` named as QEMU names them (ca-cert.pem, server-cert.pem, ...)."""
+    """QEMU's tls-creds-x509: certificates in ``dir`` for one endpoint (server or client)."""
 
     id: str
     dir: str
     endpoint: str = "client"
     verify_peer: bool = True
 
-    def _path(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
     def server_context(self) -> ssl.SSLContext:
         if self.endpoint != "server":
             raise OptionError(f"TLS credentials '{self.id}' are not for a server endpoint")
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(self._path("server-cert.pem"), self._path("server-key.pem"))
-        if self.verify_peer:
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(self._path("ca-cert.pem"))
-        return ctx
+        return X509Credentials(self.dir, self.verify_peer).server_context()
 
     def client_context(self) -> ssl.SSLContext:
         if self.endpoint != "client":
             raise OptionError(f"TLS credentials '{self.id}' are not for a client endpoint")
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        # the server's name is checked only where one is known (tls-hostname / inet host)
-        ctx.check_hostname = False
-        ctx.load_verify_locations(self._path("ca-cert.pem"))
-        if os.path.exists(self._path("client-cert.pem")):
-            ctx.load_cert_chain(self._path("client-cert.pem"), self._path("client-key.pem"))
-        return ctx
+        return X509Credentials(self.dir, self.verify_peer).client_context()
 
 
 @dataclass

@@ -193,7 +193,7 @@ class BlkdebugNode(Node):
         self._maybe_fail("read", offset, nbytes)
         return await self._pass().read(offset, nbytes)
 
-    async def _co_write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         self._maybe_fail("write", offset, len(data))
         await self._pass().write(offset, data, fua)
 
@@ -221,7 +221,7 @@ class BlkdebugNode(Node):
         self.length = size
 
     # A filter under a format: its size is its child's, which the format may grow.
-    @property  # type: ignore[override]
+    @property
     def length(self) -> int:
         f = self.file
         return f.length if f is not None else self._length
@@ -245,4 +245,4 @@ class BlkdebugNode(Node):
 
     def allocated_size(self) -> int:
         f = self.file
-        return f.allocated_size() if f is not None and hasattr(f, "allocated_size") else 0  # type: ignore[attr-defined]
+        return f.allocated_size() if f is not None and hasattr(f, "allocated_size") else 0

@@ -13,6 +13,7 @@ every cluster again. The copy unit is max(64 KiB, target cluster size).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import BlockError, OptionError
@@ -51,12 +52,10 @@ class CopyBeforeWriteNode(Node):
         )
         self.snapshot_error: BlockError | None = None
         self.clusters_copied = 0  # this epoch
-        # called with the BlockError of every failed write-type request (copy or
-        # source write): replication's secondary reports these to the HA manager
-        self.on_error: list = []
         # called with the byte count of every copy (a backup job's progress, as
-        # QEMU's block-copy feeds the job's progress meter)
-        self.on_copied: list = []
+        # QEMU's block-copy feeds the job's progress meter); a failed request, copy
+        # or source write, reaches the node's write_error_listeners
+        self.on_copied: list[Callable[[int], None]] = []
 
     @classmethod
     async def open(
@@ -168,33 +167,17 @@ class CopyBeforeWriteNode(Node):
     async def _co_read(self, offset: int, nbytes: int) -> bytes:
         return await self.source.read(offset, nbytes)
 
-    def _failed(self, e: BlockError) -> None:
-        for cb in list(self.on_error):
-            cb(e)
-
-    async def _co_write(self, offset: int, data: bytes, fua: bool) -> None:
-        try:
-            await self._before_write(offset, len(data))
-            await self.source.write(offset, data, fua)
-        except BlockError as e:
-            self._failed(e)
-            raise
+    async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        await self._before_write(offset, len(data))
+        await self.source.write(offset, data, fua)
 
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
-        try:
-            await self._before_write(offset, nbytes)
-            await self.source.write_zeroes(offset, nbytes, may_unmap, fua)
-        except BlockError as e:
-            self._failed(e)
-            raise
+        await self._before_write(offset, nbytes)
+        await self.source.write_zeroes(offset, nbytes, may_unmap, fua)
 
     async def _co_discard(self, offset: int, nbytes: int) -> None:
-        try:
-            await self._before_write(offset, nbytes)
-            await self.source.discard(offset, nbytes)
-        except BlockError as e:
-            self._failed(e)
-            raise
+        await self._before_write(offset, nbytes)
+        await self.source.discard(offset, nbytes)
 
     async def _co_flush(self) -> None:
         await self.source.flush()

@@ -111,7 +111,9 @@ class FileNode(Node):
         try:
             fd = os.open(self.filename, flags)
         except OSError as e:
-            raise BlockError(e.errno, f"Could not open '{self.filename}': {e.strerror}") from None
+            raise BlockError(
+                e.errno or errno.EIO, f"Could not open '{self.filename}': {e.strerror}"
+            ) from None
         try:
             st = os.fstat(fd)
             self.is_block_device = stat.S_ISBLK(st.st_mode)
@@ -189,7 +191,7 @@ class FileNode(Node):
                 )
             except OSError as e:
                 raise BlockError(
-                    e.errno, f"Could not read '{self.filename}': {e.strerror}"
+                    e.errno or errno.EIO, f"Could not read '{self.filename}': {e.strerror}"
                 ) from None
             return data if len(data) == nbytes else data + bytes(nbytes - len(data))
         try:
@@ -201,39 +203,31 @@ class FileNode(Node):
             else:
                 data = os.pread(self.fd, nbytes, offset)
         except OSError as e:
-            raise BlockError(e.errno, f"Could not read '{self.filename}': {e.strerror}") from None
+            raise BlockError(
+                e.errno or errno.EIO, f"Could not read '{self.filename}': {e.strerror}"
+            ) from None
         if len(data) < nbytes:
             # reading past EOF of a growing file (qcow2 metadata) yields zeroes
             data += bytes(nbytes - len(data))
         return data
 
-    async def _co_write(self, offset: int, data: bytes, fua: bool) -> None:
-        if self.threads and not self.direct:
-            try:
-                await asyncio.get_running_loop().run_in_executor(
-                    _pool(), _pwrite_all, self.fd, data, offset
-                )
-            except OSError as e:
-                raise BlockError(
-                    e.errno, f"Could not write '{self.filename}': {e.strerror}"
-                ) from None
-            if offset + len(data) > self.length:
-                self.length = offset + len(data)
-            if fua:
-                await self._co_flush()
-            return
+    async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         try:
             if self.direct:
                 buf = mmap.mmap(-1, len(data))
                 buf[:] = data
-                done = os.pwritev(self.fd, [buf], offset)
+                os.pwritev(self.fd, [buf], offset)
                 buf.close()
+            elif self.threads:
+                await asyncio.get_running_loop().run_in_executor(
+                    _pool(), _pwrite_all, self.fd, data, offset
+                )
             else:
-                done = os.pwrite(self.fd, data, offset)
-                while done < len(data):
-                    done += os.pwrite(self.fd, data[done:], offset + done)
+                _pwrite_all(self.fd, data, offset)
         except OSError as e:
-            raise BlockError(e.errno, f"Could not write '{self.filename}': {e.strerror}") from None
+            raise BlockError(
+                e.errno or errno.EIO, f"Could not write '{self.filename}': {e.strerror}"
+            ) from None
         if offset + len(data) > self.length:
             self.length = offset + len(data)
         if fua:
@@ -262,7 +256,7 @@ class FileNode(Node):
             fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, nbytes)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
-                raise BlockError(e.errno, f"Could not discard: {e.strerror}") from None
+                raise BlockError(e.errno or errno.EIO, f"Could not discard: {e.strerror}") from None
             # discard is advisory: where the file system cannot punch, nothing changes
 
     async def _co_flush(self) -> None:
@@ -271,7 +265,9 @@ class FileNode(Node):
         try:
             os.fdatasync(self.fd)
         except OSError as e:
-            raise BlockError(e.errno, f"Could not flush '{self.filename}': {e.strerror}") from None
+            raise BlockError(
+                e.errno or errno.EIO, f"Could not flush '{self.filename}': {e.strerror}"
+            ) from None
 
     async def _co_block_status(self, offset: int, nbytes: int) -> list[Extent]:
         end = offset + nbytes
@@ -299,7 +295,11 @@ class FileNode(Node):
             pos = stop
         return out
 
-    async def swap_in(self, content: bytes) -> None:
+    def supports_replace_contents(self) -> bool:
+        # the fresh file is opened without O_DIRECT: cache.direct=on would be lost
+        return not self.direct
+
+    async def replace_contents(self, content: bytes) -> None:
         """Replace the file by a new one holding ``content``, at the same path.
 
         The new file is written and synced beside the old one and renamed over it,
@@ -317,7 +317,9 @@ class FileNode(Node):
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
         except OSError as e:
-            raise BlockError(e.errno, f"Could not create '{tmp}': {e.strerror}") from None
+            raise BlockError(
+                e.errno or errno.EIO, f"Could not create '{tmp}': {e.strerror}"
+            ) from None
         try:
             _pwrite_all(fd, content, 0)
             os.fdatasync(fd)
@@ -339,7 +341,7 @@ class FileNode(Node):
             except OSError:
                 pass
             raise BlockError(
-                e.errno, f"Could not replace '{self.filename}': {e.strerror}"
+                e.errno or errno.EIO, f"Could not replace '{self.filename}': {e.strerror}"
             ) from None
         old, self.fd = self.fd, fd
         self.length = len(content)
@@ -353,7 +355,7 @@ class FileNode(Node):
             os.ftruncate(self.fd, size)
         except OSError as e:
             raise BlockError(
-                e.errno, f"Could not truncate '{self.filename}': {e.strerror}"
+                e.errno or errno.EIO, f"Could not truncate '{self.filename}': {e.strerror}"
             ) from None
         self.length = size
 
@@ -391,7 +393,7 @@ def _release_fd(fd: int) -> None:
     os.close(fd)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     done = os.pwrite(fd, data, offset)
     while done < len(data):
         done += os.pwrite(fd, data[done:], offset + done)

@@ -20,12 +20,12 @@ DRIVER_MODULES: dict[str, str] = {
     "file": "blockrep.block.file",
     "raw": "blockrep.block.raw",
     "null-co": "blockrep.block.raw",
-    "qcow2": "blockrep.block.qcow2",
+    "qcow2": "blockrep.qcow2.driver",
     "nbd": "blockrep.block.nbd",
     "quorum": "blockrep.block.quorum",
     "blkdebug": "blockrep.block.blkdebug",
     "copy-before-write": "blockrep.block.copy_before_write",
-    "replication": "blockrep.block.replication",
+    "replication": "blockrep.replication.filter",
 }
 # Driver classes imported so far (filled by ``register``).
 DRIVERS: dict[str, type[Node]] = {}

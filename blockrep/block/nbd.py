@@ -11,50 +11,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-import urllib.parse
 from typing import Any
 
+from ..address import NBD_DEFAULT_PORT, SocketAddress
 from ..errors import BlockError, OptionError
 from ..nbd import proto as p
-from ..nbd.client import Address, ConnectionLost, NBDConnection
+from ..nbd.client import ConnectionLost, NBDConnection
 from .graph import Graph, register
 from .node import Extent, Node
-
-
-def parse_address(server: Any) -> Address:
-    """A SocketAddress: flat ``{type, host, port}`` or legacy ``{type, data: {...}}``."""
-    if not isinstance(server, dict):
-        raise OptionError("Invalid parameter type for 'server', expected: object")
-    if "data" in server and isinstance(server["data"], dict):
-        server = {"type": server.get("type"), **server["data"]}
-    typ = server.get("type", "inet")
-    if typ == "inet":
-        host, port = server.get("host"), server.get("port")
-        if host is None:
-            raise OptionError("Parameter 'server.host' is missing")
-        if port is None:
-            raise OptionError("Parameter 'server.port' is missing")
-        return Address("inet", host=str(host), port=str(port))
-    if typ == "unix":
-        path = server.get("path")
-        if path is None:
-            raise OptionError("Parameter 'server.path' is missing")
-        return Address("unix", path=str(path))
-    raise OptionError(f"Parameter 'server.type' does not accept value '{typ}'")
-
-
-def parse_uri(uri: str) -> tuple[Address, str]:
-    """``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=PATH``."""
-    u = urllib.parse.urlparse(uri)
-    export = urllib.parse.unquote(u.path[1:]) if u.path.startswith("/") else u.path
-    if u.scheme in ("nbd", "nbd+tcp"):
-        return Address("inet", host=u.hostname or "localhost", port=str(u.port or 10809)), export
-    if u.scheme == "nbd+unix":
-        q = urllib.parse.parse_qs(u.query)
-        if "socket" not in q:
-            raise OptionError("Parameter 'socket' is required for nbd+unix URIs")
-        return Address("unix", path=q["socket"][0]), export
-    raise OptionError(f"Unsupported NBD URI '{uri}'")
 
 
 @register
@@ -73,6 +37,8 @@ class NBDNode(Node):
         "port": "any",
         "path": "str",
     }
+    addr: SocketAddress
+    export: str
 
     def __init__(self, node_name: str, options: dict[str, Any]) -> None:
         super().__init__(node_name, options)
@@ -88,15 +54,17 @@ class NBDNode(Node):
     async def open(cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool) -> NBDNode:
         node = cls(name, opts)
         if "filename" in opts:
-            node.addr, node.export = parse_uri(opts["filename"])
+            node.addr, node.export, tls = SocketAddress.from_nbd_uri(opts["filename"])
+            if tls:  # QEMU's nbd driver takes TLS from tls-creds, never from the URI
+                raise OptionError(f"Unsupported NBD URI '{opts['filename']}'")
         elif "server" in opts:
-            node.addr = parse_address(opts["server"])
+            node.addr = SocketAddress.from_qapi(opts["server"])
             node.export = opts.get("export", "")
         elif "path" in opts:
-            node.addr = Address("unix", path=opts["path"])
+            node.addr = SocketAddress.unix(opts["path"])
             node.export = opts.get("export", "")
         elif "host" in opts:
-            node.addr = Address("inet", host=opts["host"], port=str(opts.get("port", 10809)))
+            node.addr = SocketAddress.inet(opts["host"], opts.get("port", NBD_DEFAULT_PORT))
             node.export = opts.get("export", "")
         else:
             raise OptionError("Parameter 'server' is missing")
@@ -114,7 +82,8 @@ class NBDNode(Node):
                 if time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(0.1)
-        node.read_only = node.read_only or bool(node.conn.flags & p.TF_READ_ONLY)  # type: ignore[union-attr]
+        assert node.conn is not None  # _connect() succeeded
+        node.read_only = node.read_only or bool(node.conn.flags & p.TF_READ_ONLY)
         return node
 
     async def _connect(self) -> None:
@@ -125,9 +94,7 @@ class NBDNode(Node):
         self._connected.set()
 
     def describe_filename(self) -> str:
-        if self.addr.type == "unix":
-            return f"nbd+unix:///{self.export}?socket={self.addr.path}"
-        return f"nbd://{self.addr.host}:{self.addr.port}/{self.export}"
+        return self.addr.nbd_uri(self.export)
 
     # -- reconnect -------------------------------------------------------------------
 
@@ -181,7 +148,7 @@ class NBDNode(Node):
             pos += n
         return out[0] if len(out) == 1 else b"".join(out)
 
-    async def _co_write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         mv = memoryview(data)
         pos = 0
         while pos < len(mv):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -196,6 +196,15 @@ class Node:
         self.dirty_bitmaps: list[DirtyBitmap] = []
         # set while an operation forbids management commands on the node (QEMU's op blockers)
         self.op_blocker: str | None = None
+        # Called with the BlockError of a write, write_zeroes or discard that the
+        # driver failed (not one the generic checks refused): a user that must know
+        # of lost writes it did not issue itself listens here (copy-before-write's
+        # job; replication's secondary, for the pre-images P writes into hidden).
+        self.write_error_listeners: list[Callable[[BlockError], None]] = []
+        # The node's owner holds the only interest in its old contents (replication's
+        # active and hidden disks), so make_empty may drop them wholesale (a fresh
+        # file) instead of clearing them in place; drivers that cannot, ignore it.
+        self.swap_on_empty = False
 
     # -- graph helpers --------------------------------------------------------
 
@@ -266,10 +275,15 @@ class Node:
         self._tracked.remove(req)
         req.finish()
 
-    def _mark_dirty(self, offset: int, nbytes: int) -> None:
+    def _end_write(self, req: _Tracked, offset: int, nbytes: int) -> None:
         # marked even when the request failed: the data may have changed partly
         for bm in self.dirty_bitmaps:
             bm.mark(offset, nbytes)
+        self._end(req)
+
+    def _write_failed(self, err: BlockError) -> None:
+        for listener in list(self.write_error_listeners):
+            listener(err)
 
     def in_flight(self) -> int:
         return len(self._tracked)
@@ -309,9 +323,11 @@ class Node:
                 await self._co_write(
                     offset, bytes(data) if isinstance(data, bytearray) else data, fua
                 )
+            except BlockError as e:
+                self._write_failed(e)
+                raise
             finally:
-                self._mark_dirty(offset, nbytes)
-                self._end(req)
+                self._end_write(req, offset, nbytes)
             return
         # Read-modify-write of the partial head/tail blocks; serialised so that two
         # unaligned writes sharing a block cannot lose each other's bytes.
@@ -322,9 +338,11 @@ class Node:
             buf = bytearray(await self._co_read(start, end - start))
             buf[offset - start : offset - start + nbytes] = data
             await self._co_write(start, bytes(buf), fua)
+        except BlockError as e:
+            self._write_failed(e)
+            raise
         finally:
-            self._mark_dirty(offset, nbytes)
-            self._end(req)
+            self._end_write(req, offset, nbytes)
 
     async def write_zeroes(
         self, offset: int, nbytes: int, may_unmap: bool = False, fua: bool = False
@@ -339,9 +357,11 @@ class Node:
         req = await self._begin(offset, offset + nbytes, False)
         try:
             await self._co_write_zeroes(offset, nbytes, may_unmap, fua)
+        except BlockError as e:
+            self._write_failed(e)
+            raise
         finally:
-            self._mark_dirty(offset, nbytes)
-            self._end(req)
+            self._end_write(req, offset, nbytes)
 
     async def discard(self, offset: int, nbytes: int) -> None:
         self._check(offset, nbytes, True)
@@ -350,9 +370,11 @@ class Node:
         req = await self._begin(offset, offset + nbytes, False)
         try:
             await self._co_discard(offset, nbytes)
+        except BlockError as e:
+            self._write_failed(e)
+            raise
         finally:
-            self._mark_dirty(offset, nbytes)
-            self._end(req)
+            self._end_write(req, offset, nbytes)
 
     async def flush(self) -> None:
         if self.closed:
@@ -385,7 +407,7 @@ class Node:
     async def _co_read(self, offset: int, nbytes: int) -> bytes:
         return await self._pass().read(offset, nbytes)
 
-    async def _co_write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         await self._pass().write(offset, data, fua)
 
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
@@ -407,6 +429,20 @@ class Node:
 
     def supports_make_empty(self) -> bool:
         return type(self)._co_make_empty is not Node._co_make_empty
+
+    async def replace_contents(self, content: bytes) -> None:
+        """Make ``content`` the node's whole contents and drop the old ones at once.
+
+        Unlike writing ``content`` and discarding the rest, the cost does not grow
+        with what the node held (a format empties its image this way); a driver
+        that can do it says so in ``supports_replace_contents``.
+        """
+        raise BlockError(
+            errno.ENOTSUP, f"Driver '{self.driver_name}' does not support replacing contents"
+        )
+
+    def supports_replace_contents(self) -> bool:
+        return False
 
     async def reopen(self, read_only: bool) -> None:
         """Switch between read-only and read-write (QEMU's bdrv_reopen)."""

@@ -172,7 +172,7 @@ class QuorumNode(Node):
         most = _vote_winner([e.errno for e in errors])[0]
         raise BlockError(most, os.strerror(most))
 
-    async def _co_write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         await self._all("write", offset, len(data), lambda c: c.write(offset, data, fua))
 
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:

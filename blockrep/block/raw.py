@@ -51,7 +51,7 @@ class RawNode(Node):
     async def _co_read(self, offset: int, nbytes: int) -> bytes:
         return await self._pass().read(self.offset + offset, nbytes)
 
-    async def _co_write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         await self._pass().write(self.offset + offset, data, fua)
 
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
@@ -83,18 +83,21 @@ class NullNode(Node):
     driver_name = "null-co"
     schema = {"size": "size", "latency-ns": "int", "read-zeroes": "bool"}
 
+    def __init__(self, node_name: str, options: dict[str, Any]) -> None:
+        super().__init__(node_name, options)
+        self.read_zeroes = bool(options.get("read-zeroes", False))
+
     @classmethod
     async def open(cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool) -> NullNode:
         node = cls(name, opts)
         node.length = int(opts.get("size", 1 << 30))
-        node.read_zeroes = bool(opts.get("read-zeroes", False))
         return node
 
     async def _co_read(self, offset: int, nbytes: int) -> bytes:
         # Without read-zeroes QEMU leaves the buffer untouched; zeroes are as good.
         return bytes(nbytes)
 
-    async def _co_write(self, offset: int, data: bytes, fua: bool) -> None:
+    async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         return None
 
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:

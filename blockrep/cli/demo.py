@@ -22,43 +22,18 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
 
-from ..block import Graph
+from ..testing import Process, blockrep_argv, nbd_client
 from .ha import qmp_call
 
 MiB = 1 << 20
 
 
-def _start(args: list[str], log: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "blockrep.cli", *args],
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-    )
-
-
-def _wait_sock(path: str, proc: subprocess.Popen, log: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited ({proc.returncode}):\n{open(log).read()}")
-        if os.path.exists(path):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} did not appear:\n{open(log).read()}")
-
-
-async def _client(sock: str):
-    g = Graph()
-    node = await g.add(
-        {"driver": "nbd", "server": {"type": "unix", "path": sock}, "export": "disk"}
-    )
-    return g, node
+def _start(args: list[str], log: str) -> Process:
+    return Process(blockrep_argv(*args), log)
 
 
 def sha(data: bytes | bytearray) -> str:
@@ -103,7 +78,7 @@ async def _workload(
 async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
     shared = mode == "shared"
     d = tempfile.mkdtemp(prefix="blockrep-demo-")
-    procs: list[subprocess.Popen] = []
+    procs: list[Process] = []
     rnd = random.Random(seed)
     size = size_mib * MiB
     report: dict[str, Any] = {"mode": mode, "disk-mib": size_mib}
@@ -136,7 +111,7 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
             sock("secondary.log"),
         )
         procs.append(sec)
-        _wait_sock(sock("s.qmp"), sec, sock("secondary.log"))
+        sec.wait_ready(sock("s.qmp"), timeout=60)
         pri = _start(
             [
                 "primary",
@@ -157,11 +132,11 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
             sock("primary.log"),
         )
         procs.append(pri)
-        _wait_sock(sock("p.nbd"), pri, sock("primary.log"))
+        pri.wait_ready(sock("p.nbd"), timeout=60)
         print("1. primary and secondary paired; the disks were verified identical")
 
-        gp, p = await _client(sock("p.nbd"))
-        gs, s = await _client(sock("s.nbd"))
+        gp, p = await nbd_client(sock("p.nbd"), "disk")
+        gs, s = await nbd_client(sock("s.nbd"), "disk")
 
         async def checkpoint() -> None:
             await asyncio.get_running_loop().run_in_executor(
@@ -195,8 +170,7 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
         report["checkpoint-pause-p50-ms"] = status["checkpoint-pause-p50-ms"]
         report["checkpoint-pause-p99-ms"] = status["checkpoint-pause-p99-ms"]
 
-        pri.send_signal(signal.SIGKILL)
-        pri.wait(10)
+        pri.kill(10)
         t0 = time.monotonic()
         await asyncio.get_running_loop().run_in_executor(
             None, lambda: qmp_call(sock("s.qmp"), "ha-failover", timeout=600)
@@ -207,9 +181,9 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
         got = bytes(await s.read(0, size))
         await gs.close_all()
         qmp_call(sock("s.qmp"), "quit")
-        sec.wait(30)
-        with open(s_disk, "rb") as f:
-            on_disk = f.read()
+        sec.proc.wait(30)
+        with open(s_disk, "rb") as disk_file:
+            on_disk = disk_file.read()
         expect = sha(s_after)
         ok = sha(got) == expect and sha(on_disk) == expect
         print("6. proof (sha256):")
@@ -235,9 +209,7 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
         return 0 if ok else 1
     finally:
         for pr in procs:
-            if pr.poll() is None:
-                pr.kill()
-                pr.wait(10)
+            pr.stop(signal.SIGKILL, 10)
         if keep:
             print(f"(kept {d})")
         else:

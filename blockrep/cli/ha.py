@@ -30,15 +30,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", default=os.environ.get("BLOCKREP_LOG", "WARNING"))
 
 
-def primary_parser() -> argparse.ArgumentParser:
+def _role_parser(role: str, peer_option: str, peer_help: str) -> argparse.ArgumentParser:
+    """A role's parser: the options both roles take, then how it finds its peer."""
     p = argparse.ArgumentParser(
-        prog="blockrep primary", description="run the Primary of a replicated disk"
+        prog=f"blockrep {role}", description=f"run the {role.capitalize()} of a replicated disk"
     )
     _common(p)
-    p.add_argument(
-        "--secondary",
-        required=True,
-        help="the secondary's control address (HOST:PORT or unix:PATH)",
+    p.add_argument(peer_option, required=True, help=peer_help)
+    return p
+
+
+def primary_parser() -> argparse.ArgumentParser:
+    p = _role_parser(
+        "primary", "--secondary", "the secondary's control address (HOST:PORT or unix:PATH)"
     )
     p.add_argument(
         "--checkpoint-interval",
@@ -68,14 +72,8 @@ def primary_parser() -> argparse.ArgumentParser:
 
 
 def secondary_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="blockrep secondary", description="run the Secondary of a replicated disk"
-    )
-    _common(p)
-    p.add_argument(
-        "--listen",
-        required=True,
-        help="control address the primary connects to (HOST:PORT or unix:PATH)",
+    p = _role_parser(
+        "secondary", "--listen", "control address the primary connects to (HOST:PORT or unix:PATH)"
     )
     p.add_argument(
         "--buffer-dir", help="where the hidden/active overlays go (default /dev/shm when present)"

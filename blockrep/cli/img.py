@@ -11,14 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ..block import Graph
-from ..block.file import FileNode
 from ..block.graph import probe_format
+from ..block.image_info import image_info
 from ..block.node import Extent, Node, is_zero
 from ..block.options import parse_size, split_keyval
-from ..block.qcow2 import Qcow2Node
-from ..block.qcow2 import create as qcow2_create
 from ..errors import BlockError, OptionError
-from ..qcow2.check import check_image
+from ..qcow2.create import create_file
+from ..qcow2.driver import Qcow2Node
+from .image_check import check_exit_code, human_image_check, json_image_check
 from .qemu_json import dumps_pretty
 
 PROG = "blockrep img"
@@ -201,13 +201,9 @@ async def create_image(
             line += " compat=0.10"
         line += f" lazy_refcounts={'on' if lazy else 'off'} refcount_bits={refcount_bits}"
         out(line)
-    with open(filename, "wb"):
-        pass
-    graph = Graph()
     try:
-        f = await graph.add({"driver": "file", "filename": filename})
-        await qcow2_create(
-            f,
+        await create_file(
+            filename,
             -(-size // 512) * 512,  # qcow2_co_create_opts rounds up to whole sectors
             cluster_size=cluster_size,
             backing_file=backing,
@@ -218,8 +214,6 @@ async def create_image(
         )
     except BlockError as e:
         raise ImgError(f"{filename}: {e.message}") from None
-    finally:
-        await graph.close_all()
 
 
 async def cmd_create(a: argparse.Namespace) -> int:
@@ -230,27 +224,6 @@ async def cmd_create(a: argparse.Namespace) -> int:
 
 
 # -- info -------------------------------------------------------------------------
-
-
-def image_info(node: Node, filename: str) -> dict[str, Any]:
-    f = node.file
-    info: dict[str, Any] = {
-        "virtual-size": node.length,
-        "filename": filename,
-        "format": node.driver_name,
-    }
-    if isinstance(f, FileNode):
-        info["actual-size"] = f.allocated_size()
-    info.update(node.info())
-    if isinstance(node, Qcow2Node) and node.h.backing_file:
-        bf = node.h.backing_file
-        info["backing-filename"] = bf
-        b = node.backing
-        info["full-backing-filename"] = b.describe_filename() if b is not None else bf
-        if node.h.backing_format:
-            info["backing-filename-format"] = node.h.backing_format
-    info["dirty-flag"] = False
-    return info
 
 
 def _human_spec(data: dict[str, Any]) -> list[str]:
@@ -293,7 +266,7 @@ async def cmd_info(a: argparse.Namespace) -> int:
         cur: Node | None = node
         name = a.filename
         while cur is not None:
-            infos.append(image_info(cur, name))
+            infos.append(image_info(cur, opened_as=name))
             if not a.backing_chain:
                 break
             cur = cur.backing
@@ -318,92 +291,20 @@ async def cmd_check(a: argparse.Namespace) -> int:
         node = await open_image(graph, a.filename, a.f, read_only=not fix, force_share=a.U)
         if not isinstance(node, Qcow2Node):
             raise ImgError("This image format does not support checks", 63)
-        res = await check_image(node, repair=bool(fix))
+        res = await node.check(repair=bool(fix))
         if fix:
-            after = await check_image(node)
-            res.corruptions_fixed = res.corruptions - after.corruptions
-            res.leaks_fixed = res.leaks - after.leaks
-            res.corruptions, res.leaks = after.corruptions, after.leaks
-            # QEMU reports the statistics of the double check after a repair
-            for k in (
-                "image_end_offset",
-                "total_clusters",
-                "allocated_clusters",
-                "fragmented_clusters",
-                "compressed_clusters",
-                "check_errors",
-            ):
-                setattr(res, k, getattr(after, k))
+            res.take_double_check(await node.check())
     finally:
         await graph.close_all()
     if a.output == "json":
-        out: dict[str, Any] = {
-            "filename": a.filename,
-            "format": "qcow2",
-            "check-errors": res.check_errors,
-        }
-        for key, val in (
-            ("image-end-offset", res.image_end_offset),
-            ("corruptions", res.corruptions),
-            ("leaks", res.leaks),
-            ("corruptions-fixed", res.corruptions_fixed),
-            ("leaks-fixed", res.leaks_fixed),
-            ("total-clusters", res.total_clusters),
-            ("allocated-clusters", res.allocated_clusters),
-            ("fragmented-clusters", res.fragmented_clusters),
-            ("compressed-clusters", res.compressed_clusters),
-        ):
-            if val:
-                out[key] = val
-        print(dumps_pretty(out))
+        print(dumps_pretty(json_image_check(res, a.filename)))
     else:
         for m in res.messages:
             print(m, file=sys.stderr)
         if not a.q:
-            _print_check_human(res)
-    if res.check_errors:
-        return 1
-    if res.corruptions:
-        return 2
-    if res.leaks:
-        return 3
-    return 0
-
-
-def _print_check_human(res: Any) -> None:
-    if res.corruptions_fixed or res.leaks_fixed:
-        print(
-            f"The following inconsistencies were found and repaired:\n\n"
-            f"    {res.leaks_fixed} leaked clusters\n    {res.corruptions_fixed} corruptions\n\n"
-            "Double checking the fixed image now..."
-        )
-    if not (res.corruptions or res.leaks or res.check_errors):
-        print("No errors were found on the image.")
-    else:
-        if res.corruptions:
-            print(
-                f"\n{res.corruptions} errors were found on the image.\n"
-                "Data may be corrupted, or further writes to the image may corrupt it."
-            )
-        if res.leaks:
-            print(
-                f"\n{res.leaks} leaked clusters were found on the image.\n"
-                "This means waste of disk space, but no harm to data."
-            )
-    if res.total_clusters and res.allocated_clusters:
-        t = res.total_clusters
-        print(
-            "%d/%d = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed clusters"
-            % (
-                res.allocated_clusters,
-                t,
-                res.allocated_clusters * 100.0 / t,
-                res.fragmented_clusters * 100.0 / res.allocated_clusters,
-                res.compressed_clusters * 100.0 / res.allocated_clusters,
-            )
-        )
-    if res.image_end_offset:
-        print(f"Image end offset: {res.image_end_offset}")
+            for paragraph in human_image_check(res):
+                print(paragraph)
+    return check_exit_code(res)
 
 
 # -- map --------------------------------------------------------------------------
@@ -492,16 +393,19 @@ async def cmd_compare(a: argparse.Namespace) -> int:
             return 2
         common = min(n1.length, n2.length)
         progress = Progress(a.p, common + abs(n1.length - n2.length))
+
+        def mismatch(offset: int) -> int:
+            progress.done()
+            if not a.q:
+                print(f"Content mismatch at offset {offset}!")
+            return 1
+
         pos = 0
         while pos < common:
             n = min(CHUNK, common - pos)
             d1, d2 = await n1.read(pos, n), await n2.read(pos, n)
             if d1 != d2:
-                off = pos + _first_diff(d1, d2)
-                progress.done()
-                if not a.q:
-                    print(f"Content mismatch at offset {off}!")
-                return 1
+                return mismatch(pos + _first_diff(d1, d2))
             pos += n
             progress.update(pos)
         if n1.length != n2.length:
@@ -517,11 +421,7 @@ async def cmd_compare(a: argparse.Namespace) -> int:
                 n = min(CHUNK, longer.length - pos)
                 d = await longer.read(pos, n)
                 if not is_zero(d):
-                    off = pos + _first_diff(d, bytes(len(d)))
-                    progress.done()
-                    if not a.q:
-                        print(f"Content mismatch at offset {off}!")
-                    return 1
+                    return mismatch(pos + _first_diff(d, bytes(len(d))))
                 pos += n
                 progress.update(pos)
         progress.done()
@@ -617,70 +517,68 @@ async def copy_image(
 # -- entry ------------------------------------------------------------------------
 
 
+_FLAG: dict[str, Any] = {"action": "store_true"}
+_OUTPUT = ("--output", {"choices": ("human", "json"), "default": "human"})
+_FORCE_SHARE = ("-U", "--force-share", {"dest": "U", "action": "store_true"})
+
+# Each command's arguments in qemu-img's order: a bare name takes a value (or is a
+# positional), a tuple is the names and then argparse's keywords.
+_COMMANDS: list[tuple[str, str, Callable[[argparse.Namespace], Any], list[Any]]] = [
+    (
+        "create",
+        "create an image",
+        cmd_create,
+        ["-f", "-b", "-F", ("-o", {"action": "append"}), ("-q", _FLAG), ("-u", _FLAG)]
+        + ["filename", ("size", {"nargs": "?"})],
+    ),
+    (
+        "info",
+        "show image information",
+        cmd_info,
+        ["-f", _OUTPUT, ("--backing-chain", _FLAG), _FORCE_SHARE, "filename"],
+    ),
+    (
+        "check",
+        "check an image's consistency",
+        cmd_check,
+        ["-f", _OUTPUT, ("-r", {"choices": ("leaks", "all")}), ("-q", _FLAG), _FORCE_SHARE]
+        + ["filename"],
+    ),
+    (
+        "map",
+        "show the allocation of an image",
+        cmd_map,
+        ["-f", _OUTPUT, ("-s", "--start-offset", {}), ("-l", "--max-length", {}), _FORCE_SHARE]
+        + ["filename"],
+    ),
+    (
+        "compare",
+        "compare the contents of two images",
+        cmd_compare,
+        ["-f", "-F", ("-s", _FLAG), ("-p", _FLAG), ("-q", _FLAG), _FORCE_SHARE]
+        + ["filename1", "filename2"],
+    ),
+    (
+        "convert",
+        "copy an image, changing its format",
+        cmd_convert,
+        ["-f", "-O", ("-o", {"action": "append"}), "-B", "-F", ("-p", _FLAG), ("-q", _FLAG)]
+        + [_FORCE_SHARE, "src", "dst"],
+    ),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="qcow2/raw image utility (qemu-img forms)")
     sub = p.add_subparsers(dest="cmd", required=True)
-
-    c = sub.add_parser("create", help="create an image")
-    c.add_argument("-f")
-    c.add_argument("-b")
-    c.add_argument("-F")
-    c.add_argument("-o", action="append")
-    c.add_argument("-q", action="store_true")
-    c.add_argument("-u", action="store_true")
-    c.add_argument("filename")
-    c.add_argument("size", nargs="?")
-    c.set_defaults(func=cmd_create)
-
-    i = sub.add_parser("info", help="show image information")
-    i.add_argument("-f")
-    i.add_argument("--output", choices=("human", "json"), default="human")
-    i.add_argument("--backing-chain", action="store_true")
-    i.add_argument("-U", "--force-share", dest="U", action="store_true")
-    i.add_argument("filename")
-    i.set_defaults(func=cmd_info)
-
-    k = sub.add_parser("check", help="check an image's consistency")
-    k.add_argument("-f")
-    k.add_argument("--output", choices=("human", "json"), default="human")
-    k.add_argument("-r", choices=("leaks", "all"))
-    k.add_argument("-q", action="store_true")
-    k.add_argument("-U", "--force-share", dest="U", action="store_true")
-    k.add_argument("filename")
-    k.set_defaults(func=cmd_check)
-
-    m = sub.add_parser("map", help="show the allocation of an image")
-    m.add_argument("-f")
-    m.add_argument("--output", choices=("human", "json"), default="human")
-    m.add_argument("-s", "--start-offset")
-    m.add_argument("-l", "--max-length")
-    m.add_argument("-U", "--force-share", dest="U", action="store_true")
-    m.add_argument("filename")
-    m.set_defaults(func=cmd_map)
-
-    cp = sub.add_parser("compare", help="compare the contents of two images")
-    cp.add_argument("-f")
-    cp.add_argument("-F")
-    cp.add_argument("-s", action="store_true")
-    cp.add_argument("-p", action="store_true")
-    cp.add_argument("-q", action="store_true")
-    cp.add_argument("-U", "--force-share", dest="U", action="store_true")
-    cp.add_argument("filename1")
-    cp.add_argument("filename2")
-    cp.set_defaults(func=cmd_compare)
-
-    cv = sub.add_parser("convert", help="copy an image, changing its format")
-    cv.add_argument("-f")
-    cv.add_argument("-O")
-    cv.add_argument("-o", action="append")
-    cv.add_argument("-B")
-    cv.add_argument("-F")
-    cv.add_argument("-p", action="store_true")
-    cv.add_argument("-q", action="store_true")
-    cv.add_argument("-U", "--force-share", dest="U", action="store_true")
-    cv.add_argument("src")
-    cv.add_argument("dst")
-    cv.set_defaults(func=cmd_convert)
+    for name, help_text, func, arguments in _COMMANDS:
+        cmd = sub.add_parser(name, help=help_text)
+        for arg in arguments:
+            if isinstance(arg, str):
+                cmd.add_argument(arg)
+            else:
+                cmd.add_argument(*arg[:-1], **arg[-1])
+        cmd.set_defaults(func=func)
     return p
 
 

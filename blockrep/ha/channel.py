@@ -16,6 +16,9 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..address import SocketAddress
+from ..tls import X509Credentials
+
 MAX_LINE = 16 << 20
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -25,35 +28,13 @@ class ChannelError(Exception):
     pass
 
 
-def parse_addr(addr: str) -> tuple[str, str | int]:
-    """``unix:PATH`` → ("unix", PATH); ``HOST:PORT`` or ``tcp:HOST:PORT`` → (HOST, PORT)."""
-    if addr.startswith("unix:"):
-        return "unix", addr[5:]
-    if addr.startswith("tcp:"):
-        addr = addr[4:]
-    host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"bad address '{addr}' (use HOST:PORT or unix:PATH)")
-    return host.strip("[]"), int(port)
-
-
 def tls_contexts(tls_dir: str | None) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
-    """(server, client) contexts from a directory in QEMU's x509 layout."""
+    """(server, client) contexts from a directory in QEMU's x509 layout; both ends of
+    the channel prove who they are, so the client certificate is required."""
     if not tls_dir:
         return None, None
-    srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    srv.load_cert_chain(
-        os.path.join(tls_dir, "server-cert.pem"), os.path.join(tls_dir, "server-key.pem")
-    )
-    srv.verify_mode = ssl.CERT_REQUIRED
-    srv.load_verify_locations(os.path.join(tls_dir, "ca-cert.pem"))
-    cli = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    cli.check_hostname = False
-    cli.load_verify_locations(os.path.join(tls_dir, "ca-cert.pem"))
-    cli.load_cert_chain(
-        os.path.join(tls_dir, "client-cert.pem"), os.path.join(tls_dir, "client-key.pem")
-    )
-    return srv, cli
+    creds = X509Credentials(tls_dir)
+    return creds.server_context(), creds.client_context(require_cert=True)
 
 
 async def listen(
@@ -61,13 +42,13 @@ async def listen(
     on_conn: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
     tls: ssl.SSLContext | None = None,
 ) -> asyncio.AbstractServer:
-    host, port = parse_addr(addr)
-    if host == "unix":
-        if os.path.exists(str(port)):
-            os.unlink(str(port))
-        return await asyncio.start_unix_server(on_conn, str(port), ssl=tls, limit=MAX_LINE)
+    a = SocketAddress.from_str(addr)
+    if a.type == "unix":
+        if os.path.exists(a.path):
+            os.unlink(a.path)
+        return await asyncio.start_unix_server(on_conn, a.path, ssl=tls, limit=MAX_LINE)
     return await asyncio.start_server(
-        on_conn, host, port, ssl=tls, reuse_address=True, limit=MAX_LINE
+        on_conn, a.host, int(a.port), ssl=tls, reuse_address=True, limit=MAX_LINE
     )
 
 
@@ -132,17 +113,17 @@ class Client:
     async def connect(
         self, addr: str, tls: ssl.SSLContext | None = None, timeout: float = 5.0
     ) -> None:
-        host, port = parse_addr(addr)
-        if host == "unix":
+        a = SocketAddress.from_str(addr)
+        if a.type == "unix":
             # asyncio wants a server name with TLS; the client context does not check it
             coro = asyncio.open_unix_connection(
-                str(port),
+                a.path,
                 ssl=tls,
                 limit=MAX_LINE,
                 server_hostname="localhost" if tls is not None else None,
             )
         else:
-            coro = asyncio.open_connection(host, port, ssl=tls, limit=MAX_LINE)
+            coro = asyncio.open_connection(a.host, int(a.port), ssl=tls, limit=MAX_LINE)
         self.reader, self.writer = await asyncio.wait_for(coro, timeout)
         self.closed = False
         self.task = asyncio.create_task(self._read())

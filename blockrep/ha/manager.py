@@ -22,11 +22,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..address import SocketAddress
 from ..block.node import DirtyBitmap, Node
-from ..block.qcow2 import create as qcow2_create
 from ..daemon import Daemon
 from ..errors import BlockError, QMPError, ReplicationError
-from ..nbd.server import Export, NBDServer
+from ..export import Export
+from ..nbd.server import NBDServer
+from ..qcow2.create import create_file
+from ..replication.filter import ReplicationMode, ReplicationStage
 from . import channel
 from .state import CHUNK, NodeState, chunks_to_ranges, compare
 
@@ -42,16 +45,6 @@ def default_buffer_dir(disk: str) -> str:
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
         return "/dev/shm"
     return os.path.dirname(os.path.abspath(disk))
-
-
-async def make_overlay(path: str, size: int) -> None:
-    from ..block import Graph
-
-    open(path, "wb").close()
-    g = Graph()
-    f = await g.add({"driver": "file", "filename": path})
-    await qcow2_create(f, size)
-    await g.close_all()
 
 
 @dataclass
@@ -105,7 +98,7 @@ class Role:
     # -- QMP, consumer export, metrics ---------------------------------------------------
 
     async def start_qmp(self) -> None:
-        self.d.qmp.commands["query-ha-status"] = self._qmp_status
+        self.d.qmp.commands.register("query-ha-status", self._qmp_status)
         if self.args.qmp:
             path = self.args.qmp[5:] if self.args.qmp.startswith("unix:") else self.args.qmp
             await self.d.qmp.listen_unix(path)
@@ -122,21 +115,21 @@ class Role:
         self._attach_write_bitmap()
         self.consumer_export = Export("disk", self.top, writable=True, id="consumer")
         self.consumer = NBDServer({"disk": self.consumer_export})
-        host, port = channel.parse_addr(self.args.export)
-        if host == "unix":
-            if os.path.exists(str(port)):
-                os.unlink(str(port))
-            await self.consumer.listen_unix(str(port))
+        addr = SocketAddress.from_str(self.args.export)
+        if addr.type == "unix":
+            if os.path.exists(addr.path):
+                os.unlink(addr.path)
+            await self.consumer.listen_unix(addr.path)
         else:
-            await self.consumer.listen_tcp(host, int(port))
+            await self.consumer.listen_tcp(addr.host, int(addr.port))
 
     def start_metrics(self) -> None:
         if not getattr(self.args, "metrics", None):
             return
         from prometheus_client import Gauge, start_http_server
 
-        host, port = channel.parse_addr(self.args.metrics)
-        start_http_server(int(port), addr=str(host))
+        addr = SocketAddress.from_str(self.args.metrics)
+        start_http_server(int(addr.port), addr=addr.host)
         self.gauges = {
             k: Gauge(f"blockrep_{k}", h)
             for k, h in (
@@ -248,7 +241,7 @@ class Role:
             "epoch-age": round(time.monotonic() - self.epoch_started, 3),
             "hidden-bytes": rs.get("hidden-allocated-bytes", 0),
             "active-bytes": rs.get("active-allocated-bytes", 0),
-            "unacked-bytes": getattr(r, "unacked_bytes", 0) if r is not None else 0,
+            "unacked-bytes": r.state.unacked_bytes if r is not None else 0,
             **self.stats.summary(),
             "replication-error": rs.get("error"),
             "errors": list(self.errors),
@@ -331,33 +324,37 @@ class Secondary(Role):
         tag = uuid.uuid4().hex[:8]
         self.hidden = os.path.join(bdir, f"blockrep-{stem}-{tag}-hidden.qcow2")
         self.active = os.path.join(bdir, f"blockrep-{stem}-{tag}-active.qcow2")
-        await make_overlay(self.hidden, size)
-        await make_overlay(self.active, size)
+        await create_file(self.hidden, size)
+        await create_file(self.active, size)
         d = self.d
         if self.failed_over:
             # this node went on alone before: it is a plain disk now, never a secondary
-            await d.drive_add(f"if=none,id=colo-disk0,driver=raw,file.filename={esc(self.disk)}")
+            await d.blockdev.drive_add(
+                f"if=none,id=colo-disk0,driver=raw,file.filename={esc(self.disk)}"
+            )
             self.top_device = "colo-disk0"
             self.peer = "failed-over"
         elif not self.shared:
-            await d.drive_add(f"if=none,id=parent0,driver=raw,file.filename={esc(self.disk)}")
-            await d.drive_add(
+            await d.blockdev.drive_add(
+                f"if=none,id=parent0,driver=raw,file.filename={esc(self.disk)}"
+            )
+            await d.blockdev.drive_add(
                 "if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,"
                 f"file.driver=qcow2,file.node-name=active0,file.file.filename={esc(self.active)},"
                 f"file.backing.driver=qcow2,file.backing.node-name=hidden0,"
                 f"file.backing.file.filename={esc(self.hidden)},file.backing.backing=parent0"
             )
-            await d.drive_add(
+            await d.blockdev.drive_add(
                 "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0"
             )
             self.top_device = "colo-disk0"
             self.link_export = "parent0"
         else:
-            await d.drive_add(
+            await d.blockdev.drive_add(
                 f"if=none,driver=qcow2,file.filename={esc(self.hidden)},id=hidden_disk0,"
                 f"backing.driver=raw,backing.file.filename={esc(self.disk)}"
             )
-            await d.drive_add(
+            await d.blockdev.drive_add(
                 "if=none,id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,"
                 f"top-id=active-disk0,file.file.filename={esc(self.active)},file.backing=hidden_disk0,shared-disk=on"
             )
@@ -365,21 +362,26 @@ class Secondary(Role):
             self.link_export = "hidden_disk0"
         if not self.failed_over:
             # the replication link: an NBD server next to the control address
-            host, port = channel.parse_addr(self.args.listen)
-            if host == "unix":
-                link = str(port) + ".nbd"
-                await d.nbd_server_start({"type": "unix", "path": link}, None, None, 0)
+            addr = SocketAddress.from_str(self.args.listen)
+            if addr.type == "unix":
+                link = addr.path + ".nbd"
+                await d.block_exports.nbd_server_start(
+                    {"type": "unix", "path": link}, None, None, 0
+                )
                 self.link_addr = f"unix:{link}"
             else:
-                await d.nbd_server_start({"type": "inet", "host": host, "port": "0"}, None, None, 0)
-                assert d.nbd is not None
-                real_port = d.nbd.servers[0].sockets[0].getsockname()[1]
-                self.link_addr = f"{host}:{real_port}"
-            await d.export_add(
+                await d.block_exports.nbd_server_start(
+                    SocketAddress.inet(addr.host, 0).to_qapi(), None, None, 0
+                )
+                nbd = d.block_exports.nbd
+                assert nbd is not None and isinstance(nbd.servers[0], asyncio.Server)
+                real_port = nbd.servers[0].sockets[0].getsockname()[1]
+                self.link_addr = f"{addr.host}:{real_port}"
+            await d.block_exports.export_add(
                 self.link_export, self.link_export, self.link_export, True, "replication link"
             )
         await self.start_consumer_export()
-        self.d.qmp.commands["ha-failover"] = self._qmp_failover
+        self.d.qmp.commands.register("ha-failover", self._qmp_failover)
         await self.start_qmp()
         self.start_metrics()
         self.server = await channel.listen(self.args.listen, self._on_conn, self.tls_server)
@@ -433,7 +435,7 @@ class Secondary(Role):
             "failed-over": self.failed_over,
         }
         if self.shared:
-            from ..replication import disk_identity
+            from ..replication.identity import disk_identity
 
             hidden = self.d.graph.find("hidden_disk0")
             if hidden is not None and hidden.backing is not None:
@@ -447,7 +449,7 @@ class Secondary(Role):
         if isinstance(gens, list):
             self.state.generations = list(gens)
             self.state.save()
-        await self.d.replication.start_all("secondary")
+        await self.d.replication.start_all(ReplicationMode.SECONDARY)
         self.started = True
         self.peer = "connected"
         self.last_heard = time.monotonic()
@@ -464,7 +466,9 @@ class Secondary(Role):
         if self.peer == "peer-lost" and not self.failed_over:
             self.peer = "connected"
         r = self.replication_node()
-        return {"stage": r.stage if r is not None else "none", "error": bool(r and r.error)}
+        if r is None:
+            return {"stage": "none", "error": False}
+        return {"stage": r.state.stage.value, "error": bool(r.state.error)}
 
     # -- losing the primary --------------------------------------------------------------------
 
@@ -511,10 +515,7 @@ class Secondary(Role):
             return -1
 
     async def _qmp_failover(self, args: dict[str, Any]) -> Any:
-        try:
-            await self.failover()
-        except (ReplicationError, BlockError) as e:
-            raise QMPError(str(getattr(e, "message", e))) from None
+        await self.failover()
         return {}
 
     async def failover(self) -> None:
@@ -523,16 +524,21 @@ class Secondary(Role):
             if self.failed_over:
                 return
             d = self.d
-            if d.nbd is not None:
-                await d.nbd_server_stop()
+            if d.block_exports.nbd is not None:
+                await d.block_exports.nbd_server_stop()
             await d.replication.stop_all(True)
             r = self.replication_node()
             deadline = time.monotonic() + 3600
-            while r is not None and r.stage == "failover" and time.monotonic() < deadline:
+            while (
+                r is not None
+                and r.state.stage == ReplicationStage.FAILOVER
+                and time.monotonic() < deadline
+            ):
                 await asyncio.sleep(0.02)
-            if r is not None and r.stage != "done":
-                self.error(f"failover ended in stage {r.stage}: {r.error_message}")
-                raise ReplicationError(f"failover failed: {r.error_message or r.stage}")
+            if r is not None and r.state.stage != ReplicationStage.DONE:
+                st = r.state
+                self.error(f"failover ended in stage {st.stage.value}: {st.error_message}")
+                raise ReplicationError(f"failover failed: {st.error_message or st.stage.value}")
             self.failed_over = True
             self.peer = "failed-over"
             self.track_alone_writes("failover")
@@ -547,14 +553,18 @@ class Primary(Role):
         self.replicating = False
         self.split_brain: dict[str, Any] | None = None
         self.ckpt_lock = asyncio.Lock()
+        # what a running sync has copied (status shows "sync" only during one)
+        self.sync_progress: dict[str, Any] | None = None
 
     async def setup(self) -> None:
         d = self.d
         if self.shared:
-            await d.drive_add(f"if=none,id=primary_disk0,driver=raw,file.filename={esc(self.disk)}")
+            await d.blockdev.drive_add(
+                f"if=none,id=primary_disk0,driver=raw,file.filename={esc(self.disk)}"
+            )
             self.top_device = "primary_disk0"
         else:
-            await d.drive_add(
+            await d.blockdev.drive_add(
                 "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,"
                 f"children.0.driver=raw,children.0.file.filename={esc(self.disk)}"
             )
@@ -562,7 +572,7 @@ class Primary(Role):
         if self.state.alone_since is not None:
             # went on alone in an earlier life: keep recording where it writes
             self.track_alone_writes("degraded")
-        d.qmp.commands["replication-checkpoint"] = self._qmp_checkpoint
+        d.qmp.commands.register("replication-checkpoint", self._qmp_checkpoint)
         await self.start_qmp()
         self.start_metrics()
         await self.connect_and_replicate(first=True)
@@ -664,7 +674,7 @@ class Primary(Role):
     async def _bring_in_sync(self, hello: dict[str, Any], relation: str) -> None:
         a = self.args
         if self.shared:
-            from ..replication import disk_identity
+            from ..replication.identity import disk_identity
 
             theirs = hello.get("identity") or {}
             mine = await disk_identity(self.top)  # type: ignore[arg-type]
@@ -683,9 +693,10 @@ class Primary(Role):
                 # only this node wrote since the secondary's last epoch: copy just that
                 await self._copy_chunks(link, sorted(self.state.written_chunks), "resync")
             elif a.initial_sync:
+                assert self.top is not None
                 await self._copy_chunks(
                     link, list(range(-(-self.top.length // CHUNK))), "initial sync"
-                )  # type: ignore[union-attr]
+                )
             elif relation == "same" and self.state.generations and not a.assume_synced:
                 # The histories agree, but the last epoch may not have ended cleanly:
                 # writes P made after it may have reached S only in part. S wrote
@@ -706,12 +717,7 @@ class Primary(Role):
         from ..block import Graph
 
         g = Graph()
-        host, port = channel.parse_addr(hello["link"])
-        server = (
-            {"type": "unix", "path": port}
-            if host == "unix"
-            else {"type": "inet", "host": host, "port": str(port)}
-        )
+        server = SocketAddress.from_str(hello["link"]).to_qapi()
         node = await g.add({"driver": "nbd", "server": server, "export": hello["export"]})
         return node
 
@@ -755,7 +761,8 @@ class Primary(Role):
             desc=what,
             disable=not self.args.progress,
         )
-        self.sync_progress = {"what": what, "current": 0, "total": len(chunks) * CHUNK}
+        progress: dict[str, Any] = {"what": what, "current": 0, "total": len(chunks) * CHUNK}
+        self.sync_progress = progress
         try:
             for c in chunks:
                 off = c * CHUNK
@@ -763,7 +770,7 @@ class Primary(Role):
                 if n > 0:
                     await link.write(off, await top.read(off, n))
                 bar.update(CHUNK)
-                self.sync_progress["current"] += CHUNK
+                progress["current"] += CHUNK
             await link.flush()
         finally:
             bar.close()
@@ -771,12 +778,7 @@ class Primary(Role):
 
     async def _start_replication(self, hello: dict[str, Any], ch: channel.Client) -> None:
         d = self.d
-        host, port = channel.parse_addr(hello["link"])
-        server = (
-            {"type": "unix", "path": port}
-            if host == "unix"
-            else {"type": "inet", "host": host, "port": str(port)}
-        )
+        server = SocketAddress.from_str(hello["link"]).to_qapi()
         opts: dict[str, Any] = {
             "driver": "replication",
             "node-name": "replication0",
@@ -787,11 +789,11 @@ class Primary(Role):
             opts.update({"shared-disk": True, "shared-disk-id": "primary_disk0"})
         await d.graph.add(opts, monitor=True)
         if not self.shared:
-            d.blockdev_change("colo-disk0", None, "replication0")
+            d.blockdev.blockdev_change("colo-disk0", None, "replication0")
         # the secondary first (its buffers and copy-before-write must be ready)
         gen = str(uuid.uuid4())
         await ch.call("start", history=self.state.generations)
-        await d.replication.start_all("primary")
+        await d.replication.start_all(ReplicationMode.PRIMARY)
         self.ch = ch
         self.replicating = True
         self.peer = "connected"
@@ -804,8 +806,9 @@ class Primary(Role):
     async def _qmp_checkpoint(self, args: dict[str, Any]) -> Any:
         try:
             return await self.checkpoint()
-        except (channel.ChannelError, ReplicationError, BlockError) as e:
-            raise QMPError(str(getattr(e, "message", e))) from None
+        except channel.ChannelError as e:
+            # the control channel's errors are outside blockrep's error tree
+            raise QMPError(str(e)) from None
 
     async def checkpoint(self) -> dict[str, Any]:
         if not self.replicating or self.ch is None:
@@ -878,8 +881,8 @@ class Primary(Role):
             pass
         try:
             if not self.shared:
-                d.blockdev_change("colo-disk0", "children.1", None)
-            await d.blockdev_del("replication0")
+                d.blockdev.blockdev_change("colo-disk0", "children.1", None)
+            await d.blockdev.blockdev_del("replication0")
         except BlockError as e:
             log.warning("removing the replication node: %s", e.message)
 
@@ -887,7 +890,6 @@ class Primary(Role):
         s = await super().status()
         if self.split_brain is not None:
             s["split-brain"] = self.split_brain
-        sp = getattr(self, "sync_progress", None)
-        if sp is not None:
-            s["sync"] = sp
+        if self.sync_progress is not None:
+            s["sync"] = self.sync_progress
         return s

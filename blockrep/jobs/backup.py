@@ -2,49 +2,43 @@
 background copy of every cluster the guest has not already caused to be copied.
 
 sync=none copies only what the guest overwrites, for as long as the job runs
-(until it is cancelled); replication's secondary runs exactly this, and calls
-``checkpoint`` to arm every cluster again at each checkpoint.
+(until it is cancelled); replication runs exactly this, and awaits ``checkpoint``
+to begin a new epoch of pre-images at each checkpoint.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from ..block.copy_before_write import CopyBeforeWriteNode
-from ..block.graph import Graph
-from ..block.node import Node
 from ..errors import BlockError
-from .base import Job, JobManager
+from .base import CopyJob
 
 
-class BackupJob(Job):
+@dataclass(frozen=True)
+class BackupOptions:
+    """The arguments of QMP's blockdev-backup that the job itself acts on."""
+
+    sync: str
+    filter_node_name: str | None = None
+    on_source_error: str = "report"
+    on_target_error: str = "report"
+
+
+class BackupJob(CopyJob):
     job_type = "backup"
 
-    def __init__(
-        self,
-        manager: JobManager,
-        job_id: str,
-        graph: Graph,
-        source: Node,
-        target: Node,
-        sync: str,
-        *,
-        filter_node_name: str | None = None,
-        on_source_error: str = "report",
-        on_target_error: str = "report",
-        **kw,
-    ) -> None:
-        super().__init__(manager, job_id, **kw)
-        self.graph = graph
-        self.source = source
-        self.target = target
-        self.sync = sync
-        self.filter_node_name = filter_node_name
-        self.on_source_error = on_source_error
-        self.on_target_error = on_target_error
+    def __init__(self, *args: Any, options: BackupOptions, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.options = options
         self.cbw: CopyBeforeWriteNode | None = None
-        self._wakeup = asyncio.Event()
+        # Called with the BlockError of every incoming write that failed, in its
+        # copy-before-write or on the source: the guest sees it, and replication's
+        # secondary reports it to the HA manager too (SPEC §6, failures 3 and 4).
+        self.on_write_error: list[Callable[[BlockError], None]] = []
 
     async def install(self) -> None:
         """Insert the filter above the source (before the job starts running)."""
@@ -55,8 +49,8 @@ class BackupJob(Job):
             "file": self.source.node_name,
             "target": self.target.node_name,
         }
-        if self.filter_node_name:
-            opts["node-name"] = self.filter_node_name
+        if self.options.filter_node_name:
+            opts["node-name"] = self.options.filter_node_name
         try:
             cbw = await self.graph.add(opts)
         except BlockError as e:
@@ -66,24 +60,37 @@ class BackupJob(Job):
         self.cbw = cbw
         # every copy counts, the guest's included (QEMU: sync=none shows them too)
         cbw.on_copied.append(self._copied)
+        cbw.write_error_listeners.append(self._write_failed)
         # QEMU: total-progress is the disk length for sync=none as well
         self.total = self.source.length
 
     def _copied(self, nbytes: int) -> None:
         self.current += nbytes
 
-    def checkpoint(self) -> None:
-        """Re-arm the whole copy bitmap (replication's do_checkpoint)."""
-        if self.cbw is not None:
-            self.cbw.rearm()
+    def _write_failed(self, err: BlockError) -> None:
+        for listener in list(self.on_write_error):
+            listener(err)
 
-    def wake(self) -> None:
-        self._wakeup.set()
+    @property
+    def clusters_copied(self) -> int:
+        """Clusters preserved in the target since the last checkpoint."""
+        return self.cbw.clusters_copied if self.cbw is not None else 0
+
+    async def checkpoint(self) -> None:
+        """Begin a new epoch: every cluster is copied again before its next write.
+
+        The requests in the filter finish first, and nothing runs between that and
+        the re-arm: a copy still in flight from the old epoch must not land after it.
+        """
+        cbw = self.cbw
+        if cbw is not None:
+            await cbw.drain()
+            cbw.rearm()
 
     async def run(self) -> None:
         cbw = self.cbw
         assert cbw is not None
-        if self.sync == "full":
+        if self.options.sync == "full":
             cs = cbw.cluster_size
             c = 0
             n = cbw.nclusters()
@@ -93,7 +100,7 @@ class BackupJob(Job):
                 try:
                     await cbw.copy_range(c * cs, min(step * cs, cbw.length - c * cs))
                 except BlockError:
-                    action = self.on_target_error
+                    action = self.options.on_target_error
                     self.report_error("write", "ignore" if action == "ignore" else "report")
                     if action != "ignore":
                         raise

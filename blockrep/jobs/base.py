@@ -12,9 +12,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import BlockError, JobCancelled, JobError
+
+if TYPE_CHECKING:
+    from ..block.graph import Graph
+    from ..block.node import Node
 
 log = logging.getLogger("blockrep.jobs")
 
@@ -318,6 +322,29 @@ class Job:
         if self.error:
             info["error"] = self.error
         return info
+
+
+class CopyJob(Job):
+    """A job that copies from ``source`` to ``target``, nodes of ``graph``, and
+    sleeps in ``run`` until ``wake`` says there is something to do."""
+
+    def __init__(
+        self,
+        manager: JobManager,
+        job_id: str,
+        graph: Graph,
+        source: Node,
+        target: Node,
+        **kw: Any,
+    ) -> None:
+        super().__init__(manager, job_id, **kw)
+        self.graph = graph
+        self.source = source
+        self.target = target
+        self._wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wakeup.set()
 
 
 class JobManager:

@@ -9,7 +9,7 @@ from typing import Any
 from ..block.graph import DRIVER_MODULES, Graph
 from ..block.node import Node
 from ..errors import BlockError, JobError
-from .backup import BackupJob
+from .backup import BackupJob, BackupOptions
 from .base import JobManager
 from .commit import ActiveCommitJob, CommitJob
 from .mirror import MirrorJob, check_sync
@@ -62,16 +62,19 @@ async def start_backup(
         _busy(source)
         _busy(target)
     job_id = _job_id(jobs, a, graph, source, a["device"])
+    options = BackupOptions(
+        sync,
+        filter_node_name=a.get("filter-node-name"),
+        on_source_error=a.get("on-source-error", "report"),
+        on_target_error=a.get("on-target-error", "report"),
+    )
     job = BackupJob(
         jobs,
         job_id,
         graph,
         source,
         target,
-        sync,
-        filter_node_name=a.get("filter-node-name"),
-        on_source_error=a.get("on-source-error", "report"),
-        on_target_error=a.get("on-target-error", "report"),
+        options=options,
         internal=internal,
         **_common(a, job_id),
     )
@@ -115,24 +118,11 @@ async def start_commit(
         raise BlockError(errno.EINVAL, "'top-node' and 'top' are mutually exclusive")
     if "base-node" in a and "base" in a:
         raise BlockError(errno.EINVAL, "'base-node' and 'base' are mutually exclusive")
-    top = active
-    if "top-node" in a:
-        top = _node(graph, a["top-node"])
-        if not _chain_contains(active, top):
-            raise BlockError(errno.EINVAL, f"'{a['top-node']}' is not in this backing file chain")
-    elif "top" in a:
-        top = _find_by_filename(active, a["top"])
-        if top is None:
-            raise BlockError(errno.EINVAL, f"Top image file {a['top']} not found")
-    if "base-node" in a:
-        base = _node(graph, a["base-node"])
-        if not _chain_contains(top, base):
-            raise BlockError(errno.EINVAL, f"'{a['base-node']}' is not in this backing file chain")
-    elif "base" in a:
-        base = _find_by_filename(top, a["base"])
-        if base is None:
-            raise BlockError(errno.EINVAL, f"Can't find '{a['base']}' in the backing chain")
-    else:
+    top = _chain_node(graph, a, "top", active, "Top image file {} not found")
+    if top is None:
+        top = active
+    base = _chain_node(graph, a, "base", top, "Can't find '{}' in the backing chain")
+    if base is None:
         base = top
         while base.backing is not None:
             base = base.backing
@@ -170,6 +160,25 @@ def _node(graph: Graph, name: str) -> Node:
     if node is None:
         raise BlockError(errno.ENOENT, f"Cannot find device='' nor node-name='{name}'")
     return node
+
+
+def _chain_node(
+    graph: Graph, a: dict[str, Any], arg: str, chain: Node, missing: str
+) -> Node | None:
+    """The node that ``<arg>-node`` (a node name) or ``<arg>`` (a file name) picks in
+    the backing chain from ``chain`` down; None when neither is given."""
+    if f"{arg}-node" in a:
+        name = a[f"{arg}-node"]
+        node = _node(graph, name)
+        if not _chain_contains(chain, node):
+            raise BlockError(errno.EINVAL, f"'{name}' is not in this backing file chain")
+        return node
+    if arg in a:
+        found = _find_by_filename(chain, a[arg])
+        if found is None:
+            raise BlockError(errno.EINVAL, missing.format(a[arg]))
+        return found
+    return None
 
 
 def _find_by_filename(top: Node, name: str) -> Node | None:

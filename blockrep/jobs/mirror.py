@@ -10,41 +10,28 @@ step, so that no write can fall between the last copy and the switch.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from ..block.graph import Graph
-from ..block.node import DirtyBitmap, Node, is_zero
+from ..block.node import DirtyBitmap, is_zero
 from ..errors import BlockError, JobError
-from .base import Job, JobManager
+from .base import CopyJob
 
 GRANULARITY = 64 << 10
 RUN_CHUNKS = 16  # 1 MiB per copy at 64 KiB granularity
 
 
-class DirtyCopyJob(Job):
+class DirtyCopyJob(CopyJob):
     """Copy ``source``'s view to ``target`` chunk by chunk, tracking new writes."""
 
     def __init__(
-        self,
-        manager: JobManager,
-        job_id: str,
-        graph: Graph,
-        source: Node,
-        target: Node,
-        *,
-        auto_complete: bool = False,
-        on_error: str = "report",
-        **kw,
+        self, *args: Any, auto_complete: bool = False, on_error: str = "report", **kw: Any
     ) -> None:
-        super().__init__(manager, job_id, **kw)
-        self.graph = graph
-        self.source = source
-        self.target = target
+        super().__init__(*args, **kw)
         self.auto_complete = auto_complete
         self.on_error = on_error
         self.bitmap: DirtyBitmap | None = None
         self.complete_requested = False
         self.pivot = True
-        self._wakeup = asyncio.Event()
 
     async def seed(self, bm: DirtyBitmap) -> None:
         """Mark what the first pass must copy (default: everything)."""
@@ -53,9 +40,6 @@ class DirtyCopyJob(Job):
     def request_complete(self) -> None:
         self.complete_requested = True
         self.wake()
-
-    def wake(self) -> None:
-        self._wakeup.set()
 
     def cancel(self, force: bool = False) -> None:
         if self.is_ready and not force and not self.cancel_requested:

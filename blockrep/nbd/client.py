@@ -17,25 +17,13 @@ import ssl
 import struct
 from dataclasses import dataclass, field
 
+from ..address import SocketAddress
 from ..errors import BlockError
 from . import proto as p
 
 
 class ConnectionLost(Exception):
     """The connection to the server broke while a request was pending."""
-
-
-@dataclass
-class Address:
-    """Where an NBD server listens: inet host/port or a unix socket path."""
-
-    type: str
-    host: str = ""
-    port: str = ""
-    path: str = ""
-
-    def describe(self) -> str:
-        return self.path if self.type == "unix" else f"{self.host}:{self.port}"
 
 
 @dataclass
@@ -69,7 +57,7 @@ class NBDConnection:
 
     async def connect(
         self,
-        addr: Address,
+        addr: SocketAddress,
         export: str,
         *,
         tls: ssl.SSLContext | None = None,
@@ -270,27 +258,24 @@ class NBDConnection:
 
     def _chunk(self, pend: _Pending, typ: int, data: bytes) -> None:
         if typ == p.REPLY_TYPE_OFFSET_DATA:
-            (off,) = struct.unpack(">Q", data[:8])
+            off, body = p.parse_offset_data(data)
             rel = off - pend.offset
-            body = data[8:]
             if pend.data is None or rel < 0 or rel + len(body) > pend.length:
                 raise ConnectionLost("data chunk outside the request")
             pend.data[rel : rel + len(body)] = body
         elif typ == p.REPLY_TYPE_OFFSET_HOLE:
-            off, n = struct.unpack(">QI", data[:12])
+            off, n = p.parse_offset_hole(data)
             rel = off - pend.offset
             if pend.data is None or rel < 0 or rel + n > pend.length:
                 raise ConnectionLost("hole chunk outside the request")
             pend.data[rel : rel + n] = bytes(n)
         elif typ == p.REPLY_TYPE_BLOCK_STATUS:
-            ctx = struct.unpack(">I", data[:4])[0]
+            ctx, extents = p.parse_block_status(data)
             if ctx == self.meta_context_id:
-                for i in range(4, len(data) - 7, 8):
-                    pend.extents.append(struct.unpack(">II", data[i : i + 8]))
+                pend.extents.extend(extents)
         elif typ in (p.REPLY_TYPE_ERROR, p.REPLY_TYPE_ERROR_OFFSET):
-            err, mlen = struct.unpack(">IH", data[:6])
+            err, pend.message = p.parse_error_chunk(data)
             pend.error = err or p.NBD_EIO
-            pend.message = data[6 : 6 + mlen].decode(errors="replace")
         elif typ == p.REPLY_TYPE_NONE:
             pass
 

@@ -80,15 +80,9 @@ CMD_TRIM = 4
 CMD_CACHE = 5
 CMD_WRITE_ZEROES = 6
 CMD_BLOCK_STATUS = 7
+# for messages: CMD_READ -> "READ"
 CMD_NAMES = {
-    0: "READ",
-    1: "WRITE",
-    2: "DISC",
-    3: "FLUSH",
-    4: "TRIM",
-    5: "CACHE",
-    6: "WRITE_ZEROES",
-    7: "BLOCK_STATUS",
+    v: k[4:] for k, v in dict(globals()).items() if k.startswith("CMD_") and isinstance(v, int)
 }
 CMD_FLAG_FUA = 1 << 0
 CMD_FLAG_NO_HOLE = 1 << 1
@@ -215,6 +209,92 @@ def pack_info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
 def pack_name_list(name: str) -> bytes:
     n = name.encode()
     return struct.pack(">I", len(n)) + n
+
+
+# -- handshake messages -------------------------------------------------------------
+
+
+def pack_greeting(flags: int = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES) -> bytes:
+    """The server's first bytes in the fixed newstyle handshake."""
+    return HEADER.pack(NBDMAGIC, IHAVEOPT, flags)
+
+
+def pack_export_name_reply(size: int, flags: int, no_zeroes: bool) -> bytes:
+    """The answer to NBD_OPT_EXPORT_NAME: no option-reply header, 124 zero bytes of
+    padding unless the client set NBD_FLAG_C_NO_ZEROES."""
+    reply = struct.pack(">QH", size, flags)
+    return reply if no_zeroes else reply + bytes(124)
+
+
+def pack_server_reply(name: str, description: str) -> bytes:
+    """NBD_REP_SERVER payload: the name with its length, then the description to the end."""
+    return pack_name_list(name) + description.encode()
+
+
+def pack_info_name(name: str) -> bytes:
+    return struct.pack(">H", INFO_NAME) + name.encode()
+
+
+def pack_info_description(description: str) -> bytes:
+    return struct.pack(">H", INFO_DESCRIPTION) + description.encode()
+
+
+def pack_meta_context(context_id: int, name: str) -> bytes:
+    """NBD_REP_META_CONTEXT payload."""
+    return struct.pack(">I", context_id) + name.encode()
+
+
+# -- structured reply chunks ----------------------------------------------------------
+
+
+def pack_offset_data_header(handle: int, offset: int, length: int) -> bytes:
+    """Everything of an NBD_REPLY_TYPE_OFFSET_DATA chunk before its ``length`` data
+    bytes, so a large read is sent without joining header and data."""
+    return CHUNK.pack(
+        STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, handle, 8 + length
+    ) + struct.pack(">Q", offset)
+
+
+def pack_offset_hole(handle: int, offset: int, length: int, flags: int = REPLY_FLAG_DONE) -> bytes:
+    return pack_chunk(handle, REPLY_TYPE_OFFSET_HOLE, struct.pack(">QI", offset, length), flags)
+
+
+def pack_block_status(handle: int, context_id: int, extents: list[tuple[int, int]]) -> bytes:
+    """NBD_REPLY_TYPE_BLOCK_STATUS with (length, flags) descriptors."""
+    payload = struct.pack(">I", context_id) + b"".join(
+        struct.pack(">II", length, flags) for length, flags in extents
+    )
+    return pack_chunk(handle, REPLY_TYPE_BLOCK_STATUS, payload)
+
+
+# The chunk parsers raise struct.error on a payload too short for its type; the
+# client counts that as a broken connection.
+
+
+def parse_offset_data(payload: bytes) -> tuple[int, bytes]:
+    (offset,) = struct.unpack(">Q", payload[:8])
+    return offset, payload[8:]
+
+
+def parse_offset_hole(payload: bytes) -> tuple[int, int]:
+    offset, length = struct.unpack(">QI", payload[:12])
+    return offset, length
+
+
+def parse_block_status(payload: bytes) -> tuple[int, list[tuple[int, int]]]:
+    """The context id and the (length, flags) descriptors; a trailing partial one is ignored."""
+    (context_id,) = struct.unpack(">I", payload[:4])
+    extents = []
+    for i in range(4, len(payload) - 7, 8):
+        length, flags = struct.unpack(">II", payload[i : i + 8])
+        extents.append((length, flags))
+    return context_id, extents
+
+
+def parse_error_chunk(payload: bytes) -> tuple[int, str]:
+    """NBD_REPLY_TYPE_ERROR{,_OFFSET}: the NBD errno and the message."""
+    err, mlen = struct.unpack(">IH", payload[:6])
+    return err, payload[6 : 6 + mlen].decode(errors="replace")
 
 
 class ParseError(ProtocolError):

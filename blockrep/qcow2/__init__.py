@@ -1,1 +1,2 @@
-"""qcow2 format internals: codec, refcounts and allocator, consistency check."""
+"""qcow2: the codec (format, refcount, cluster, check) and the driver on top of it
+(driver, create, make_empty), after QEMU's block/qcow2*.c."""

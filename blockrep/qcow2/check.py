@@ -10,20 +10,18 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from .cluster import ClusterMap
 from .format import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
+    Header,
     compressed_geometry,
 )
-from .refcount import rc_get
-
-if TYPE_CHECKING:
-    from ..block.qcow2 import Qcow2Node
+from .refcount import ImageFile, rc_get
 
 
 @dataclass
@@ -40,17 +38,36 @@ class CheckResult:
     compressed_clusters: int = 0
     messages: list[str] = field(default_factory=list)
 
+    def corruption(self, message: str) -> None:
+        self.corruptions += 1
+        self.messages.append(message)
 
-async def _read_table(node: Qcow2Node, offset: int, entries: int) -> list[int]:
-    data = await node._file.read(offset, entries * 8)
+    def take_double_check(self, after: CheckResult) -> None:
+        """After a repair, QEMU reports what the repair fixed, then the counts and
+        statistics of the check that follows it."""
+        self.corruptions_fixed = self.corruptions - after.corruptions
+        self.leaks_fixed = self.leaks - after.leaks
+        self.corruptions, self.leaks = after.corruptions, after.leaks
+        self.image_end_offset = after.image_end_offset
+        self.total_clusters = after.total_clusters
+        self.allocated_clusters = after.allocated_clusters
+        self.fragmented_clusters = after.fragmented_clusters
+        self.compressed_clusters = after.compressed_clusters
+        self.check_errors = after.check_errors
+
+
+async def _read_table(f: ImageFile, offset: int, entries: int) -> list[int]:
+    data = await f.read(offset, entries * 8)
     return list(struct.unpack(f">{entries}Q", data))
 
 
-async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
-    """Count references, compare with refcounts; with ``repair`` fix both kinds."""
-    h = node.h
+async def check_image(f: ImageFile, h: Header, repair: bool = False) -> CheckResult:
+    """Count references, compare with refcounts; with ``repair`` fix both kinds.
+
+    A repair writes to ``f`` directly: whoever holds the image's tables in memory
+    (an open driver) reads them again afterwards.
+    """
     cs, cb = h.cluster_size, h.cluster_bits
-    f = node._file
     file_size = f.length
     nb_clusters = -(-file_size // cs)
     res = CheckResult()
@@ -60,8 +77,7 @@ async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
 
     def ref(offset: int, nbytes: int, what: str) -> bool:
         if offset % cs and what != "compressed":
-            res.corruptions += 1
-            res.messages.append(
+            res.corruption(
                 f"ERROR {what} offset={offset:x}: Cluster is not properly aligned; "
                 "L2 entry corrupted."
                 if what == "data"
@@ -80,32 +96,29 @@ async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
         if l1_size == 0:
             return
         ref(l1_offset, l1_size * 8, "L1 table")
-        l1 = await _read_table(node, l1_offset, l1_size)
+        l1 = await _read_table(f, l1_offset, l1_size)
         for i, e in enumerate(l1):
             l2_off = e & L1E_OFFSET_MASK
             if not l2_off:
                 continue
             if l2_off % cs:
-                res.corruptions += 1
-                res.messages.append(
+                res.corruption(
                     f"ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
                 )
                 continue
             if l2_off + cs > file_size:
-                res.corruptions += 1
-                res.messages.append(f"ERROR l2_offset={l2_off:x}: L2 table is outside the image")
+                res.corruption(f"ERROR l2_offset={l2_off:x}: L2 table is outside the image")
                 continue
             ref(l2_off, cs, "L2 table")
             if active:
                 copied_checks.append(("L1", i, e, l2_off >> cb))
-            l2 = await _read_table(node, l2_off, h.l2_entries)
+            l2 = await _read_table(f, l2_off, h.l2_entries)
             next_contiguous = 0  # QEMU counts fragmentation within one L2 table
             for j, le in enumerate(l2):
                 if le & OFLAG_COMPRESSED:
                     off, nb = compressed_geometry(le & ~OFLAG_COPIED, cb)
                     if le & OFLAG_COPIED:
-                        res.corruptions += 1
-                        res.messages.append(
+                        res.corruption(
                             f"ERROR: coffset=0x{off:x}: copied flag must never be set for compressed clusters"
                         )
                     ref(off, nb, "compressed")
@@ -120,14 +133,12 @@ async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
                 if not host:
                     continue
                 if host % cs:
-                    res.corruptions += 1
-                    res.messages.append(
+                    res.corruption(
                         f"ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."
                     )
                     continue
                 if host + cs > file_size + (cs - 1) and host >= file_size:
-                    res.corruptions += 1
-                    res.messages.append(
+                    res.corruption(
                         f"ERROR offset={host:x}: Data cluster is beyond the end of the image"
                     )
                     continue
@@ -154,7 +165,7 @@ async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
         ref(start, pos - start, "snapshot table")
     # refcount structures
     ref(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
-    reftable = await _read_table(node, h.refcount_table_offset, h.refcount_table_clusters * cs // 8)
+    reftable = await _read_table(f, h.refcount_table_offset, h.refcount_table_clusters * cs // 8)
     block_entries = (cs * 8) >> h.refcount_order
     blocks: dict[int, bytes] = {}
     for i, e in enumerate(reftable):
@@ -162,14 +173,12 @@ async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
         if not off:
             continue
         if off % cs:
-            res.corruptions += 1
-            res.messages.append(
+            res.corruption(
                 f"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
             )
             continue
         if off >= file_size:
-            res.corruptions += 1
-            res.messages.append(f"ERROR refcount block {i} is outside image")
+            res.corruption(f"ERROR refcount block {i} is outside image")
             continue
         ref(off, cs, "refcount block")
         blocks[i] = await f.read(off, cs)
@@ -187,8 +196,7 @@ async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
         if s == r:
             continue
         if s < r:
-            res.corruptions += 1
-            res.messages.append(f"ERROR cluster {c} refcount={s} reference={r}")
+            res.corruption(f"ERROR cluster {c} refcount={s} reference={r}")
         else:
             res.leaks += 1
             res.messages.append(f"Leaked cluster {c} refcount={s} reference={r}")
@@ -209,28 +217,25 @@ async def check_image(node: Qcow2Node, repair: bool = False) -> CheckResult:
     for kind, idx, e, c in copied_checks:
         expect = stored(c) == 1 and refs.get(c, 0) == 1
         if bool(e & OFLAG_COPIED) != expect:
-            res.corruptions += 1
-            if kind == "L1":
-                res.messages.append(
-                    f"ERROR OFLAG_COPIED L2 cluster: l1_index={idx} l1_entry={e:x} refcount={stored(c)}"
-                )
-            else:
-                res.messages.append(
-                    f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={stored(c)}"
-                )
+            res.corruption(
+                f"ERROR OFLAG_COPIED L2 cluster: l1_index={idx} l1_entry={e:x} refcount={stored(c)}"
+                if kind == "L1"
+                else f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={stored(c)}"
+            )
             fixes.append((-1, 0))
     # QEMU's image end: the last cluster that is referenced or has a refcount
     in_use = [c for c in range(upper) if refs.get(c, 0) or stored(c)]
     res.image_end_offset = ((max(in_use) + 1) * cs) if in_use else cs
     if repair and (fixes or beyond):
-        await _repair(node, fixes + beyond, res)
+        await _repair(f, h, fixes + beyond, res)
         res.leaks_fixed -= len(beyond)
     return res
 
 
-async def _repair(node: Qcow2Node, fixes: list[tuple[int, int]], res: CheckResult) -> None:
+async def _repair(f: ImageFile, h: Header, fixes: list[tuple[int, int]], res: CheckResult) -> None:
     """Apply refcount deltas through the allocator, then set COPIED flags right."""
-    rc = node.rc
+    t = await ClusterMap.load(f, h)
+    rc = t.rc
     for c, delta in fixes:
         if c < 0:
             continue
@@ -240,18 +245,17 @@ async def _repair(node: Qcow2Node, fixes: list[tuple[int, int]], res: CheckResul
         else:
             res.corruptions_fixed += 1
     await rc.write_increments()
-    await node._file.flush()
-    h = node.h
+    await f.flush()
     cb = h.cluster_bits
-    for i, e in enumerate(node.l1):
+    for i, e in enumerate(t.l1):
         off = e & L1E_OFFSET_MASK
         if not off:
             continue
         want = off | (OFLAG_COPIED if await rc.get(off >> cb) == 1 else 0)
         if want != e:
-            node.l1[i] = want
-            node.l1_dirty.add(i)
-        l2 = await node._l2(i, alloc=False)
+            t.l1[i] = want
+            t.l1_dirty.add(i)
+        l2 = await t.l2(i, alloc=False)
         assert l2 is not None
         for j in range(h.l2_entries):
             le = int.from_bytes(l2[j * 8 : j * 8 + 8], "big")
@@ -261,6 +265,6 @@ async def _repair(node: Qcow2Node, fixes: list[tuple[int, int]], res: CheckResul
             want = (le & ~OFLAG_COPIED) | (OFLAG_COPIED if await rc.get(host >> cb) == 1 else 0)
             if want != le:
                 l2[j * 8 : j * 8 + 8] = want.to_bytes(8, "big")
-                node.l2cache.dirty.add(off)
-    await node._flush_metadata()
-    await node._file.flush()
+                t.l2cache.dirty.add(off)
+    await t.flush()
+    await f.flush()

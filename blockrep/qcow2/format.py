@@ -333,6 +333,21 @@ def size_to_l1(size: int, cluster_bits: int) -> int:
     return (size + (1 << shift) - 1) >> shift
 
 
+# What an L2 entry maps a guest cluster to (QEMU's QCow2ClusterType)
+UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, COMPRESSED = range(5)
+
+
+def entry_kind(entry: int, version: int) -> int:
+    """The cluster type of an L2 entry; v2 images have no zero flag."""
+    if entry & OFLAG_COMPRESSED:
+        return COMPRESSED
+    if version >= 3 and entry & OFLAG_ZERO:
+        return ZERO_ALLOC if entry & L2E_OFFSET_MASK else ZERO_PLAIN
+    if entry & L2E_OFFSET_MASK:
+        return NORMAL
+    return UNALLOCATED
+
+
 def compressed_geometry(entry: int, cluster_bits: int) -> tuple[int, int]:
     """(host offset, byte count) of a compressed cluster's data from its L2 entry."""
     x = 62 - (cluster_bits - 8)

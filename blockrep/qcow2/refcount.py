@@ -13,11 +13,27 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-from ..block.node import Node
 from ..errors import BlockError
 from .format import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, Header
+
+
+class ImageFile(Protocol):
+    """The file an image lives in, as the codec needs it (a block node has it all).
+
+    Declared here so that the codec does not depend on the block layer above it.
+    """
+
+    length: int
+
+    async def read(self, offset: int, nbytes: int) -> bytes: ...
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None: ...
+
+    async def discard(self, offset: int, nbytes: int) -> None: ...
+
+    async def flush(self) -> None: ...
 
 
 def rc_get(block: bytearray | bytes, i: int, order: int) -> int:
@@ -83,11 +99,10 @@ class Refcounts:
 
     def __init__(
         self,
-        file: Node,
+        file: ImageFile,
         header: Header,
         reftable: list[int],
         cache_tables: int,
-        write_header_fields: Callable[[], Awaitable[None]],
     ) -> None:
         self.file = file
         self.h = header
@@ -107,7 +122,12 @@ class Refcounts:
         self.pending_free: list[int] = []
         # clusters chosen for an allocation whose refcounts are not yet set
         self._reserved: list[tuple[int, int]] = []
-        self._write_header_fields = write_header_fields
+
+    async def write_header_fields(self) -> None:
+        """Point the header at the refcount table (offset and clusters, bytes 48..59)."""
+        await self.file.write(
+            48, struct.pack(">QI", self.h.refcount_table_offset, self.h.refcount_table_clusters)
+        )
 
     # -- refcount block access --------------------------------------------------
 
@@ -252,7 +272,7 @@ class Refcounts:
             new_off = await self.alloc(clusters)
             if len(self.reftable) <= clusters * self.cs // 8:
                 break
-            await self._undo_alloc(new_off, clusters)
+            await self.undo_alloc(new_off, clusters)
         table = self.reftable + [0] * (clusters * self.cs // 8 - len(self.reftable))
         for off in sorted(self.cache.dirty):
             await self.file.write(off, bytes(self.cache.tables[off]))
@@ -262,11 +282,11 @@ class Refcounts:
         self.h.refcount_table_offset = new_off
         self.h.refcount_table_clusters = clusters
         self.reftable_capacity = len(table)
-        await self._write_header_fields()
+        await self.write_header_fields()
         self.reftable_dirty = False
         self.defer_free(old_off, old_clusters)
 
-    async def _undo_alloc(self, off: int, n: int) -> None:
+    async def undo_alloc(self, off: int, n: int) -> None:
         base = off >> self.cb
         for c in range(base, base + n):
             await self.add(c, -1)

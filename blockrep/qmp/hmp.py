@@ -10,11 +10,23 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..block.node import Node
 from ..block.options import parse_size
 from ..errors import BlockError
+from .table import CommandTable, args_of
+
+if TYPE_CHECKING:
+    from ..block import Graph
+    from ..blockdev import Blockdev
+
+
+class HMPContext(Protocol):
+    """What HMP uses: node lookup for qemu-io, drive_add -n and drive_del."""
+
+    graph: Graph
+    blockdev: Blockdev
 
 
 class HMPError(Exception):
@@ -139,12 +151,15 @@ async def qemu_io(node: Node, command: str) -> str:
     raise HMPError(f'command "{cmd}" not found')
 
 
-async def run_hmp(
-    line: str,
-    lookup: Callable[[str], Node],
-    drive_add_node: Callable[[str], Awaitable[None]],
-    drive_del: Callable[[str], Awaitable[None]],
-) -> str:
+def register(table: CommandTable, ctx: HMPContext) -> None:
+    @table.command("human-monitor-command")
+    async def human_monitor_command(args: dict[str, Any]) -> Any:
+        a = args_of({"command-line": "str", "cpu-index": "int"}, args, ("command-line",))
+        return await run_hmp(a["command-line"], ctx)
+
+
+async def run_hmp(line: str, ctx: HMPContext) -> str:
+    """One HMP command line; its output, failures included, is the reply (QEMU's texts)."""
     try:
         argv = shlex.split(line)
     except ValueError as e:
@@ -159,7 +174,7 @@ async def run_hmp(
         if len(args) != 2:
             return 'Error: qemu-io: usage: qemu-io [-d] [device] "[command]"\r\n'
         try:
-            node = lookup(args[0])
+            node = ctx.graph.lookup(args[0])
         except BlockError as e:
             return f"Error: {e.message}\r\n"
         try:
@@ -171,7 +186,7 @@ async def run_hmp(
         args = argv[1:]
         if len(args) == 3 and args[0] == "-n":
             try:
-                await drive_add_node(args[2])
+                await ctx.blockdev.drive_add_node(args[2])
             except BlockError as e:
                 return f"Error: {e.message}\r\n"
             return ""
@@ -180,7 +195,7 @@ async def run_hmp(
         if len(argv) != 2:
             return "Error: drive_del: usage: drive_del ID\r\n"
         try:
-            await drive_del(argv[1])
+            await ctx.blockdev.drive_del(argv[1])
         except BlockError as e:
             return f"Error: {e.message}\r\n"
         return ""

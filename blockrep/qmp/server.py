@@ -14,18 +14,15 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .. import __version__
-from ..errors import QMPError
+from ..errors import BlockrepError
+from .table import CommandTable
 
 log = logging.getLogger("blockrep.qmp")
 
 MAX_INPUT = 16 << 20  # a client that sends more than this without a complete object is dropped
-
-
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 def event_message(name: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -38,7 +35,7 @@ def event_message(name: str, data: dict[str, Any] | None = None) -> dict[str, An
 
 
 class QMPServer:
-    def __init__(self, commands: dict[str, Handler]) -> None:
+    def __init__(self, commands: CommandTable) -> None:
         self.commands = commands
         self.sessions: set[QMPSession] = set()
         self.servers: list[asyncio.AbstractServer] = []
@@ -80,8 +77,8 @@ class QMPServer:
                 s.send_nowait(msg)
 
     async def close(self) -> None:
-        for s in self.servers:
-            s.close()
+        for srv in self.servers:
+            srv.close()
         sessions = list(self.sessions)
         for s in sessions:
             s.writer.close()
@@ -222,7 +219,8 @@ class QMPSession:
             return
         try:
             result = await handler(args)
-        except QMPError as e:
+        except BlockrepError as e:
+            # the one place where blockrep's errors become QMP errors
             await self.send({**_error(e.message, e.qmp_class), **reply_extra})
             return
         except Exception as e:  # a bug in one command must not end the session

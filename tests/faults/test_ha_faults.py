@@ -4,7 +4,7 @@
   S with --auto-failover and a succeeding fence command ends equal to the model "state at
   the last checkpoint + every S write" (S keeps writing during the failover).
 * S killed: P's consumer sees no error, P's disk holds every write, status says degraded.
-* The control link blackholed by a proxy (tests/faults/ha_proxy.py) with a failing fence
+* The control link blackholed by a proxy (tests/harness/proxies.py) with a failing fence
   command: S reports peer-lost and does not fail over; without a fence command the
   status says that automatic failover is off.
 * Both sides write while partitioned, then meet again (P's --reconnect, then a restarted
@@ -21,8 +21,11 @@ import time
 
 import pytest
 
-from tests.faults.ha_proxy import BlackholeProxy
-from tests.integration.ha_harness import HA, MiB, random_writes, sha, sha_file
+from blockrep.testing import MiB, free_port
+from tests.harness.ha import HA
+from tests.harness.models import random_writes
+from tests.harness.proxies import BlackholeProxy
+from tests.harness.tools import sha, sha_file
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -203,8 +206,6 @@ async def test_secondary_killed_primary_consumer_unaffected(ha):
 
 @pytest.mark.parametrize("fence", ["false", None])
 async def test_blackholed_link_no_failover_without_fence(ha, fence):
-    from tests.integration.ha_harness import free_port
-
     ha.make_disks(SIZE, 3)
     port = free_port()
     proxy = BlackholeProxy(port)
@@ -259,8 +260,6 @@ async def test_blackholed_link_no_failover_without_fence(ha, fence):
 
 
 async def test_partition_both_write_split_brain_detected_nothing_overwritten(ha):
-    from tests.integration.ha_harness import free_port
-
     rnd = random.Random(4)
     base = ha.make_disks(SIZE, 4)
     port = free_port()

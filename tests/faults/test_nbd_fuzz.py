@@ -27,8 +27,9 @@ import time
 from blockrep.block import Graph
 from blockrep.nbd import proto as p
 from blockrep.objects import TLSCredsX509
-from tests.daemon_harness import daemon
-from tests.helpers import tool
+from blockrep.testing import free_port
+from tests.harness.processes import daemon
+from tests.harness.tools import tool
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -819,17 +820,14 @@ def test_nbd_fuzz_daemon_survives_and_data_intact(tmp_path):
 def test_nbd_fuzz_starttls_garbage(tmp_path):
     """A TLS server fed garbage after STARTTLS, options before TLS, and mutated traffic inside
     a real TLS session stays up, refuses plaintext and keeps serving a proper TLS client."""
-    from tests.interop.tls_certs import make_pki
+    from tests.harness.tls import make_pki
 
     pki = make_pki(str(tmp_path / "pki"))
     disk = str(tmp_path / "disk.raw")
     initial = random.Random(5).randbytes(SIZE)
     with open(disk, "wb") as f:
         f.write(initial)
-    port = socket.socket()
-    port.bind(("127.0.0.1", 0))
-    portnum = port.getsockname()[1]
-    port.close()
+    portnum = free_port()
     args = [
         "--blockdev",
         f"driver=file,node-name=f0,filename={disk}",

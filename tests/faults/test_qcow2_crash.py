@@ -1,6 +1,6 @@
 """Crash safety of the qcow2 driver: a writer killed with SIGKILL at a random moment.
 
-Each run starts tests/faults/qcow2_crash_writer.py on a fresh overlay with a seeded
+Each run starts tests/harness/qcow2_crash_writer.py on a fresh overlay with a seeded
 workload (writes that allocate L2 tables and refcount blocks and, with 512-byte
 clusters, grow and relocate the refcount table; write_zeroes, discard, flush and
 make_empty), kills it after a seeded number of ops plus a seeded delay, and then:
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -35,15 +34,12 @@ from typing import Any
 import pytest
 
 from blockrep.block import Graph
-from blockrep.block.qcow2 import create
 from blockrep.cli.img import main as img_main
+from blockrep.qcow2.create import create_file
+from tests.harness import qcow2_crash_writer as W
+from tests.harness.tools import tool
 
-HERE = Path(__file__).resolve().parent
-WRITER = HERE / "qcow2_crash_writer.py"
-_spec = importlib.util.spec_from_file_location("qcow2_crash_writer", WRITER)
-assert _spec and _spec.loader
-W = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(W)
+WRITER = Path(W.__file__)
 
 SECTOR = W.SECTOR
 GiB = 1 << 30
@@ -147,12 +143,8 @@ RUNS = [
 # -- helpers -------------------------------------------------------------------------
 
 
-def run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
 def qemu_check(path: Path) -> tuple[int, dict[str, Any], str]:
-    p = run(["qemu-img", "check", "--output", "json", "-f", "qcow2", str(path)])
+    p = tool("qemu-img", "check", "--output", "json", "-f", "qcow2", str(path), check=False)
     try:
         data = json.loads(p.stdout) if p.stdout.strip() else {}
     except json.JSONDecodeError:
@@ -172,12 +164,12 @@ def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A qcow2 backing file with the byte patterns of W.BASE_REGIONS, written by qemu-io."""
     d = tmp_path_factory.mktemp("base")
     base = d / "base.qcow2"
-    p = run(["qemu-img", "create", "-f", "qcow2", str(base), str(BASE_SIZE)])
+    p = tool("qemu-img", "create", "-f", "qcow2", str(base), str(BASE_SIZE), check=False)
     assert p.returncode == 0, p.stderr
     cmds: list[str] = []
     for off, n, byte in W.BASE_REGIONS:
         cmds += ["-c", f"write -P {byte} {off} {n}"]
-    p = run(["qemu-io", "-f", "qcow2", *cmds, str(base)])
+    p = tool("qemu-io", "-f", "qcow2", *cmds, str(base), check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     os.chmod(base, 0o444)
     return base
@@ -196,24 +188,19 @@ def make_overlay(path: Path, c: dict[str, Any], base: Path | None) -> None:
         cmd = ["qemu-img", "create", "-f", "qcow2", "-o", o]
         if base is not None:
             cmd += ["-b", str(base), "-F", "qcow2"]
-        p = run(cmd + [str(path), str(c["size"])])
+        p = tool(*cmd, str(path), str(c["size"]), check=False)
         assert p.returncode == 0, p.stderr
         return
 
     async def go() -> None:
-        path.write_bytes(b"")
-        g = Graph()
-        f = await g.add({"driver": "file", "filename": str(path)})
-        await create(
-            f,
+        await create_file(
+            str(path),
             c["size"],
             cluster_size=c["cluster"],
             backing_file=str(base) if base is not None else None,
             backing_format="qcow2" if base is not None else None,
             refcount_bits=c.get("refcount_bits", 16),
         )
-        await g.close_node(f)
-        await g.close_all()
 
     asyncio.run(go())
 

@@ -19,16 +19,10 @@ import signal
 
 import pytest
 
-from tests.daemon_harness import DaemonProc
-from tests.integration.replication_test_helpers import (
-    MiB,
-    Q,
-    allocated_ranges,
-    assert_check_clean,
-    assert_file_pattern,
-    qemu_img_create,
-    run_async,
-)
+from tests.harness.images import MiB
+from tests.harness.pair import Pair
+from tests.harness.qmp import QMPSession
+from tests.harness.tools import allocated_ranges, assert_file_pattern, check_clean, run_async
 
 SIZE = 4 * MiB
 C = 65536  # copy unit / cluster
@@ -39,106 +33,45 @@ EIO = [{"event": "write_aio", "errno": 5}]
 EIO_READ = [{"event": "read_aio", "errno": 5}]
 
 
-class Pair:
-    def __init__(self, tmp_path) -> None:
-        self.dir = tmp_path
-        self.prim = tmp_path / "prim.raw"
-        self.sec = tmp_path / "sec.raw"
-        self.hidden = tmp_path / "hidden.qcow2"
-        self.active = tmp_path / "active.qcow2"
-        self.nbd_sock = str(tmp_path / "nbd.sock")
-        for p in (self.prim, self.sec):
-            with open(p, "wb") as f:
-                f.write(bytes([BASE]) * SIZE)
-        qemu_img_create(self.hidden, SIZE)
-        qemu_img_create(self.active, SIZE)
-        self.S_proc: DaemonProc | None = None
-        self.P_proc: DaemonProc | None = None
+def s_drives(d) -> list[str]:
+    """REFERENCE-QEMU.md's secondary with a blkdebug node under every disk."""
+    return [
+        f"if=none,id=parent0,driver=raw,file.driver=blkdebug,file.node-name=secbd,"
+        f"file.image.driver=file,file.image.filename={d}/sec.raw",
+        "if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,"
+        "file.driver=qcow2,file.node-name=active0,"
+        f"file.file.driver=blkdebug,file.file.node-name=actbd,"
+        f"file.file.image.driver=file,file.file.image.filename={d}/active.qcow2,"
+        "file.backing.driver=qcow2,file.backing.node-name=hidden0,"
+        "file.backing.file.driver=blkdebug,file.backing.file.node-name=hidbd,"
+        f"file.backing.file.image.driver=file,file.backing.file.image.filename={d}/hidden.qcow2,"
+        "file.backing.backing=parent0",
+        "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0",
+    ]
 
-    def s_args(self) -> list[str]:
-        d = self.dir
-        return [
-            "-qmp",
-            f"unix:{d}/S.qmp,server=on,wait=off",
-            "-drive",
-            f"if=none,id=parent0,driver=raw,file.driver=blkdebug,file.node-name=secbd,"
-            f"file.image.driver=file,file.image.filename={self.sec}",
-            "-drive",
-            "if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,"
-            "file.driver=qcow2,file.node-name=active0,"
-            f"file.file.driver=blkdebug,file.file.node-name=actbd,"
-            f"file.file.image.driver=file,file.file.image.filename={self.active},"
-            "file.backing.driver=qcow2,file.backing.node-name=hidden0,"
-            "file.backing.file.driver=blkdebug,file.backing.file.node-name=hidbd,"
-            f"file.backing.file.image.driver=file,file.backing.file.image.filename={self.hidden},"
-            "file.backing.backing=parent0",
-            "-drive",
-            "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=childs0",
-        ]
 
-    def p_args(self) -> list[str]:
-        d = self.dir
-        return [
-            "-qmp",
-            f"unix:{d}/P.qmp,server=on,wait=off",
-            "-drive",
-            "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,"
-            "children.0.driver=raw,children.0.node-name=plocal,"
-            "children.0.file.driver=blkdebug,children.0.file.node-name=pbd,"
-            f"children.0.file.image.driver=file,children.0.file.image.filename={self.prim}",
-        ]
-
-    async def start(self) -> tuple[Q, Q]:
-        d = self.dir
-        self.S_proc = DaemonProc(self.s_args(), f"{d}/S.qmp", f"{d}/S.log")
-        self.P_proc = DaemonProc(self.p_args(), f"{d}/P.qmp", f"{d}/P.log")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.S_proc.wait_ready)
-        await loop.run_in_executor(None, self.P_proc.wait_ready)
-        s = await Q.connect("S", self.S_proc)
-        p = await Q.connect("P", self.P_proc)
-        await s.run("nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.nbd_sock}}})
-        await s.run("nbd-server-add", {"device": "parent0", "writable": True})
-        await p.run(
-            "blockdev-add",
-            {
-                "driver": "replication",
-                "node-name": "replication0",
-                "mode": "primary",
-                "file": {
-                    "driver": "nbd",
-                    "export": "parent0",
-                    "server": {"type": "unix", "path": self.nbd_sock},
-                },
-            },
-        )
-        await p.run("x-blockdev-change", {"parent": "colo-disk0", "node": "replication0"})
-        await s.run("xen-set-replication", {"enable": True, "primary": False})
-        await p.run("xen-set-replication", {"enable": True, "primary": True})
-        assert await s.status() == OK and await p.status() == OK
-        return p, s
-
-    def stop_all(self) -> None:
-        for proc in (self.P_proc, self.S_proc):
-            if proc is not None:
-                proc.stop()
-
-    def sec_bytes(self, offset: int, length: int) -> bytes:
-        with open(self.sec, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
-
-    def prim_bytes(self, offset: int, length: int) -> bytes:
-        with open(self.prim, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
+def p_drives(d) -> list[str]:
+    return [
+        "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,"
+        "children.0.driver=raw,children.0.node-name=plocal,"
+        "children.0.file.driver=blkdebug,children.0.file.node-name=pbd,"
+        f"children.0.file.image.driver=file,children.0.file.image.filename={d}/prim.raw",
+    ]
 
 
 def run_pair(tmp_path, body, timeout: float = 60) -> Pair:
-    pair = Pair(tmp_path)
+    pair = Pair(
+        wd=tmp_path,
+        size=SIZE,
+        init=bytes([BASE]) * SIZE,
+        exports=False,
+        p_drives=p_drives(tmp_path),
+        s_drives=s_drives(tmp_path),
+    )
 
     async def go():
         p, s = await pair.start()
+        assert await s.status() == OK and await p.status() == OK
         await body(pair, p, s)
 
     try:
@@ -148,11 +81,11 @@ def run_pair(tmp_path, body, timeout: float = 60) -> Pair:
     return pair
 
 
-async def set_rules(q: Q, node: str, rules: list[dict]) -> None:
+async def set_rules(q: QMPSession, node: str, rules: list[dict]) -> None:
     assert await q.run("x-blkdebug-set-rules", {"node-name": node, "inject-error": rules}) == {}
 
 
-async def drain_events(q: Q) -> list[tuple[str, dict]]:
+async def drain_events(q: QMPSession) -> list[tuple[str, dict]]:
     """The events the client has received so far (and forget them)."""
     await asyncio.sleep(0.05)  # let the reader task dispatch what has arrived
     return [(ev["event"], ev.get("data", {})) for ev in q.c.events.clear()]
@@ -170,7 +103,7 @@ def test_1_primary_disk_io_error(tmp_path):
     completes succeeds, children.0 is reported bad (QUORUM_REPORT_BAD); a read fails,
     because fifo falls back to the replication child, which never serves reads."""
 
-    async def body(pair: Pair, p: Q, s: Q):
+    async def body(pair: Pair, p: QMPSession, s: QMPSession):
         await drain_events(p)
         await set_rules(p, "pbd", EIO + EIO_READ)
         await p.write_ok("colo-disk0", 0x55, 0, C)
@@ -218,12 +151,12 @@ def test_1_primary_disk_io_error(tmp_path):
 
 @pytest.mark.parametrize("how", ["kill", "export-removed"])
 def test_2_forwarding_failed(tmp_path, how):
-    async def body(pair: Pair, p: Q, s: Q):
+    async def body(pair: Pair, p: QMPSession, s: QMPSession):
         await p.write_ok("colo-disk0", 0x55, 0, C)
         assert pair.sec_bytes(0, C) == b"\x55" * C
         if how == "kill":
-            pair.S_proc.proc.send_signal(signal.SIGKILL)
-            await asyncio.get_running_loop().run_in_executor(None, pair.S_proc.proc.wait, 10)
+            pair.S.process.proc.send_signal(signal.SIGKILL)
+            await asyncio.get_running_loop().run_in_executor(None, pair.S.process.proc.wait, 10)
         else:
             await s.run("nbd-server-remove", {"name": "parent0", "mode": "hard"})
         # the consumer is unaffected: writes succeed and land on the local disk
@@ -263,7 +196,7 @@ def test_2_forwarding_failed(tmp_path, how):
 
 
 def test_3_copy_before_write_failed(tmp_path):
-    async def body(pair: Pair, p: Q, s: Q):
+    async def body(pair: Pair, p: QMPSession, s: QMPSession):
         await set_rules(s, "hidbd", EIO)
         # P's consumer: the write succeeds (local disk), the forward failed
         await p.write_ok("colo-disk0", 0x55, 0, C)
@@ -287,7 +220,7 @@ def test_3_copy_before_write_failed(tmp_path):
 
 
 def test_4_secondary_disk_io_error(tmp_path):
-    async def body(pair: Pair, p: Q, s: Q):
+    async def body(pair: Pair, p: QMPSession, s: QMPSession):
         await set_rules(s, "secbd", EIO)
         await p.write_ok("colo-disk0", 0x55, 0, C)
         # P: forwarding failed (case 2); S: reported to the HA manager
@@ -310,7 +243,7 @@ def test_4_secondary_disk_io_error(tmp_path):
 
 
 def test_5_active_disk_io_error(tmp_path):
-    async def body(pair: Pair, p: Q, s: Q):
+    async def body(pair: Pair, p: QMPSession, s: QMPSession):
         await s.write_ok("colo-disk0", 0x65, MiB + C, C)
         await set_rules(s, "actbd", EIO)
         out = await s.write_fails("colo-disk0", 0x66, MiB, C)
@@ -336,8 +269,8 @@ def test_5_active_disk_io_error(tmp_path):
         await s.quit()
 
     pair = run_pair(tmp_path, body)
-    assert_check_clean(pair.active)
-    assert_check_clean(pair.hidden)
+    check_clean(pair.active)
+    check_clean(pair.hidden)
 
 
 # -- 6 ----------------------------------------------------------------------------------------
@@ -345,7 +278,7 @@ def test_5_active_disk_io_error(tmp_path):
 
 @pytest.mark.parametrize("disk", ["active", "hidden"])
 def test_6_make_empty_failed(tmp_path, disk):
-    async def body(pair: Pair, p: Q, s: Q):
+    async def body(pair: Pair, p: QMPSession, s: QMPSession):
         await p.write_ok("colo-disk0", 0x55, 0, C)
         await s.write_ok("colo-disk0", 0x66, MiB, C)
         assert await s.run("xen-colo-do-checkpoint") == {}
@@ -367,8 +300,8 @@ def test_6_make_empty_failed(tmp_path, disk):
 
     pair = run_pair(tmp_path, body)
     # the failed make_empty left consistent images
-    assert_check_clean(pair.active)
-    assert_check_clean(pair.hidden)
+    check_clean(pair.active)
+    check_clean(pair.hidden)
 
 
 # -- 7 ----------------------------------------------------------------------------------------
@@ -377,14 +310,14 @@ def test_6_make_empty_failed(tmp_path, disk):
 def test_7_failover_commit_failed(tmp_path):
     A, H, N = MiB, 0, 2 * MiB  # in active, in hidden, in neither
 
-    async def body(pair: Pair, p: Q, s: Q):
+    async def body(pair: Pair, p: QMPSession, s: QMPSession):
         await p.write_ok("colo-disk0", 0x55, H, C)  # S: pre-image 0xaa copied to hidden
         await s.write_ok("colo-disk0", 0x66, A, C)  # S: active
         r = await s.rep()
         assert (r["hidden-allocated-bytes"], r["active-allocated-bytes"]) == (C, C)
         # P dies; the secondary disk starts failing writes; failover
-        pair.P_proc.proc.send_signal(signal.SIGKILL)
-        await asyncio.get_running_loop().run_in_executor(None, pair.P_proc.proc.wait, 10)
+        pair.P.process.proc.send_signal(signal.SIGKILL)
+        await asyncio.get_running_loop().run_in_executor(None, pair.P.process.proc.wait, 10)
         await s.run("nbd-server-stop")
         await set_rules(s, "secbd", EIO)
         assert (
@@ -433,8 +366,8 @@ def test_7_failover_commit_failed(tmp_path):
     want[A + C : A + C + 4096] = b"\x7a" * 4096
     assert sec == bytes(want)
     # active holds exactly the buffered ranges, with S's new data
-    assert_check_clean(pair.active)
-    assert_check_clean(pair.hidden)
+    check_clean(pair.active)
+    check_clean(pair.hidden)
     assert allocated_ranges(pair.active) == [(H, C), (A, C)]
     assert_file_pattern(pair.active, "qcow2", 0x77, H, C)
     assert_file_pattern(pair.active, "qcow2", 0x78, A, C - 4096)

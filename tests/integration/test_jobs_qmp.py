@@ -12,20 +12,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tests.daemon_harness import daemon
-from tests.integration.jobs_qmp_helpers import (
-    MiB,
-    Session,
-    check_clean,
-    file_opts,
-    fmt_opts,
-    logical_sha256,
-    qcow2,
-    qio,
-    raw,
-    run_tool,
-    strip_drain_blip,
-)
+from tests.harness.images import MiB, file_opts, fmt_opts, qcow2, raw
+from tests.harness.processes import daemon
+from tests.harness.qmp import QMPSession, strip_drain_blip
+from tests.harness.tools import check_clean, logical_sha256, qio, tool
 
 EIO = "Input/output error"
 ENOSPC = "No space left on device"
@@ -35,7 +25,7 @@ def with_daemon(tmp_path, fn, *args: str, name: str = "d") -> Any:
     with daemon(tmp_path, *args, name=name) as d:
 
         async def go() -> Any:
-            s = await Session(d.qmp_sock).open()
+            s = await QMPSession(d.qmp_sock).open()
             try:
                 return await fn(s)
             finally:
@@ -59,7 +49,7 @@ def blkdebug(name: str, path: str, *rules: dict[str, Any]) -> dict[str, Any]:
 def test_quorum_write_errors_and_flush(tmp_path):
     files = [raw(str(tmp_path / f"c{i}.raw"), MiB) for i in range(9)]
 
-    async def go(s: Session) -> None:
+    async def go(s: QMPSession) -> None:
         # threshold 1, child b1 fails writes: the write succeeds, one REPORT_BAD
         await s.x("blockdev-add", **blkdebug("b0", files[0]))
         await s.x("blockdev-add", **blkdebug("b1", files[1], {"event": "none", "iotype": "write"}))
@@ -70,7 +60,7 @@ def test_quorum_write_errors_and_flush(tmp_path):
             **{"node-name": "q1", "vote-threshold": 1},
             children=["b0", "b1", "b2"],
         )
-        out = await s.qemu_io("q1", "write -P 0x5a 4096 8192")
+        out = await s.io("q1", "write -P 0x5a 4096 8192")
         assert "wrote 8192/8192 bytes at offset 4096" in out
         await s.settle()
         assert s.of("QUORUM_REPORT_BAD") == [
@@ -92,7 +82,7 @@ def test_quorum_write_errors_and_flush(tmp_path):
             **{"node-name": "qb", "vote-threshold": 2},
             children=["b3", "b4", "b5"],
         )
-        out = await s.qemu_io("qb", "write -P 0x33 1000 100")
+        out = await s.io("qb", "write -P 0x33 1000 100")
         assert out.startswith(f"write failed: {ENOSPC}"), out
         await s.settle()
         assert s.events == [
@@ -127,7 +117,7 @@ def test_quorum_write_errors_and_flush(tmp_path):
             "x-blkdebug-set-rules",
             **{"node-name": "b1", "inject-error": [{"event": "none", "iotype": "write-zeroes"}]},
         )
-        out = await s.qemu_io("q1", "write -z 65536 65536")
+        out = await s.io("q1", "write -z 65536 65536")
         assert "wrote 65536/65536" in out
         await s.settle()
         assert s.of("QUORUM_REPORT_BAD") == [
@@ -150,8 +140,8 @@ def test_quorum_write_errors_and_flush(tmp_path):
             **{"node-name": "qf", "vote-threshold": 2},
             children=["b6", "b7"],
         )
-        assert "wrote 512/512" in await s.qemu_io("qf", "write 0 512")
-        out = await s.qemu_io("qf", "flush")
+        assert "wrote 512/512" in await s.io("qf", "write 0 512")
+        out = await s.io("qf", "flush")
         assert EIO in out, out
         await s.settle()
         assert s.events == [
@@ -190,7 +180,7 @@ def test_quorum_reads_vote_rewrite_and_fifo(tmp_path):
         files[n] = raw(str(tmp_path / f"{n}.raw"), MiB)
         qio(files[n], "raw", f"write -P {p} 0 {MiB}")
 
-    async def go(s: Session) -> None:
+    async def go(s: QMPSession) -> None:
         for n in ("v0", "v1", "v2", "d0", "d1", "d2"):
             await s.x("blockdev-add", **{"driver": "file", "node-name": n, "filename": files[n]})
         await s.x(
@@ -199,7 +189,7 @@ def test_quorum_reads_vote_rewrite_and_fifo(tmp_path):
             **{"node-name": "qv", "vote-threshold": 2, "rewrite-corrupted": True},
             children=["v0", "v1", "v2"],
         )
-        out = await s.qemu_io("qv", "read -P 0x11 512 1024")
+        out = await s.io("qv", "read -P 0x11 512 1024")
         assert "read 1024/1024" in out and "verification failed" not in out
         await s.settle()
         # a content mismatch: no "error" member
@@ -211,7 +201,7 @@ def test_quorum_reads_vote_rewrite_and_fifo(tmp_path):
         ]
         s.clear()
         # rewrite-corrupted repaired exactly the range read: a second read is quiet
-        out = await s.qemu_io("qv", "read -P 0x11 512 1024")
+        out = await s.io("qv", "read -P 0x11 512 1024")
         assert "verification failed" not in out
         await s.settle()
         assert s.events == []
@@ -222,7 +212,7 @@ def test_quorum_reads_vote_rewrite_and_fifo(tmp_path):
             **{"node-name": "qd", "vote-threshold": 2},
             children=["d0", "d1", "d2"],
         )
-        out = await s.qemu_io("qd", "read 0 512")
+        out = await s.io("qd", "read 0 512")
         assert out.startswith(f"read failed: {EIO}"), out
         await s.settle()
         assert s.events == [
@@ -241,7 +231,7 @@ def test_quorum_reads_vote_rewrite_and_fifo(tmp_path):
             **{"node-name": "qe", "vote-threshold": 1},
             children=["d0", "d1", "d2"],
         )
-        out = await s.qemu_io("qe", "read -P 0x33 0 512")
+        out = await s.io("qe", "read -P 0x33 0 512")
         assert "verification failed" not in out, out
         await s.settle()
         assert [e["data"]["node-name"] for e in s.events] == ["d1", "d0"]
@@ -257,7 +247,7 @@ def test_quorum_reads_vote_rewrite_and_fifo(tmp_path):
             **{"node-name": "qf", "vote-threshold": 1, "read-pattern": "fifo"},
             children=["f0", "f1"],
         )
-        out = await s.qemu_io("qf", "read -P 0x22 0 4096")
+        out = await s.io("qf", "read -P 0x22 0 4096")
         assert "verification failed" not in out, out
         await s.settle()
         assert s.events == [
@@ -285,7 +275,7 @@ def test_quorum_reads_vote_rewrite_and_fifo(tmp_path):
             },
             children=["v1", "v2"] if False else ["d0", "d1"],
         )
-        out = await s.qemu_io("qg", "read -P 0x11 0 4096")
+        out = await s.io("qg", "read -P 0x11 0 4096")
         assert "verification failed" not in out, out
         await s.settle()
         assert s.events == []
@@ -303,7 +293,7 @@ def test_quorum_reads_vote_rewrite_and_fifo(tmp_path):
 def test_quorum_open_errors(tmp_path):
     a, b = raw(str(tmp_path / "a.raw"), MiB), raw(str(tmp_path / "b.raw"), 4096)
 
-    async def go(s: Session) -> None:
+    async def go(s: QMPSession) -> None:
         await s.x("blockdev-add", **{"driver": "file", "node-name": "c0", "filename": a})
         await s.x("blockdev-add", **{"driver": "file", "node-name": "c1", "filename": b})
         await s.x(
@@ -372,7 +362,7 @@ def test_x_blockdev_change_refusals_and_child_names(tmp_path):
     files = [raw(str(tmp_path / f"n{i}.raw"), MiB) for i in range(12)]
     small = raw(str(tmp_path / "small.raw"), 8192)
 
-    async def go(s: Session) -> None:
+    async def go(s: QMPSession) -> None:
         names = ["c0", "c1", "r", "c2", "c3", "c5", "c6", "t0", "t1", "t2", "t3", "t4"]
         for n, f in zip(names, files, strict=True):
             await s.x("blockdev-add", **{"driver": "file", "node-name": n, "filename": f})
@@ -484,14 +474,14 @@ COMPLETED_SEQ = [
 ]
 
 
-async def query_job(s: Session, job: str) -> dict[str, Any] | None:
+async def query_job(s: QMPSession, job: str) -> dict[str, Any] | None:
     for j in await s.x("query-jobs"):
         if j["id"] == job:
             return j
     return None
 
 
-async def query_block_job(s: Session, job: str) -> dict[str, Any] | None:
+async def query_block_job(s: QMPSession, job: str) -> dict[str, Any] | None:
     for j in await s.x("query-block-jobs"):
         if j["device"] == job:
             return j
@@ -505,7 +495,7 @@ def test_backup_full_and_none(tmp_path):
     t1 = qcow2(str(tmp_path / "t1.qcow2"))
     t2 = qcow2(str(tmp_path / "t2.qcow2"))
 
-    async def go(s: Session) -> None:
+    async def go(s: QMPSession) -> None:
         await s.x("blockdev-add", **fmt_opts("t1", t1))
         await s.x("blockdev-add", **fmt_opts("t2", t2))
         # sync=full with the defaults
@@ -570,8 +560,8 @@ def test_backup_full_and_none(tmp_path):
             "Job 'j2' in state 'running' cannot accept command verb 'complete'",
         )
         # guest writes through the device: the first overwrite of a cluster copies the pre-image
-        assert "wrote" in await s.qemu_io("src0", "write -P 0x77 4096 4096")
-        assert "wrote" in await s.qemu_io("src0", "write -P 0x78 4096 4096")
+        assert "wrote" in await s.io("src0", "write -P 0x77 4096 4096")
+        assert "wrote" in await s.io("src0", "write -P 0x78 4096 4096")
         await s.x("job-pause", id="j2")
         await s.wait_status("j2", "paused")
         bj = await query_block_job(s, "j2")
@@ -609,7 +599,7 @@ def test_backup_full_and_none(tmp_path):
     for p in (src, t1, t2):
         check_clean(p)
     assert logical_sha256(t1, "qcow2") == src_sha
-    run_tool("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", src, t1, check=False)
+    tool("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", src, t1, check=False)
     # t2 holds exactly the pre-image of the first overwrite: the 64 KiB cluster at 0
     qio(t2, "qcow2", "read -P 0x41 0 64k", "read -P 0 64k 4032k")
     qio(src, "qcow2", "read -P 0x41 0 4096", "read -P 0x78 4096 4096", "read -P 0x41 8192 1016k")
@@ -620,7 +610,7 @@ def test_backup_progress_cancel_and_manual_finalize(tmp_path):
     qio(src, "qcow2", "write -P 0x41 0 4M")
     tgts = [qcow2(str(tmp_path / f"t{i}.qcow2")) for i in range(3)]
 
-    async def go(s: Session) -> None:
+    async def go(s: QMPSession) -> None:
         for i, t in enumerate(tgts):
             await s.x("blockdev-add", **fmt_opts(f"t{i}", t))
         # speed-limited: progress rises, then set-speed 0 lets it finish at total
@@ -711,7 +701,7 @@ def test_commit_non_active_and_active(tmp_path):
     qio(top, "qcow2", "write -P 0x03 3M 512k")
     want = logical_sha256(top, "qcow2")
 
-    async def go(s: Session) -> None:
+    async def go(s: QMPSession) -> None:
         await s.x("blockdev-add", **fmt_opts("xb", base))
         await s.x("blockdev-add", **fmt_opts("xm", mid, backing="xb"))
         await s.x("blockdev-add", **fmt_opts("xt", top, backing="xm"))
@@ -746,7 +736,7 @@ def test_commit_non_active_and_active(tmp_path):
         bj = await query_block_job(s, "c2")
         assert bj["status"] == "ready" and bj["ready"] is True and bj["busy"] is False
         # a write while READY is copied before the pivot
-        assert "wrote" in await s.qemu_io("xt", "write -P 0x04 0 64k")
+        assert "wrote" in await s.io("xt", "write -P 0x04 0 64k")
         await s.x("job-complete", id="c2")
         await s.wait_status("c2", "null")
         assert s.job_trace("c2") == [
@@ -773,7 +763,7 @@ def test_commit_non_active_and_active(tmp_path):
         "read -P 0x02 1M 1M",
         "read -P 0x03 3M 512k",
     )
-    assert run_tool("qemu-img", "info", "--output=json", top).stdout.count(base) >= 1
+    assert tool("qemu-img", "info", "--output=json", top).stdout.count(base) >= 1
     assert want  # top's view before the writes while ready
 
 
@@ -784,7 +774,7 @@ def test_active_commit_cancel_on_ready(tmp_path):
     top2 = qcow2(str(tmp_path / "top2.qcow2"), backing=base2)
     qio(top, "qcow2", "write -P 0x05 0 1M")
 
-    async def go(s: Session) -> None:
+    async def go(s: QMPSession) -> None:
         await s.x("blockdev-add", **fmt_opts("b", base))
         await s.x("blockdev-add", **fmt_opts("t", top, backing="b"))
         await s.x("blockdev-add", **fmt_opts("b2", base2))
@@ -843,7 +833,7 @@ def test_mirror_lifecycle(tmp_path):
     t = {n: qcow2(str(tmp_path / f"{n}.qcow2")) for n in ("m1", "m2", "m3")}
     small = qcow2(str(tmp_path / "small.qcow2"), MiB)
 
-    async def go(s: Session) -> None:
+    async def go(s: QMPSession) -> None:
         for n, p in t.items():
             await s.x("blockdev-add", **fmt_opts(n, p))
         await s.x("blockdev-add", **fmt_opts("sm", small))
@@ -873,7 +863,7 @@ def test_mirror_lifecycle(tmp_path):
         ]
         (blk,) = await s.x("query-block")
         assert blk["inserted"]["node-name"] == "m1"
-        assert "wrote" in await s.qemu_io("disk0", "write -P 0x62 3M 64k")
+        assert "wrote" in await s.io("disk0", "write -P 0x62 3M 64k")
         s.clear()
         # block-job-cancel on READY: COMPLETED, no pivot
         await s.x(
@@ -984,7 +974,7 @@ def test_drive_mirror_to_nbd_of_another_daemon_and_to_a_file(tmp_path):
         name="B",
     ):
 
-        async def go(s: Session) -> None:
+        async def go(s: QMPSession) -> None:
             uri = f"nbd+unix:///exp?socket={nbd_sock}"
             await s.x(
                 "drive-mirror",
@@ -1012,7 +1002,7 @@ def test_drive_mirror_to_nbd_of_another_daemon_and_to_a_file(tmp_path):
                 "null",
             ]
             # after the pivot, guest writes go over NBD to daemon B
-            assert "wrote" in await s.qemu_io("disk0", "write -P 0x73 2M 4096")
+            assert "wrote" in await s.io("disk0", "write -P 0x73 2M 4096")
             s.clear()
             await s.x("blockdev-add", **fmt_opts("s2", src, **{"read-only": True}))
             await s.x(
@@ -1072,7 +1062,7 @@ def test_drive_mirror_to_nbd_of_another_daemon_and_to_a_file(tmp_path):
     )
     qio(src, "qcow2", "read -P 0 2M 4096")
     assert (
-        run_tool(
+        tool(
             "qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", src, dst_q, check=False
         ).returncode
         == 0
@@ -1087,7 +1077,7 @@ def test_blkdebug_errors_fail_jobs(tmp_path):
     sr = raw(str(tmp_path / "sr.raw"))
     spare = raw(str(tmp_path / "spare.raw"))
 
-    async def go(s: Session) -> None:
+    async def go(s: QMPSession) -> None:
         await s.err(
             "blockdev-add",
             blkdebug("bx", spare, {"event": "bogus"}),
@@ -1100,7 +1090,7 @@ def test_blkdebug_errors_fail_jobs(tmp_path):
         )
         # a QEMU event blockrep never emits is accepted (its rule just stays idle)
         await s.x("blockdev-add", **blkdebug("bx", spare, {"event": "l2_update"}))
-        assert "wrote 512/512" in await s.qemu_io("bx", "write 0 512")
+        assert "wrote 512/512" in await s.io("bx", "write 0 512")
         await s.x(
             "blockdev-add",
             driver="raw",
@@ -1170,8 +1160,8 @@ def test_blkdebug_errors_fail_jobs(tmp_path):
                 "inject-error": [{"event": "none", "iotype": "write", "once": True}],
             },
         )
-        assert (await s.qemu_io("bt", "write 0 512")).startswith(f"write failed: {EIO}")
-        assert "wrote 512/512" in await s.qemu_io("bt", "write 0 512")
+        assert (await s.io("bt", "write 0 512")).startswith(f"write failed: {EIO}")
+        assert "wrote 512/512" in await s.io("bt", "write 0 512")
 
     with_daemon(tmp_path, go, "-drive", f"if=none,id=src0,driver=qcow2,file.filename={src}")
     check_clean(src)
@@ -1185,7 +1175,7 @@ def test_job_argument_errors(tmp_path):
     small = qcow2(str(tmp_path / "small.qcow2"), MiB)
     bt = qcow2(str(tmp_path / "bt.qcow2"))
 
-    async def go(s: Session) -> None:
+    async def go(s: QMPSession) -> None:
         await s.x("blockdev-add", **fmt_opts("yb", base))
         await s.x("blockdev-add", **fmt_opts("ym", mid, backing="yb"))
         await s.x("blockdev-add", **fmt_opts("yt", top, backing="ym"))

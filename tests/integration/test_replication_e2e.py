@@ -1,7 +1,7 @@
 """COLO block replication end to end: two ``blockrep daemon`` processes.
 
 The pair is set up with REFERENCE-QEMU.md's command lines and QMP sequence (see
-``replication_pair.py``); the consumers of both sides write through NBD exports of
+``tests/harness/pair.py``); the consumers of both sides write through NBD exports of
 ``colo-disk0``. After every step every observable image — P's disk, S's secondary disk
 file, S's view through its export and from the files (active → hidden → secondary),
 P's view through its export — equals the bytearray model of SPEC §1–§5, and
@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from tests.integration.replication_pair import MiB, running_pair
+from tests.harness.pair import MiB, running_pair
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -27,7 +27,7 @@ def rnd_bytes(rng: random.Random, n: int) -> bytes:
 
 
 async def replication_nodes(side) -> list[dict]:
-    return [n for n in await side.cmd("query-replication")]
+    return [n for n in await side.run("query-replication")]
 
 
 async def test_two_daemons_checkpoints_and_secondary_failover():
@@ -105,15 +105,15 @@ async def test_two_daemons_checkpoints_and_secondary_failover():
         await pair.check("after S failover")
         (s_node,) = await replication_nodes(S)
         assert s_node["stage"] == "done" and s_node["error"] is None and s_node["jobs"] == []
-        st = await S.cmd("query-xen-replication-status")
+        st = await S.run("query-xen-replication-status")
         assert st == {"error": False}
         # S's consumer carries on on the secondary disk
         await pair.s_write(7 * MiB, rnd_bytes(rng, 1000))
         await pair.s_write(15 * MiB + 1, rnd_bytes(rng, 2))
         await pair.check("S writes after failover")
         # a finished replication ignores start, checkpoint and stop
-        await S.cmd("xen-colo-do-checkpoint")
-        await S.cmd("xen-set-replication", {"enable": False, "primary": False, "failover": True})
+        await S.run("xen-colo-do-checkpoint")
+        await S.run("xen-set-replication", {"enable": False, "primary": False, "failover": True})
         await pair.check("after ignored control ops")
 
 
@@ -135,7 +135,7 @@ async def test_two_daemons_primary_failover():
         await pair.p_failover(probe_write=(2 * MiB + 3, rnd_bytes(rng, 1234)))
         await pair.check("after P failover")
         assert await replication_nodes(P) == []  # the node is gone from the registry
-        blocks = await P.cmd("query-named-block-nodes")
+        blocks = await P.run("query-named-block-nodes")
         assert not any(b.get("node-name") == "replication0" for b in blocks)
         # P carries on alone: its disk is the model, the dead S's disk is frozen
         await pair.p_write(0, rnd_bytes(rng, 70000))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -21,9 +20,10 @@ import pytest
 from blockrep.block import Graph
 from blockrep.errors import BlockError
 from blockrep.objects import TLSCredsX509
-from tests.daemon_harness import daemon
-from tests.helpers import tool
-from tests.interop.tls_certs import CLIENT_DN, CLIENT_DN_RFC4514, make_pki
+from blockrep.testing import free_port
+from tests.harness.processes import daemon
+from tests.harness.tls import CLIENT_DN, CLIENT_DN_RFC4514, make_pki
+from tests.harness.tools import sha_file, tool
 
 pytestmark = pytest.mark.interop
 
@@ -32,20 +32,6 @@ GiB = 1 << 30
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(8 * MiB):
-            h.update(b)
-    return h.hexdigest()
 
 
 def make_layout_file(path: str, size: int, data_mib: list[int], seed: int = 1) -> bytes:
@@ -227,7 +213,7 @@ def test_nbdcopy_1gib_roundtrip(tmp_path):
         # and over TCP? the same server code; unix keeps the run short
         assert d.proc.poll() is None
     with ThreadPoolExecutor(3) as ex:
-        hs = list(ex.map(sha256_file, (src, disk, out)))
+        hs = list(ex.map(sha_file, (src, disk, out)))
     assert hs[0] == hs[1] == hs[2]
 
 
@@ -253,7 +239,7 @@ def test_qemu_img_compare_convert_map(tmp_path):
         # export -> file
         out = str(tmp_path / "out.raw")
         tool("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, out)
-        assert sha256_file(out) == sha256_file(disk)
+        assert sha_file(out) == sha_file(disk)
         out2 = str(tmp_path / "out.qcow2")
         tool("qemu-img", "convert", "-f", "raw", "-O", "qcow2", uri, out2)
         tool("qemu-img", "compare", "-f", "qcow2", "-F", "raw", out2, uri)

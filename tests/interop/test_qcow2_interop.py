@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from blockrep.block import Graph
-from blockrep.block.qcow2 import create as qcow2_create
+from blockrep.qcow2.create import create_file
 
 pytestmark = pytest.mark.interop
 
@@ -117,14 +117,7 @@ def br_batch(cmds: list[list[str]], cwd: Path | str | None = None) -> list[tuple
 
 
 async def api_create(path: Path, size: int, **kw) -> None:
-    path.write_bytes(b"")
-    g = Graph()
-    try:
-        f = await g.add({"driver": "file", "filename": str(path)})
-        await qcow2_create(f, size, **kw)
-        await g.close_node(f)
-    finally:
-        await g.close_all()
+    await create_file(str(path), size, **kw)
 
 
 @contextlib.asynccontextmanager

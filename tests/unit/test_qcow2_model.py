@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockrep.block import Graph
-from tests.helpers import make_qcow2, make_raw, open_image, run, tool
+from tests.harness.images import make_qcow2, make_raw, open_image
+from tests.harness.tools import run, tool
 
 SIZES = [1 << 20, (2 << 20) + 4096, 3 << 20]
 CLUSTERS = [512, 4096, 65536]

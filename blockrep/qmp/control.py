@@ -1,0 +1,33 @@
+"""Commands about the monitor and the process: query-version, query-commands, quit."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .. import __version__
+from .table import CommandTable, args_of
+
+
+class ControlContext(Protocol):
+    """What quit uses: a way to end the process cleanly."""
+
+    def request_shutdown(self, reason: str) -> None: ...
+
+
+def register(table: CommandTable, ctx: ControlContext) -> None:
+    @table.command("query-version")
+    async def query_version(args: dict[str, Any]) -> Any:
+        args_of({}, args)
+        return {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": f"blockrep {__version__}"}
+
+    @table.command("query-commands")
+    async def query_commands(args: dict[str, Any]) -> Any:
+        args_of({}, args)
+        # qmp_capabilities is answered by the session itself, yet QEMU lists it
+        return [{"name": n} for n in sorted([*table, "qmp_capabilities"])]
+
+    @table.command("quit")
+    async def quit_(args: dict[str, Any]) -> Any:
+        args_of({}, args)
+        ctx.request_shutdown("host-qmp-quit")
+        return {}

@@ -1,0 +1,123 @@
+"""The HA manager tests' view of ``blockrep primary|secondary`` processes: blockrep.testing's
+HA pair, with every status held to the README schema (`blockrep status --json`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from typing import Any
+
+from blockrep import testing
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# README "The HA manager": `blockrep status --json` keys and their types
+PEER_STATES = {
+    "connecting",
+    "connected",
+    "peer-lost",
+    "degraded",
+    "failed-over",
+    "split-brain",
+    "stale",
+    "refused",
+}
+STAGES = {"none", "running", "failover", "failover-failed", "done"}
+NUM = (int, float)
+
+
+def _ranges_ok(v: Any) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(r, list)
+        and len(r) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+        for r in v
+    )
+
+
+def check_status_schema(s: dict[str, Any], role: str | None = None) -> None:
+    """Every documented key present with the documented type (README, `blockrep status --json`)."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, NUM) and not isinstance(v, bool)
+
+    assert isinstance(s, dict), s
+    assert s["role"] in ("primary", "secondary"), s["role"]
+    if role is not None:
+        assert s["role"] == role
+    assert s["mode"] in ("separate", "shared"), s["mode"]
+    assert isinstance(s["stage"], str) and s["stage"] in STAGES, s["stage"]
+    assert isinstance(s["peer"], str) and s["peer"] in PEER_STATES, s["peer"]
+    assert is_int(s["epoch"]) and s["epoch"] >= 0
+    assert s["epoch-uuid"] is None or isinstance(s["epoch-uuid"], str)
+    assert is_num(s["epoch-age"]) and s["epoch-age"] >= 0
+    for k in ("hidden-bytes", "active-bytes", "unacked-bytes", "checkpoints"):
+        assert is_int(s[k]) and s[k] >= 0, (k, s[k])
+    for k in ("last-checkpoint-pause-ms", "checkpoint-pause-p50-ms", "checkpoint-pause-p99-ms"):
+        assert is_num(s[k]) and s[k] >= 0, (k, s[k])
+    assert s["checkpoint-pause-p50-ms"] <= s["checkpoint-pause-p99-ms"] + 1e-9
+    assert s["replication-error"] is None or isinstance(s["replication-error"], str)
+    assert isinstance(s["errors"], list) and all(isinstance(e, str) for e in s["errors"])
+    af = s["auto-failover"]
+    assert (
+        isinstance(af, dict) and isinstance(af["enabled"], bool) and isinstance(af["reason"], str)
+    ), af
+    if "timeout" in af:
+        assert is_num(af["timeout"])
+    assert s["alone-since"] is None or isinstance(s["alone-since"], str)
+    assert _ranges_ok(s["written-alone"]), s["written-alone"]
+    if "split-brain" in s:
+        sb = s["split-brain"]
+        assert sb["common-epoch"] is None or isinstance(sb["common-epoch"], str)
+        assert _ranges_ok(sb["primary"]["written"]) and _ranges_ok(sb["secondary"]["written"]), sb
+    if "sync" in s:
+        sy = s["sync"]
+        assert isinstance(sy["what"], str) and is_int(sy["current"]) and is_int(sy["total"]), sy
+    assert isinstance(s["jobs"], list)
+    for j in s["jobs"]:
+        assert (
+            isinstance(j["id"], str) and isinstance(j["type"], str) and isinstance(j["status"], str)
+        ), j
+        assert is_int(j["current"]) and is_int(j["total"]), j
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("blockrep_"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+class Node(testing.HANode):
+    def status(self) -> dict[str, Any]:
+        s = super().status()
+        check_status_schema(s, self.role)
+        return s
+
+    def status_cli(self) -> dict[str, Any]:
+        """`blockrep status --json` as a user runs it."""
+        r = subprocess.run(
+            [sys.executable, "-m", "blockrep.cli", "status", "--qmp", f"unix:{self.qmp}", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+        assert r.returncode == 0, r.stderr
+        s = json.loads(r.stdout)
+        check_status_schema(s, self.role)
+        return s
+
+
+class HA(testing.HA):
+    node_class = Node
