@@ -48,11 +48,12 @@ lint: venv
 	$(VENV)/bin/mypy blockrep
 
 # every benchmark in bench/; each writes bench/results/<name>.json and .md
+# (replication: buffers in /dev/shm as the HA manager keeps them, both modes)
 bench: venv debs
 	$(PY) bench/qcow2.py
 	$(PY) bench/nbd.py
 	$(PY) bench/jobs.py
-	$(PY) bench/replication.py
+	$(PY) bench/replication.py --buffer-dir /dev/shm --shared
 	$(PY) bench/ha.py
 
 clean:

@@ -159,3 +159,14 @@ def test_no_module_outside_ha_over_600_lines() -> None:
         and (n := len(p.read_text().splitlines())) > 600
     ]
     assert long == []
+
+
+def test_every_package_is_a_regular_package() -> None:
+    # a directory without __init__.py is a namespace package: setuptools' find
+    # leaves it out of a wheel, so an installed blockrep would lack it
+    missing = [
+        str(d.relative_to(ROOT))
+        for d in sorted(PACKAGE.rglob("*"))
+        if d.is_dir() and d.name != "__pycache__" and not (d / "__init__.py").exists()
+    ]
+    assert missing == []
