@@ -98,13 +98,21 @@ def secondary_parser() -> argparse.ArgumentParser:
 
 def run_role(kind: str, argv: list[str]) -> int:
     from ..errors import BlockError
-    from ..ha.manager import Primary, Secondary
+    from ..ha.config import PrimaryConfig, SecondaryConfig
+    from ..ha.primary import Primary
+    from ..ha.role import BaseRole
+    from ..ha.secondary import Secondary
 
     args = (primary_parser() if kind == "primary" else secondary_parser()).parse_args(argv)
     logging.basicConfig(level=args.log.upper(), format=f"blockrep {kind}: %(message)s")
 
     async def main() -> int:
-        node = Primary(args) if kind == "primary" else Secondary(args)
+        # the Namespace stops here: the roles take a typed, frozen config
+        node: BaseRole = (
+            Primary(PrimaryConfig.from_args(args))
+            if kind == "primary"
+            else Secondary(SecondaryConfig.from_args(args))
+        )
         try:
             await node.setup()
         except (BlockError, OSError, RuntimeError, ValueError) as e:

@@ -114,12 +114,18 @@ class BlackholeProxy:
         self.blackholed = True
 
     def heal(self) -> None:
-        """Close the stalled connections, forward new ones."""
+        """Close the stalled connections, forward new ones.
+
+        The stalled connections leave the list and forwarding is switched on in
+        one locked step: a connection accepted in between would otherwise be
+        neither dropped nor forwarded, and its client would wait forever. A pump
+        whose pair left the list stops before it forwards anything stale."""
         with self.lock:
             old = list(self.conns)
+            self.conns.clear()
+            self.blackholed = False
         for pair in old:
             self._drop(pair)
-        self.blackholed = False
 
     def close(self) -> None:
         self.closed = True

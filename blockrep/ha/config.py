@@ -1,0 +1,127 @@
+"""What a role was told at start: a typed, frozen view of ``blockrep primary|secondary``'s argv.
+
+The argparse Namespace stops at the CLI: the roles read these fields, so a missing or
+misspelt option is a type error here rather than an AttributeError in the middle of a
+pairing. Defaults that depend on the disk (state file) are resolved once, here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import os
+from dataclasses import dataclass
+from typing import TypedDict
+
+
+class Mode(enum.StrEnum):
+    """How the two nodes hold the data (SPEC §2/§3); the values are what status shows."""
+
+    SEPARATE = "separate"  # each node has its own disk; P forwards every write
+    SHARED = "shared"  # both see one disk; S buffers only its own writes
+
+
+def default_state_file(disk: str) -> str:
+    return os.path.abspath(disk) + ".blockrep-state.json"
+
+
+def default_buffer_dir(disk: str) -> str:
+    """/dev/shm when writable: the overlays are throw-away and hot."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return "/dev/shm"
+    return os.path.dirname(os.path.abspath(disk))
+
+
+def qmp_socket_path(qmp: str) -> str:
+    """``unix:PATH`` or a bare path → the path."""
+    return qmp[5:] if qmp.startswith("unix:") else qmp
+
+
+class _Common(TypedDict):
+    disk: str
+    mode: Mode
+    export: str
+    qmp: str | None
+    metrics: str | None
+    tls_dir: str | None
+    state_file: str
+    heartbeat_interval: float
+    heartbeat_timeout: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoleConfig:
+    """The options both roles take."""
+
+    disk: str  # absolute path of the raw file this node serves
+    mode: Mode
+    export: str  # consumer NBD address: HOST:PORT or unix:PATH
+    qmp: str | None  # QMP socket (unix:PATH), or None for none
+    metrics: str | None  # Prometheus HOST:PORT, or None
+    tls_dir: str | None  # x509 directory for the control channel, or None
+    state_file: str
+    heartbeat_interval: float
+    heartbeat_timeout: float
+
+    @property
+    def shared(self) -> bool:
+        return self.mode is Mode.SHARED
+
+    @staticmethod
+    def _common(ns: argparse.Namespace) -> _Common:
+        disk = os.path.abspath(ns.disk)
+        return {
+            "disk": disk,
+            "mode": Mode.SHARED if getattr(ns, "shared", False) else Mode.SEPARATE,
+            "export": ns.export,
+            "qmp": ns.qmp or None,
+            "metrics": getattr(ns, "metrics", None) or None,
+            "tls_dir": getattr(ns, "tls_dir", None) or None,
+            "state_file": ns.state_file or default_state_file(disk),
+            "heartbeat_interval": float(ns.heartbeat_interval),
+            "heartbeat_timeout": float(ns.heartbeat_timeout),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrimaryConfig(RoleConfig):
+    secondary: str  # the secondary's control address
+    checkpoint_interval: float  # seconds; 0 = only on demand
+    assume_synced: bool
+    initial_sync: bool
+    connect_timeout: float
+    reconnect: bool
+    progress: bool  # progress bars on stderr
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> PrimaryConfig:
+        return cls(
+            **cls._common(ns),
+            secondary=ns.secondary,
+            checkpoint_interval=float(ns.checkpoint_interval),
+            assume_synced=bool(ns.assume_synced),
+            initial_sync=bool(ns.initial_sync),
+            connect_timeout=float(ns.connect_timeout),
+            reconnect=bool(ns.reconnect),
+            progress=bool(ns.progress),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecondaryConfig(RoleConfig):
+    listen: str  # control address the primary connects to
+    buffer_dir: str | None  # None: default_buffer_dir(disk), decided when the overlays are made
+    auto_failover: bool
+    failover_timeout: float
+    fence_command: str | None
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> SecondaryConfig:
+        return cls(
+            **cls._common(ns),
+            listen=ns.listen,
+            buffer_dir=ns.buffer_dir or None,
+            auto_failover=bool(ns.auto_failover),
+            failover_timeout=float(ns.failover_timeout),
+            fence_command=ns.fence_command or None,
+        )

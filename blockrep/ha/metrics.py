@@ -1,0 +1,66 @@
+"""Prometheus metrics (``--metrics HOST:PORT``): the status figures, refreshed every second.
+
+The gauge names are README's; each is read from the same status dict that
+``query-ha-status`` returns, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..address import SocketAddress
+
+log = logging.getLogger("blockrep.ha")
+
+StatusFn = Callable[[], Awaitable[dict[str, Any]]]
+
+# gauge (blockrep_<name>) → help text
+GAUGES: tuple[tuple[str, str], ...] = (
+    ("epoch", "current epoch number"),
+    ("epoch_age_seconds", "time since the last checkpoint"),
+    ("hidden_bytes", "bytes buffered in the hidden disk"),
+    ("active_bytes", "bytes buffered in the active disk"),
+    ("unacked_bytes", "bytes forwarded to the secondary and not yet acknowledged"),
+    ("checkpoints_total", "checkpoints taken"),
+    ("last_checkpoint_pause_ms", "consumer pause of the last checkpoint"),
+    ("peer_connected", "1 if the peer is connected"),
+    ("errors", "errors recorded"),
+)
+
+
+def values(s: dict[str, Any]) -> dict[str, float]:
+    """Each gauge's value from one status dict."""
+    return {
+        "epoch": s["epoch"],
+        "epoch_age_seconds": s["epoch-age"],
+        "hidden_bytes": s["hidden-bytes"],
+        "active_bytes": s["active-bytes"],
+        "unacked_bytes": s["unacked-bytes"],
+        "checkpoints_total": s["checkpoints"],
+        "last_checkpoint_pause_ms": s["last-checkpoint-pause-ms"],
+        "peer_connected": 1 if s["peer"] == "connected" else 0,
+        "errors": len(s["errors"]),
+    }
+
+
+def serve(address: str, status: StatusFn) -> asyncio.Task:
+    """Start the HTTP endpoint and the task that refreshes the gauges; return the task."""
+    from prometheus_client import Gauge, start_http_server
+
+    addr = SocketAddress.from_str(address)
+    start_http_server(int(addr.port), addr=addr.host)
+    gauges = {k: Gauge(f"blockrep_{k}", h) for k, h in GAUGES}
+    return asyncio.create_task(_refresh(gauges, status))
+
+
+async def _refresh(gauges: dict[str, Any], status: StatusFn) -> None:
+    while True:
+        try:
+            for k, v in values(await status()).items():
+                gauges[k].set(v)
+        except Exception as e:  # metrics must never take the node down
+            log.debug("metrics: %s", e)
+        await asyncio.sleep(1.0)

@@ -1,0 +1,284 @@
+"""``blockrep primary``: the node that drives the pair.
+
+It connects the control channel, checks histories and disks (pairing.py), starts
+replication (secondary first), checkpoints periodically — quiescing its consumer's
+export, so every forwarded write is acknowledged first — and sends heartbeats
+(watchdog.py). Losing the secondary degrades it: it keeps serving and records where
+it writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from ..address import SocketAddress
+from ..block.node import Node
+from ..errors import BlockError, ReplicationError
+from ..replication.filter import ReplicationMode
+from . import channel, pairing, qmp, watchdog
+from .config import PrimaryConfig
+from .resync import SyncKind, SyncProgress, all_chunks, copy_chunks
+from .role import BaseRole, PeerStatus, esc
+from .state import CHUNK, chunks_to_ranges, compare
+from .states import EntryKind
+from .states import Role as RoleName
+
+log = logging.getLogger("blockrep.ha")
+
+
+class Primary(BaseRole):
+    role = RoleName.PRIMARY
+    cfg: PrimaryConfig
+
+    def __init__(self, cfg: PrimaryConfig) -> None:
+        super().__init__(cfg)
+        self.ch: channel.Client | None = None
+        self.replicating = False
+        self.split_brain: dict[str, Any] | None = None
+        self.ckpt_lock = asyncio.Lock()
+        # what a running sync has copied (status shows "sync" only during one)
+        self.sync_progress: SyncProgress | None = None
+
+    async def setup(self) -> None:
+        d = self.d
+        if self.shared:
+            await d.blockdev.drive_add(
+                f"if=none,id=primary_disk0,driver=raw,file.filename={esc(self.disk)}"
+            )
+            self.top_device = "primary_disk0"
+        else:
+            await d.blockdev.drive_add(
+                "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,"
+                f"children.0.driver=raw,children.0.file.filename={esc(self.disk)}"
+            )
+            self.top_device = "colo-disk0"
+        if self.state.alone_since is not None:
+            # went on alone in an earlier life: keep recording where it writes
+            self.track_alone_writes(EntryKind.DEGRADED)
+        qmp.register_primary(self)
+        await self.start_qmp()
+        self.start_metrics()
+        await self.connect_and_replicate(first=True)
+        await self.start_consumer_export()
+        self.tasks.append(asyncio.create_task(watchdog.heartbeat_loop(self)))
+        if self.cfg.checkpoint_interval > 0:
+            self.tasks.append(asyncio.create_task(self._checkpoint_loop()))
+
+    # -- pairing ----------------------------------------------------------------------------------
+
+    async def connect_and_replicate(self, first: bool) -> bool:
+        """Pair with the secondary and start replicating; False: serving alone (status says why).
+
+        The first attempt keeps trying for --connect-timeout and a refusal on the data
+        path (disks differ) ends the process; later ones (--reconnect) try once.
+        """
+        cfg = self.cfg
+        ch = channel.Client()
+        deadline = time.monotonic() + (cfg.connect_timeout if first else 1.0)
+        assert self.top is not None
+        while True:
+            try:
+                await ch.connect(cfg.secondary, self.tls_client)
+                hello = await ch.call(
+                    "hello",
+                    size=self.top.length,
+                    shared=self.shared,
+                    history=self.state.generations,
+                )
+                break
+            except channel.ChannelError as e:
+                if not ch.closed:  # the secondary answered: a real refusal
+                    await ch.close()
+                    self.peer = PeerStatus.REFUSED
+                    self.error(f"secondary refused pairing: {e}")
+                    return False
+                # the channel died before an answer (secondary not up yet, a proxy,
+                # a TLS mismatch): a transport failure, retried like a failed connect
+                await ch.close()
+                ch = channel.Client()
+                err: Exception = e
+            except (OSError, TimeoutError) as e:
+                err = e
+            if time.monotonic() >= deadline:
+                self.peer = PeerStatus.DEGRADED
+                self.error(f"cannot reach the secondary at {cfg.secondary}: {err}")
+                if first:
+                    self.track_alone_writes(EntryKind.DEGRADED)
+                return False
+            await asyncio.sleep(0.2)
+        rel = compare(self.state.generations, hello["history"])
+        self.flush_alone_writes()
+        refusal = pairing.judge_hello(
+            rel, hello, chunks_to_ranges(self.state.written_chunks), self.state.alone_since
+        )
+        if refusal is not None:
+            self.peer = refusal.peer
+            if refusal.split_brain is not None:
+                self.split_brain = refusal.split_brain
+            self.error(refusal.message)
+            # this node keeps serving its consumer: from here on it writes alone
+            self.track_alone_writes(EntryKind.DEGRADED)
+            await ch.close()
+            return False
+        # a live consumer waits while the disks are brought in sync and replication
+        # starts: a write landing on an already copied region would be lost on S
+        exp = self.consumer_export
+        if exp is not None:
+            await exp.quiesce()
+        try:
+            try:
+                await self._bring_in_sync(hello, rel.relation)
+            except BlockError as e:
+                self.peer = PeerStatus.REFUSED
+                self.error(e.message)
+                await ch.close()
+                if first:
+                    raise
+                return False
+            await self._start_replication(hello, ch)
+        finally:
+            if exp is not None:
+                exp.resume()
+        return True
+
+    async def _bring_in_sync(self, hello: dict[str, Any], relation: str) -> None:
+        top = self.top
+        assert top is not None
+        plan = pairing.plan_sync(
+            shared=self.shared,
+            relation=relation,
+            alone=self.state.alone_since is not None,
+            has_history=bool(self.state.generations),
+            initial_sync=self.cfg.initial_sync,
+            assume_synced=self.cfg.assume_synced,
+        )
+        if plan is pairing.SyncPlan.SHARED_IDENTITY:
+            await pairing.check_shared_identity(top, hello)
+            return
+        link = await pairing.open_link(hello)
+        try:
+            if plan is pairing.SyncPlan.RESYNC_WRITTEN:
+                # only this node wrote since the secondary's last epoch: copy just that
+                await self._copy(link, sorted(self.state.written_chunks), SyncKind.RESYNC)
+            elif plan is pairing.SyncPlan.INITIAL_SYNC:
+                await self._copy(link, all_chunks(top.length), SyncKind.INITIAL)
+            elif plan is pairing.SyncPlan.RESYNC_DIFFERING:
+                differ = await pairing.differing_chunks(top, link)
+                if differ:
+                    self.error(
+                        f"{len(differ)} MiB differed after an unfinished epoch; resynchronising them"
+                    )
+                    await self._copy(link, differ, SyncKind.RESYNC)
+            elif plan is pairing.SyncPlan.VERIFY:
+                await pairing.verify_identical(top, link)
+        finally:
+            await link.graph.close_all()
+
+    async def _copy(self, link: Node, chunks: list[int], what: SyncKind) -> None:
+        assert self.top is not None
+        progress = SyncProgress(what, total=len(chunks) * CHUNK)
+        self.sync_progress = progress
+        try:
+            await copy_chunks(self.top, link, chunks, progress, self.cfg.progress)
+        finally:
+            self.sync_progress = None  # status shows "sync" only during a sync (README)
+
+    async def _start_replication(self, hello: dict[str, Any], ch: channel.Client) -> None:
+        d = self.d
+        server = SocketAddress.from_str(hello["link"]).to_qapi()
+        opts: dict[str, Any] = {
+            "driver": "replication",
+            "node-name": "replication0",
+            "mode": "primary",
+            "file": {"driver": "nbd", "export": hello["export"], "server": server},
+        }
+        if self.shared:
+            opts.update({"shared-disk": True, "shared-disk-id": "primary_disk0"})
+        await d.graph.add(opts, monitor=True)
+        if not self.shared:
+            d.blockdev.blockdev_change("colo-disk0", None, "replication0")
+        # the secondary first (its buffers and copy-before-write must be ready)
+        gen = str(uuid.uuid4())
+        await ch.call("start", history=self.state.generations)
+        await d.replication.start_all(ReplicationMode.PRIMARY)
+        self.ch = ch
+        self.replicating = True
+        self.peer = PeerStatus.CONNECTED
+        # the first epoch, agreed by both
+        await ch.call("checkpoint", gen=gen)
+        self.agreed_epoch(gen)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    async def checkpoint(self) -> dict[str, Any]:
+        if not self.replicating or self.ch is None:
+            raise channel.ChannelError(f"not replicating (peer: {self.peer})")
+        async with self.ckpt_lock:
+            exp = self.consumer_export
+            t0 = time.perf_counter()
+            if exp is not None:
+                await exp.quiesce()  # in flight done ⇒ every forwarded write acknowledged
+            try:
+                self.d.replication.get_error_all()
+                gen = str(uuid.uuid4())
+                await self.ch.call(
+                    "checkpoint", gen=gen, timeout=max(5.0, self.cfg.heartbeat_timeout)
+                )
+                await self.d.replication.do_checkpoint_all()
+            except (channel.ChannelError, ReplicationError) as e:
+                await self.degrade(f"checkpoint failed: {e}")
+                raise
+            finally:
+                if exp is not None:
+                    exp.resume()
+                pause = (time.perf_counter() - t0) * 1000
+            # after resume(): the state file's fsyncs run once the consumer is moving
+            self.agreed_epoch(gen)
+            self.stats.pauses_ms.append(pause)
+            del self.stats.pauses_ms[:-10000]
+            self.stats.checkpoints += 1
+            return {"epoch": len(self.state.generations), "pause-ms": round(pause, 3)}
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.checkpoint_interval)
+            if self.replicating:
+                try:
+                    await self.checkpoint()
+                except Exception as e:
+                    log.warning("checkpoint: %s", e)
+
+    async def degrade(self, why: str) -> None:
+        """Lose the secondary: stop replicating, keep serving, record what is written."""
+        if not self.replicating:
+            return
+        self.replicating = False
+        self.peer = PeerStatus.DEGRADED
+        self.error(why)
+        if self.ch is not None:
+            await self.ch.close()
+            self.ch = None
+        self.track_alone_writes(EntryKind.DEGRADED)
+        d = self.d
+        try:
+            await d.replication.stop_all(True)
+        except ReplicationError:
+            pass
+        try:
+            if not self.shared:
+                d.blockdev.blockdev_change("colo-disk0", "children.1", None)
+            await d.blockdev.blockdev_del("replication0")
+        except BlockError as e:
+            log.warning("removing the replication node: %s", e.message)
+
+    async def status(self) -> dict[str, Any]:
+        s = await super().status()
+        if self.split_brain is not None:
+            s["split-brain"] = self.split_brain
+        if self.sync_progress is not None:
+            s["sync"] = self.sync_progress.as_dict()
+        return s
