@@ -99,6 +99,7 @@ def secondary_parser() -> argparse.ArgumentParser:
 def run_role(kind: str, argv: list[str]) -> int:
     from ..errors import BlockError
     from ..ha.config import PrimaryConfig, SecondaryConfig
+    from ..ha.node_state import StateFileError
     from ..ha.primary import Primary
     from ..ha.role import BaseRole
     from ..ha.secondary import Secondary
@@ -108,14 +109,18 @@ def run_role(kind: str, argv: list[str]) -> int:
 
     async def main() -> int:
         # the Namespace stops here: the roles take a typed, frozen config
-        node: BaseRole = (
-            Primary(PrimaryConfig.from_args(args))
-            if kind == "primary"
-            else Secondary(SecondaryConfig.from_args(args))
-        )
+        try:  # a state file that cannot be read is one line naming it, never a traceback
+            node: BaseRole = (
+                Primary(PrimaryConfig.from_args(args))
+                if kind == "primary"
+                else Secondary(SecondaryConfig.from_args(args))
+            )
+        except StateFileError as e:
+            print(f"blockrep {kind}: {e.message}", file=sys.stderr)
+            return 1
         try:
             await node.setup()
-        except (BlockError, OSError, RuntimeError, ValueError) as e:
+        except (BlockError, StateFileError, OSError, RuntimeError, ValueError) as e:
             print(f"blockrep {kind}: {getattr(e, 'message', e)}", file=sys.stderr)
             await node.shutdown()
             return 1

@@ -5,6 +5,10 @@ The decisions are pure functions of the histories and the hello (``judge_hello``
 ``plan_sync``, ``secondary_split_brain``) so that they can be read and tested as
 tables; the disk checks over the replication link (shared identity, whole-disk
 verify, differing regions) are the I/O that carries out the plan.
+
+Histories are compared by content (handshake.compare_histories): a trimmed history
+still finds the common epoch, and one side one epoch ahead (a crash between the two
+sides' appends) is the same lineage, never a split brain.
 """
 
 from __future__ import annotations
@@ -18,8 +22,20 @@ from ..block.graph import Graph
 from ..block.node import Node
 from ..errors import BlockError
 from ..replication.identity import disk_identity
+from .bitmap import REGION_SIZE as CHUNK
+from .handshake import Comparison, Relation, compare_histories
 from .role import PeerStatus
-from .state import CHUNK, Comparison, compare
+from .states import HistoryEntry
+
+
+def parse_history(value: Any) -> list[HistoryEntry]:
+    """A history as the peer sent it (``["epoch:UUID", ...]``); ValueError if it is not one."""
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ValueError(f"not a list of strings: {str(value)[:60]}")
+    out = [HistoryEntry.parse(x) for x in value]
+    if not all(e.id for e in out):
+        raise ValueError("an entry has no id")
+    return out
 
 
 @dataclass(frozen=True)
@@ -39,9 +55,10 @@ def judge_hello(
     ``rel`` compares this node's history with the secondary's; ``mine`` is where this
     node wrote alone (ranges), ``alone_since`` since which generation.
     """
-    if hello.get("failed-over") or rel.relation in ("self-behind", "diverged"):
+    common = rel.common.id if rel.common is not None else None
+    if hello.get("failed-over") or rel.relation in (Relation.SELF_BEHIND, Relation.DIVERGED):
         theirs = hello.get("written", [])
-        if rel.relation == "self-behind" and not mine:
+        if rel.relation is Relation.SELF_BEHIND and not mine:
             return Refusal(
                 PeerStatus.STALE,
                 "the secondary went on without this primary (it failed over at "
@@ -49,10 +66,10 @@ def judge_hello(
             )
         return Refusal(
             PeerStatus.SPLIT_BRAIN,
-            f"split brain: both nodes wrote since epoch {rel.common}: primary wrote "
+            f"split brain: both nodes wrote since epoch {common}: primary wrote "
             f"{len(mine)} region(s), secondary {len(theirs)} region(s); not replicating, nothing overwritten",
             {
-                "common-epoch": rel.common,
+                "common-epoch": common,
                 "primary": {"since": alone_since, "written": mine},
                 "secondary": {"since": hello.get("alone-since"), "written": theirs},
             },
@@ -66,16 +83,20 @@ def judge_hello(
 
 
 def secondary_split_brain(
-    mine: list[str], theirs: Any, alone_since: str | None, written_regions: int
+    mine: list[HistoryEntry], theirs: Any, alone_since: HistoryEntry | None, written_regions: int
 ) -> str | None:
     """The secondary's side of a hello: the error to report when both went on alone."""
-    if not isinstance(theirs, list) or alone_since is None:
+    if alone_since is None:
         return None
-    rel = compare(mine, theirs)
-    if rel.relation != "diverged":
+    try:
+        rel = compare_histories(mine, parse_history(theirs))
+    except ValueError:
         return None
+    if rel.relation is not Relation.DIVERGED:
+        return None
+    common = rel.common.id if rel.common is not None else None
     return (
-        f"split brain: the primary wrote on its own since epoch {rel.common} "
+        f"split brain: the primary wrote on its own since epoch {common} "
         f"as did this node ({written_regions} MiB region(s)); nothing is overwritten"
     )
 
@@ -95,20 +116,24 @@ def plan_sync(
     *,
     shared: bool,
     relation: str,
+    lost_append: bool = False,
     alone: bool,
     has_history: bool,
     initial_sync: bool,
     assume_synced: bool,
 ) -> SyncPlan:
-    """``relation``: ``compare``'s (this node vs the secondary); ``alone``: this node went
-    on alone; ``has_history``: this node has at least one generation."""
+    """``relation``: ``compare_histories``' (this node vs the secondary); ``lost_append``:
+    the secondary holds an epoch this node lacks (this node crashed before appending
+    it); ``alone``: this node went on alone; ``has_history``: it has a generation."""
     if shared:
         return SyncPlan.SHARED_IDENTITY
-    if relation == "peer-behind" and alone:
-        return SyncPlan.RESYNC_WRITTEN
+    if relation == Relation.PEER_BEHIND and alone:
+        # after a lost append this node's bitmap does not cover the epoch it crashed in:
+        # compare the whole disks rather than copy only what it wrote alone
+        return SyncPlan.RESYNC_DIFFERING if lost_append else SyncPlan.RESYNC_WRITTEN
     if initial_sync:
         return SyncPlan.INITIAL_SYNC
-    if relation == "same" and has_history and not assume_synced:
+    if relation == Relation.SAME and has_history and not assume_synced:
         # The histories agree, but the last epoch may not have ended cleanly:
         # writes P made after it may have reached S only in part. S wrote
         # nothing of its own since (its history would show it), so P's disk

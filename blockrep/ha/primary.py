@@ -20,10 +20,11 @@ from ..block.node import Node
 from ..errors import BlockError, ReplicationError
 from ..replication.filter import ReplicationMode
 from . import channel, pairing, qmp, watchdog
+from .bitmap import REGION_SIZE as CHUNK
 from .config import PrimaryConfig
+from .handshake import Comparison, compare_histories
 from .resync import SyncKind, SyncProgress, all_chunks, copy_chunks
 from .role import BaseRole, PeerStatus, esc
-from .state import CHUNK, chunks_to_ranges, compare
 from .states import EntryKind
 from .states import Role as RoleName
 
@@ -56,6 +57,8 @@ class Primary(BaseRole):
                 f"children.0.driver=raw,children.0.file.filename={esc(self.disk)}"
             )
             self.top_device = "colo-disk0"
+        assert self.top is not None
+        self.state.ensure_disk_id(self.top.length)  # StateFileError: another disk's state
         if self.state.alone_since is not None:
             # went on alone in an earlier life: keep recording where it writes
             self.track_alone_writes(EntryKind.DEGRADED)
@@ -87,7 +90,7 @@ class Primary(BaseRole):
                     "hello",
                     size=self.top.length,
                     shared=self.shared,
-                    history=self.state.generations,
+                    history=[str(e) for e in self.state.history],
                 )
                 break
             except channel.ChannelError as e:
@@ -110,10 +113,18 @@ class Primary(BaseRole):
                     self.track_alone_writes(EntryKind.DEGRADED)
                 return False
             await asyncio.sleep(0.2)
-        rel = compare(self.state.generations, hello["history"])
+        try:
+            theirs = pairing.parse_history(hello.get("history"))
+        except ValueError as e:
+            await ch.close()
+            self.peer = PeerStatus.REFUSED
+            self.error(f"secondary refused pairing: its history is not valid: {e}")
+            return False
+        rel = compare_histories(self.state.history, theirs)
         self.flush_alone_writes()
+        alone = self.state.alone_since
         refusal = pairing.judge_hello(
-            rel, hello, chunks_to_ranges(self.state.written_chunks), self.state.alone_since
+            rel, hello, self.state.peer_bitmap.ranges(), str(alone) if alone else None
         )
         if refusal is not None:
             self.peer = refusal.peer
@@ -131,7 +142,7 @@ class Primary(BaseRole):
             await exp.quiesce()
         try:
             try:
-                await self._bring_in_sync(hello, rel.relation)
+                await self._bring_in_sync(hello, rel)
             except BlockError as e:
                 self.peer = PeerStatus.REFUSED
                 self.error(e.message)
@@ -145,14 +156,15 @@ class Primary(BaseRole):
                 exp.resume()
         return True
 
-    async def _bring_in_sync(self, hello: dict[str, Any], relation: str) -> None:
+    async def _bring_in_sync(self, hello: dict[str, Any], rel: Comparison) -> None:
         top = self.top
         assert top is not None
         plan = pairing.plan_sync(
             shared=self.shared,
-            relation=relation,
+            relation=rel.relation,
+            lost_append=bool(rel.theirs_after),
             alone=self.state.alone_since is not None,
-            has_history=bool(self.state.generations),
+            has_history=bool(self.state.history),
             initial_sync=self.cfg.initial_sync,
             assume_synced=self.cfg.assume_synced,
         )
@@ -163,7 +175,7 @@ class Primary(BaseRole):
         try:
             if plan is pairing.SyncPlan.RESYNC_WRITTEN:
                 # only this node wrote since the secondary's last epoch: copy just that
-                await self._copy(link, sorted(self.state.written_chunks), SyncKind.RESYNC)
+                await self._copy(link, list(self.state.peer_bitmap), SyncKind.RESYNC)
             elif plan is pairing.SyncPlan.INITIAL_SYNC:
                 await self._copy(link, all_chunks(top.length), SyncKind.INITIAL)
             elif plan is pairing.SyncPlan.RESYNC_DIFFERING:
@@ -203,7 +215,7 @@ class Primary(BaseRole):
             d.blockdev.blockdev_change("colo-disk0", None, "replication0")
         # the secondary first (its buffers and copy-before-write must be ready)
         gen = str(uuid.uuid4())
-        await ch.call("start", history=self.state.generations)
+        await ch.call("start", history=[str(e) for e in self.state.history])
         await d.replication.start_all(ReplicationMode.PRIMARY)
         self.ch = ch
         self.replicating = True
@@ -241,7 +253,7 @@ class Primary(BaseRole):
             self.stats.pauses_ms.append(pause)
             del self.stats.pauses_ms[:-10000]
             self.stats.checkpoints += 1
-            return {"epoch": len(self.state.generations), "pause-ms": round(pause, 3)}
+            return {"epoch": len(self.state.history), "pause-ms": round(pause, 3)}
 
     async def _checkpoint_loop(self) -> None:
         while True:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..block.node import Node
-from .state import CHUNK
+from .bitmap import REGION_SIZE as CHUNK
 
 
 class SyncKind(enum.StrEnum):

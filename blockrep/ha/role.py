@@ -3,29 +3,38 @@
 Each role (``Primary``, ``Secondary``) runs a Daemon (graph, QMP, jobs, replication
 registry) in its own process and builds SPEC §2/§3's graph itself; this base class
 holds what does not depend on which side of the pair a node is.
+
+The durable state is node_state.NodeState (checksummed; a corrupt file is an error,
+never reset). A node writing alone marks the peer bitmap before each write reaches its
+disk (I1): the consumer export awaits the mark, and a write whose mark cannot be made
+durable fails with EIO instead of being issued.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
 import os
 import signal
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..address import SocketAddress
 from ..block.node import DirtyBitmap, Node
 from ..daemon import Daemon
+from ..errors import BlockError
 from ..export import Export
 from ..nbd.server import NBDServer
 from ..replication.filter import ReplicationNode
 from . import channel, metrics, qmp
+from .bitmap import REGION_SIZE
 from .config import RoleConfig
-from .state import CHUNK, NodeState, chunks_to_ranges
+from .node_state import NodeState, StateFileError
 from .states import EntryKind
 from .states import Role as RoleName
 
@@ -70,6 +79,39 @@ class Stats:
         }
 
 
+class ConsumerExport(Export):
+    """The consumer's export: a write, write-zeroes or discard first passes
+    ``before_write`` (which may refuse it with a BlockError before anything is issued),
+    and the ranges in flight are known, so a node going alone can mark those too."""
+
+    def __init__(self, node: Node, before_write: Callable[[int, int], None]) -> None:
+        super().__init__("disk", node, writable=True, id="consumer")
+        self.before_write = before_write
+        self.in_flight: dict[int, tuple[int, int]] = {}
+        self._seq = 0
+
+    async def _guarded(self, offset: int, nbytes: int, op: Callable[[], Awaitable[None]]) -> None:
+        self.before_write(offset, nbytes)
+        self._seq += 1
+        key = self._seq
+        self.in_flight[key] = (offset, nbytes)  # no await since the check above
+        try:
+            await op()
+        finally:
+            del self.in_flight[key]
+
+    def write(self, offset: int, data: bytes | memoryview, fua: bool) -> Awaitable[None]:
+        return self._guarded(offset, len(data), lambda: Export.write(self, offset, data, fua))
+
+    def write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> Awaitable[None]:
+        return self._guarded(
+            offset, nbytes, lambda: Export.write_zeroes(self, offset, nbytes, may_unmap, fua)
+        )
+
+    def discard(self, offset: int, nbytes: int) -> Awaitable[None]:
+        return self._guarded(offset, nbytes, lambda: Export.discard(self, offset, nbytes))
+
+
 class BaseRole:
     """The part of a node that is the same on both sides of the pair."""
 
@@ -87,7 +129,7 @@ class BaseRole:
         self.epoch_started = time.monotonic()
         self.top_device = ""  # the consumer's device; its root may change (filters)
         self.consumer: NBDServer | None = None
-        self.consumer_export: Export | None = None
+        self.consumer_export: ConsumerExport | None = None
         self.alone_bitmap: DirtyBitmap | None = None
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
@@ -112,7 +154,7 @@ class BaseRole:
     async def start_consumer_export(self) -> None:
         assert self.top is not None
         self._attach_write_bitmap()
-        self.consumer_export = Export("disk", self.top, writable=True, id="consumer")
+        self.consumer_export = ConsumerExport(self.top, self._mark_before_write)
         self.consumer = NBDServer({"disk": self.consumer_export})
         addr = SocketAddress.from_str(self.cfg.export)
         if addr.type == "unix":
@@ -131,10 +173,19 @@ class BaseRole:
     def _attach_write_bitmap(self) -> None:
         """Track the consumer's writes since the last agreed checkpoint (and while alone)."""
         if self.top is not None and self.alone_bitmap is None:
-            bm = DirtyBitmap(CHUNK, self.top.length)
+            # the state's disk-id and peer bitmap are of this disk (a size mismatch or a
+            # bitmap that does not fit raises StateFileError: setup reports it)
+            self.state.ensure_disk_id(self.top.length)
+            bm = DirtyBitmap(REGION_SIZE, self.top.length)
             self.top.dirty_bitmaps.append(bm)
             self.alone_bitmap = bm
-            self.tasks.append(asyncio.create_task(self._persist_alone_writes()))
+
+    def save_state(self) -> None:
+        """Save the state file; a failure is reported (status ``errors``), not raised."""
+        try:
+            self.state.save()
+        except StateFileError as e:
+            self.error(e.message)
 
     def agreed_epoch(self, gen: str) -> None:
         """Both nodes hold the same data now: a new epoch, nothing written since.
@@ -142,10 +193,11 @@ class BaseRole:
         The state file is written in the next turn of the event loop: after the
         checkpoint's reply went out (S) and after the consumer was let go (P), so
         its fsyncs are not part of the consumer's pause. A crash in between leaves
-        one node one epoch behind, which pairing treats as "behind", never as split brain.
+        one node one epoch ahead, which the histories' comparison by content
+        (handshake.compare_histories) treats as a lost append, never as split brain.
         """
         self.state.new_epoch(gen, save=False)
-        asyncio.get_running_loop().call_soon(self.state.save)
+        asyncio.get_running_loop().call_soon(self.save_state)
         if self.alone_bitmap is not None:
             self.alone_bitmap.dirty.clear()
         self.epoch_started = time.monotonic()
@@ -153,27 +205,46 @@ class BaseRole:
     def track_alone_writes(self, kind: EntryKind) -> None:
         """From now on this node writes without its peer: record where.
 
-        What the consumer wrote since the last agreed checkpoint counts too: the peer
-        may not hold it (P: forwards that failed before the loss was noticed; S: its
-        own writes, kept by the failover commit).
+        What the consumer wrote since the last agreed checkpoint counts too, and so do
+        the writes in flight now: the peer may not hold them (P: forwards that failed
+        before the loss was noticed; S: its own writes, kept by the failover commit).
+        From here on every write is marked before it is issued (``_mark_before_write``).
         """
-        self.state.go_alone(kind.value)
+        self.state.go_alone(kind)
         self._attach_write_bitmap()
         self.flush_alone_writes()
 
-    async def _persist_alone_writes(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            self.flush_alone_writes()
+    def _mark_before_write(self, offset: int, nbytes: int) -> None:
+        """I1 for a node alone: the region's mark is durable before the write is issued."""
+        if self.state.alone_since is None or nbytes <= 0:
+            return
+        try:
+            self.state.mark_before_write(offset, nbytes)
+        except ValueError:
+            return  # beyond the disk: the node refuses the request itself
+        except StateFileError as e:
+            self.error(f"write refused, its region could not be marked: {e.message}")
+            raise BlockError(errno.EIO, e.message) from None
 
     def flush_alone_writes(self) -> None:
+        """Persist the marks of writes made since the last agreed checkpoint and in flight."""
         bm = self.alone_bitmap
         if bm is None or self.state.alone_since is None:
             return
-        new = bm.dirty - self.state.written_chunks
-        if new:
-            self.state.written_chunks |= new
-            self.state.save()
+        regions = set(bm.dirty)
+        if self.consumer_export is not None:
+            for off, n in self.consumer_export.in_flight.values():
+                regions.update(range(off // REGION_SIZE, (off + max(n, 1) - 1) // REGION_SIZE + 1))
+        nregions = self.state.peer_bitmap.nregions
+        self.state.mark_regions(r for r in regions if 0 <= r < nregions)
+
+    def written_alone(self) -> list[list[int]]:
+        """Status's ``written-alone``: the persisted marks and, while alone, the writes
+        since the last agreed checkpoint."""
+        marks = self.state.peer_bitmap.copy()
+        if self.alone_bitmap is not None and self.state.alone_since is not None:
+            marks.mark_regions(r for r in self.alone_bitmap.dirty if r < marks.nregions)
+        return marks.ranges()
 
     # -- status ------------------------------------------------------------------------------
 
@@ -199,8 +270,8 @@ class BaseRole:
             "mode": self.cfg.mode.value,
             "stage": rs.get("stage", "none"),
             "peer": self.peer.value,
-            "epoch": len(self.state.generations),
-            "epoch-uuid": self.state.current,
+            "epoch": len(self.state.history),
+            "epoch-uuid": self.state.current.id if self.state.current else None,
             "epoch-age": round(time.monotonic() - self.epoch_started, 3),
             "hidden-bytes": rs.get("hidden-allocated-bytes", 0),
             "active-bytes": rs.get("active-allocated-bytes", 0),
@@ -209,15 +280,8 @@ class BaseRole:
             "replication-error": rs.get("error"),
             "errors": list(self.errors),
             "auto-failover": self.auto_failover_status(),
-            "alone-since": self.state.alone_since,
-            "written-alone": chunks_to_ranges(
-                self.state.written_chunks
-                | (
-                    self.alone_bitmap.dirty
-                    if self.alone_bitmap and self.state.alone_since
-                    else set()
-                )
-            ),
+            "alone-since": str(alone) if (alone := self.state.alone_since) else None,
+            "written-alone": self.written_alone(),
             "jobs": jobs,
         }
         return out
@@ -242,7 +306,10 @@ class BaseRole:
     async def shutdown(self) -> None:
         for t in self.tasks:
             t.cancel()
-        self.flush_alone_writes()
+        try:
+            self.flush_alone_writes()
+        except StateFileError as e:
+            self.error(e.message)
         if self.consumer is not None:
             await self.consumer.close()
         await self.d.shutdown()

@@ -12,18 +12,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import uuid
 from typing import Any
 
 from ..address import SocketAddress
 from ..errors import ReplicationError
-from ..qcow2.create import create_file
 from ..replication.filter import ReplicationMode, ReplicationStage
 from ..replication.identity import disk_identity
-from . import channel, pairing, qmp, watchdog
+from . import buffers, channel, pairing, qmp, watchdog
 from .config import SecondaryConfig, default_buffer_dir
 from .role import BaseRole, PeerStatus, esc
-from .state import chunks_to_ranges
 from .states import EntryKind
 from .states import Role as RoleName
 
@@ -39,39 +36,47 @@ class Secondary(BaseRole):
         self.last_heard = 0.0
         self.started = False
         # a node that failed over in an earlier life is a plain disk: never a secondary again
-        self.failed_over = self.state.alone_since is not None and self.state.alone_since.startswith(
-            f"{EntryKind.FAILOVER.value}:"
-        )
+        alone = self.state.alone_since
+        self.failed_over = alone is not None and alone.kind is EntryKind.FAILOVER
         self.link_addr = ""
         self.link_export = ""
-        self.hidden = ""  # overlay files, made in setup()
-        self.active = ""
-        self.auto_failover_reason = ""
+        self.buffers: buffers.Buffers | None = None  # the overlays, made in setup()
+        self.fence = watchdog.FenceState()
         self.failover_lock = asyncio.Lock()
         self.server: asyncio.AbstractServer | None = None
 
+    @property
+    def hidden(self) -> str:
+        assert self.buffers is not None
+        return self.buffers.hidden
+
+    @property
+    def active(self) -> str:
+        assert self.buffers is not None
+        return self.buffers.active
+
     def auto_failover_status(self) -> dict[str, Any]:
-        return watchdog.auto_failover_status(self.cfg, self.auto_failover_reason)
+        return watchdog.auto_failover_status(self.cfg, self.fence)
+
+    async def status(self) -> dict[str, Any]:
+        out = await super().status()
+        if self.cfg.auto_failover and self.cfg.fence_command:
+            out["fence"] = self.fence.as_dict()  # attempts since the primary went silent
+        return out
 
     async def shutdown(self) -> None:
         await super().shutdown()
         # the overlays are throw-away buffers (a restart makes new ones): free the tmpfs
-        for path in (self.hidden, self.active):
-            if path:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+        if self.buffers is not None:
+            self.buffers.remove()
 
     async def setup(self) -> None:
         size = os.path.getsize(self.disk)
         bdir = self.cfg.buffer_dir or default_buffer_dir(self.disk)
-        stem = os.path.basename(self.disk)
-        tag = uuid.uuid4().hex[:8]
-        self.hidden = os.path.join(bdir, f"blockrep-{stem}-{tag}-hidden.qcow2")
-        self.active = os.path.join(bdir, f"blockrep-{stem}-{tag}-active.qcow2")
-        await create_file(self.hidden, size)
-        await create_file(self.active, size)
+        # what a killed earlier run of this disk's secondary left behind (never a live one's)
+        buffers.remove_stale(bdir, self.disk)
+        self.buffers = await buffers.create(bdir, self.disk, size)
+        watchdog.check_fence_command(self)
         await self._build_graph()
         if not self.failed_over:
             await self._serve_link()
@@ -166,10 +171,10 @@ class Secondary(BaseRole):
             raise RuntimeError("one side runs shared-disk mode and the other does not")
         self.flush_alone_writes()
         split = pairing.secondary_split_brain(
-            self.state.generations,
+            self.state.history,
             msg.get("history"),
             self.state.alone_since,
-            len(self.state.written_chunks),
+            len(self.state.peer_bitmap),
         )
         if split is not None:
             # both went on alone: the primary refuses too; say so here as well
@@ -177,9 +182,9 @@ class Secondary(BaseRole):
             self.error(split)
         reply: dict[str, Any] = {
             "node-id": self.state.node_id,
-            "history": self.state.generations,
-            "alone-since": self.state.alone_since,
-            "written": chunks_to_ranges(self.state.written_chunks),
+            "history": [str(e) for e in self.state.history],
+            "alone-since": str(alone) if (alone := self.state.alone_since) else None,
+            "written": self.state.peer_bitmap.ranges(),
             "link": self.link_addr,
             "export": self.link_export,
             "stage": (await self.status())["stage"],
@@ -194,10 +199,8 @@ class Secondary(BaseRole):
     async def _start(self, msg: dict[str, Any]) -> dict[str, Any]:
         if self.failed_over:
             raise RuntimeError("this node has failed over and cannot be a secondary again")
-        gens = msg.get("history")
-        if isinstance(gens, list):
-            self.state.generations = list(gens)
-            self.state.save()
+        if msg.get("history") is not None:
+            self.state.adopt_history(pairing.parse_history(msg["history"]))
         await self.d.replication.start_all(ReplicationMode.SECONDARY)
         self.started = True
         self.peer = PeerStatus.CONNECTED
@@ -209,7 +212,7 @@ class Secondary(BaseRole):
         await self.d.replication.do_checkpoint_all()
         self.agreed_epoch(str(msg["gen"]))
         self.stats.checkpoints += 1
-        return {"epoch": len(self.state.generations)}
+        return {"epoch": len(self.state.history)}
 
     async def _heartbeat(self, msg: dict[str, Any]) -> dict[str, Any]:
         if self.peer == PeerStatus.PEER_LOST and not self.failed_over:
@@ -227,10 +230,18 @@ class Secondary(BaseRole):
             if self.failed_over:
                 return
             d = self.d
+            r = self.replication_node()
+            # refuse before touching anything: a refused failover leaves the link up, so the
+            # primary can still pair (or go on checkpointing) as if it had never been asked
+            if r is None or r.state.stage not in (ReplicationStage.RUNNING, ReplicationStage.DONE):
+                stage = r.state.stage.value if r is not None else "none"
+                raise ReplicationError(
+                    f"failover refused: replication is not running (stage {stage}); "
+                    "nothing was changed and the link stays up"
+                )
             if d.block_exports.nbd is not None:
                 await d.block_exports.nbd_server_stop()
             await d.replication.stop_all(True)
-            r = self.replication_node()
             deadline = time.monotonic() + FAILOVER_WAIT
             while (
                 r is not None

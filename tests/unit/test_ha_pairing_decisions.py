@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from blockrep.ha.handshake import Comparison as _Comparison
+from blockrep.ha.handshake import Relation, compare_histories
 from blockrep.ha.pairing import (
     Refusal,
     SyncPlan,
@@ -13,7 +15,18 @@ from blockrep.ha.pairing import (
     secondary_split_brain,
 )
 from blockrep.ha.role import PeerStatus
-from blockrep.ha.state import Comparison
+from blockrep.ha.states import HistoryEntry
+
+
+def Comparison(relation: str, common: str | None) -> _Comparison:  # noqa: N802
+    """handshake's Comparison for a relation and a common epoch id (as status shows it)."""
+    e = HistoryEntry.parse(common) if common is not None else None
+    return _Comparison(Relation(relation), e, (), ())
+
+
+def H(*entries: str) -> list[HistoryEntry]:  # noqa: N802
+    return [HistoryEntry.parse(x) for x in entries]
+
 
 OK_HELLO = {"stage": "none", "failed-over": False, "written": [], "alone-since": None}
 
@@ -123,12 +136,76 @@ def test_judge_hello_busy_secondary_degrades() -> None:
 
 
 def test_secondary_split_brain_only_when_both_went_alone_and_diverged() -> None:
-    assert secondary_split_brain(["a", "failover:s"], ["a", "degraded:p"], "failover:s", 3) == (
+    fo = HistoryEntry.parse("failover:s")
+    assert secondary_split_brain(H("a", "failover:s"), ["a", "degraded:p"], fo, 3) == (
         "split brain: the primary wrote on its own since epoch a as did this node "
         "(3 MiB region(s)); nothing is overwritten"
     )
     # not alone: the primary decides alone
-    assert secondary_split_brain(["a", "b"], ["a", "c"], None, 0) is None
+    assert secondary_split_brain(H("a", "b"), ["a", "c"], None, 0) is None
     # the primary is merely ahead, or sent no history
-    assert secondary_split_brain(["a", "failover:s"], ["a"], "failover:s", 1) is None
-    assert secondary_split_brain(["a", "failover:s"], None, "failover:s", 1) is None
+    assert secondary_split_brain(H("a", "failover:s"), ["a"], fo, 1) is None
+    assert secondary_split_brain(H("a", "failover:s"), None, fo, 1) is None
+
+
+# -- histories compared by content (issue 11, Why 2) ---------------------------------------
+
+
+def _epochs(n: int) -> list[str]:
+    return [f"epoch:{i:08d}-0000-4000-8000-000000000000" for i in range(n)]
+
+
+def test_history_past_the_old_cap_still_finds_its_common_epoch() -> None:
+    # the restarted secondary kept the last 64 of 80 epochs (state.py's cap); the primary
+    # went on alone since: by position nothing matched and it verified (refused) the disks
+    p = H(*_epochs(80), "degraded:p")
+    s = H(*_epochs(80)[-64:])
+    rel = compare_histories(p, s)
+    assert rel.relation is Relation.PEER_BEHIND and rel.common == p[79]
+    assert judge_hello(rel, hello(), [[0, 1 << 20]], "degraded:p") is None
+    plan = plan_sync(
+        shared=False,
+        relation=rel.relation,
+        lost_append=bool(rel.theirs_after),
+        alone=True,
+        has_history=True,
+        initial_sync=False,
+        assume_synced=False,
+    )
+    assert plan is SyncPlan.RESYNC_WRITTEN
+
+
+def test_crash_between_the_two_appends_is_not_split_brain() -> None:
+    # S appended the last epoch, P crashed before it did and then went on alone
+    e = _epochs(5)
+    p, s = H(*e[:4], "degraded:p"), H(*e)
+    rel = compare_histories(p, s)
+    assert rel.relation is Relation.PEER_BEHIND
+    assert judge_hello(rel, hello(), [[0, 1 << 20]], "degraded:p") is None
+    # P's bitmap does not cover the epoch it crashed in: compare the disks, copy what differs
+    plan = plan_sync(
+        shared=False,
+        relation=rel.relation,
+        lost_append=bool(rel.theirs_after),
+        alone=True,
+        has_history=True,
+        initial_sync=False,
+        assume_synced=False,
+    )
+    assert plan is SyncPlan.RESYNC_DIFFERING
+    # the secondary's side of the same hello sees no split brain either
+    assert secondary_split_brain(s, [str(x) for x in p], None, 0) is None
+    # the other way round (P one epoch ahead, S failed over): S went on, P is stale
+    rel2 = compare_histories(H(*e), H(*e[:4], "failover:s"))
+    assert rel2.relation is Relation.SELF_BEHIND
+    r = judge_hello(rel2, hello(**{"alone-since": "failover:s"}), [], None)
+    assert r is not None and r.peer is PeerStatus.STALE
+
+
+def test_both_alone_after_the_common_epoch_is_still_split_brain() -> None:
+    e = _epochs(3)
+    rel = compare_histories(H(*e, "degraded:p"), H(*e, "failover:s"))
+    assert rel.relation is Relation.DIVERGED
+    r = judge_hello(rel, hello(**{"failed-over": True}), [[0, 1 << 20]], "degraded:p")
+    assert r is not None and r.peer is PeerStatus.SPLIT_BRAIN
+    assert r.split_brain is not None and r.split_brain["common-epoch"] == e[-1].split(":")[1]
