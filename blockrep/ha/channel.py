@@ -3,7 +3,9 @@
 The primary connects and asks (hello, start, checkpoint, heartbeat); the
 secondary answers. Each message is one JSON object on one line:
 ``{"id": 7, "op": "checkpoint", ...}`` → ``{"id": 7, "ok": true, ...}`` or
-``{"id": 7, "ok": false, "error": "text"}``.
+``{"id": 7, "ok": false, "error": "text"}``. A refusal the primary must act on carries
+a ``"code"`` too (``FAILED_OVER``: the secondary failed over and answers no verb of the
+old primary's); ``Client.call`` raises it as ``ChannelError.code``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,15 @@ MAX_LINE = 16 << 20
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+FAILED_OVER = "failed-over"  # the secondary went on alone: it refuses the old primary's verbs
+
+
 class ChannelError(Exception):
-    pass
+    """A failed call; ``code`` names a refusal the caller acts on (e.g. ``FAILED_OVER``)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def tls_contexts(tls_dir: str | None) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
@@ -70,6 +79,8 @@ async def serve(
             reply = {"id": rid, "ok": True, **await h(msg)}
         except Exception as e:  # every failure is an answer, never a dead channel
             reply = {"id": rid, "ok": False, "error": str(getattr(e, "message", e))}
+            if isinstance(code := getattr(e, "code", None), str):
+                reply["code"] = code
         async with lock:
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
@@ -165,7 +176,10 @@ class Client:
         finally:
             self.pending.pop(rid, None)
         if not reply.get("ok"):
-            raise ChannelError(reply.get("error", "failed"))
+            code = reply.get("code")
+            raise ChannelError(
+                reply.get("error", "failed"), code if isinstance(code, str) else None
+            )
         return reply
 
     async def close(self) -> None:

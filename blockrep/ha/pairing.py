@@ -14,6 +14,7 @@ sides' appends) is the same lineage, never a split brain.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..block.node import Node
 from ..errors import BlockError
 from ..replication.identity import disk_identity
 from .bitmap import REGION_SIZE as CHUNK
+from .bitmap import RegionBitmap
 from .handshake import Comparison, Relation, compare_histories
 from .role import PeerStatus
 from .states import HistoryEntry
@@ -106,6 +108,9 @@ class SyncPlan(enum.StrEnum):
 
     SHARED_IDENTITY = "shared-identity"  # one shared disk: check both sides see it
     RESYNC_WRITTEN = "resync-written"  # S is behind, only P wrote: copy what P wrote alone
+    # this node failed over, the old primary returns (CONTINUITY.md §5): copy this node's
+    # bitmap (I2 marks + alone writes) ∪ the old primary's activity log ∪ its bitmap
+    FAILOVER_DISCARD = "failover-discard"
     INITIAL_SYNC = "initial-sync"  # --initial-sync: copy the whole disk
     RESYNC_DIFFERING = "resync-differing"  # same history: copy the regions that differ
     VERIFY = "verify"  # compare the whole disks; refuse at the first difference
@@ -118,19 +123,24 @@ def plan_sync(
     relation: str,
     lost_append: bool = False,
     alone: bool,
+    failed_over: bool = False,
     has_history: bool,
     initial_sync: bool,
     assume_synced: bool,
 ) -> SyncPlan:
     """``relation``: ``compare_histories``' (this node vs the secondary); ``lost_append``:
     the secondary holds an epoch this node lacks (this node crashed before appending
-    it); ``alone``: this node went on alone; ``has_history``: it has a generation."""
+    it); ``alone``: this node went on alone (``failed_over``: by failing over, so the
+    secondary is the old primary, whose writes past the common epoch are discarded);
+    ``has_history``: it has a generation."""
     if shared:
         return SyncPlan.SHARED_IDENTITY
     if relation == Relation.PEER_BEHIND and alone:
         # after a lost append this node's bitmap does not cover the epoch it crashed in:
         # compare the whole disks rather than copy only what it wrote alone
-        return SyncPlan.RESYNC_DIFFERING if lost_append else SyncPlan.RESYNC_WRITTEN
+        if lost_append:
+            return SyncPlan.RESYNC_DIFFERING
+        return SyncPlan.FAILOVER_DISCARD if failed_over else SyncPlan.RESYNC_WRITTEN
     if initial_sync:
         return SyncPlan.INITIAL_SYNC
     if relation == Relation.SAME and has_history and not assume_synced:
@@ -144,7 +154,44 @@ def plan_sync(
     return SyncPlan.NONE
 
 
+def hello_regions(hello: dict[str, Any], nregions: int) -> set[int]:
+    """The regions a secondary's hello says it may hold differently: its activity log
+    (``al``, region numbers: what it may have written as a primary past the common
+    epoch) and its peer bitmap (``written``, [offset, length] ranges). ValueError if
+    ill-formed."""
+    out: set[int] = set()
+    al = hello.get("al", [])
+    if not isinstance(al, list) or not all(isinstance(n, int) for n in al):
+        raise ValueError(f"the secondary's activity log is not a list of regions: {str(al)[:60]}")
+    out.update(al)
+    written = hello.get("written", [])
+    if not isinstance(written, list):
+        raise ValueError(f"the secondary's bitmap is not a list of ranges: {str(written)[:60]}")
+    for r in written:
+        if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r)):
+            raise ValueError(f"the secondary's bitmap has a bad range: {str(r)[:60]}")
+        off, n = r  # [offset, length] in bytes, as status's written-alone
+        out.update(range(off // CHUNK, -(-(off + n) // CHUNK)) if n > 0 and off >= 0 else ())
+    return {n for n in out if 0 <= n < nregions}
+
+
+def failover_discard_regions(
+    bitmap: RegionBitmap, own_al: Iterable[int], hello: dict[str, Any]
+) -> list[int]:
+    """failover-discard's regions: this node's bitmap (I2 marks + alone writes) and
+    activity log ∪ what the old primary may have written (its AL and its bitmap)."""
+    regions = set(bitmap) | set(own_al) | hello_regions(hello, bitmap.nregions)
+    return sorted(n for n in regions if 0 <= n < bitmap.nregions)
+
+
 # -- the disk checks over the replication link ---------------------------------------------
+
+
+class PairingRefused(BlockError):
+    """The disks (not the data path) refuse the pairing: the first one ends the process."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(22, message)
 
 
 async def check_shared_identity(top: Node, hello: dict[str, Any]) -> None:
@@ -153,7 +200,7 @@ async def check_shared_identity(top: Node, hello: dict[str, Any]) -> None:
     mine = await disk_identity(top)
     if (theirs.get("device"), theirs.get("inode")) != (mine.get("device"), mine.get("inode")):
         if theirs.get("fingerprint") != mine.get("fingerprint"):
-            raise BlockError(22, "the secondary's hidden disk does not back onto this shared disk")
+            raise PairingRefused("the secondary's hidden disk does not back onto this shared disk")
 
 
 async def open_link(hello: dict[str, Any]) -> Node:
@@ -164,7 +211,7 @@ async def open_link(hello: dict[str, Any]) -> Node:
 
 
 async def verify_identical(top: Node, link: Node) -> None:
-    """Refuse (BlockError) at the first byte where the two disks differ."""
+    """Refuse (PairingRefused) at the first byte where the two disks differ."""
     step = 4 << 20
     pos = 0
     while pos < top.length:
@@ -172,8 +219,7 @@ async def verify_identical(top: Node, link: Node) -> None:
         a, b = await top.read(pos, n), await link.read(pos, n)
         if a != b:
             i = next(i for i in range(n) if a[i] != b[i])
-            raise BlockError(
-                22,
+            raise PairingRefused(
                 f"the disks differ at offset {pos + i}: refusing to replicate "
                 "(use --initial-sync to copy this disk to the secondary, or --assume-synced)",
             )

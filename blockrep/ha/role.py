@@ -20,7 +20,7 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,6 +32,7 @@ from ..export import Export
 from ..nbd.server import NBDServer
 from ..replication.filter import ReplicationNode
 from . import channel, metrics, qmp
+from .activity_log import ActivityLog
 from .bitmap import REGION_SIZE
 from .config import RoleConfig
 from .node_state import NodeState, StateFileError
@@ -39,6 +40,13 @@ from .states import EntryKind
 from .states import Role as RoleName
 
 log = logging.getLogger("blockrep.ha")
+
+AL_SUFFIX = ".blockrep-al"
+
+
+def al_path(disk: str) -> str:
+    """The activity log of a disk's primary: next to the disk (a ring of 8 pages)."""
+    return disk + AL_SUFFIX
 
 
 class PeerStatus(enum.StrEnum):
@@ -82,11 +90,14 @@ class Stats:
 class ConsumerExport(Export):
     """The consumer's export: a write, write-zeroes or discard first passes
     ``before_write`` (which may refuse it with a BlockError before anything is issued),
-    and the ranges in flight are known, so a node going alone can mark those too."""
+    then — on a primary — the activity log (I1: its region is durably active before the
+    write is issued); the ranges in flight are known, so a node going alone can mark
+    those too."""
 
     def __init__(self, node: Node, before_write: Callable[[int, int], None]) -> None:
         super().__init__("disk", node, writable=True, id="consumer")
         self.before_write = before_write
+        self.activity_log: ActivityLog | None = None
         self.in_flight: dict[int, tuple[int, int]] = {}
         self._seq = 0
 
@@ -95,8 +106,27 @@ class ConsumerExport(Export):
         self._seq += 1
         key = self._seq
         self.in_flight[key] = (offset, nbytes)  # no await since the check above
+        al = self.activity_log
         try:
-            await op()
+            if al is not None and nbytes > 0:
+                # A write waiting for room in the log has issued nothing: it must not
+                # hold a checkpoint's drain (quiesce), whose ack is what makes room.
+                self.leave()
+                try:
+                    await al.begin_write(offset, nbytes)
+                    try:
+                        await self.gate.wait()  # a checkpoint drains: wait like a new request
+                    except BaseException:
+                        al.end_write(offset, nbytes)
+                        raise
+                finally:
+                    self.active += 1  # in again, balanced with the server's leave()
+                    self.idle.clear()
+            try:
+                await op()
+            finally:
+                if al is not None and nbytes > 0:
+                    al.end_write(offset, nbytes)
         finally:
             del self.in_flight[key]
 
@@ -131,6 +161,8 @@ class BaseRole:
         self.consumer: NBDServer | None = None
         self.consumer_export: ConsumerExport | None = None
         self.alone_bitmap: DirtyBitmap | None = None
+        self.al: ActivityLog | None = None  # the primary's activity log (I1), when open
+        self.stale_al_cleared = False  # a secondary: the disk's old AL was removed
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.tls_server, self.tls_client = channel.tls_contexts(cfg.tls_dir)
@@ -198,6 +230,18 @@ class BaseRole:
         """
         self.state.new_epoch(gen, save=False)
         asyncio.get_running_loop().call_soon(self.save_state)
+        if self.al is not None:
+            self.al.set_alone(None)  # paired: regions leave once a checkpoint covers them
+        elif self.role is RoleName.SECONDARY and not self.stale_al_cleared:
+            # the activity log this disk's primary left was sent in the hello and its
+            # regions copied: both disks are equal now, so it no longer says anything
+            self.stale_al_cleared = True
+            try:
+                os.unlink(al_path(self.disk))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.error(f"cannot remove the old activity log {al_path(self.disk)}: {e}")
         if self.alone_bitmap is not None:
             self.alone_bitmap.dirty.clear()
         self.epoch_started = time.monotonic()
@@ -213,6 +257,13 @@ class BaseRole:
         self.state.go_alone(kind)
         self._attach_write_bitmap()
         self.flush_alone_writes()
+        if self.al is not None:
+            # no checkpoint will come: a full log hands its regions to the peer bitmap
+            self.al.set_alone(self._al_to_bitmap)
+
+    def _al_to_bitmap(self, regions: Sequence[int]) -> None:
+        """The activity log's regions go to the persisted peer bitmap (alone, log full)."""
+        self.state.mark_regions(regions)
 
     def _mark_before_write(self, offset: int, nbytes: int) -> None:
         """I1 for a node alone: the region's mark is durable before the write is issued."""

@@ -16,11 +16,15 @@ from typing import Any
 
 from ..address import SocketAddress
 from ..errors import ReplicationError
-from ..replication.filter import ReplicationMode, ReplicationStage
+from ..replication.filter import ReplicationMode, ReplicationNode, ReplicationStage
 from ..replication.identity import disk_identity
 from . import buffers, channel, pairing, qmp, watchdog
+from .activity_log import ActivityLogError, convert
+from .activity_log import load as load_al
+from .bitmap import REGION_SIZE
 from .config import SecondaryConfig, default_buffer_dir
-from .role import BaseRole, PeerStatus, esc
+from .node_state import StateFileError
+from .role import BaseRole, PeerStatus, al_path, esc
 from .states import EntryKind
 from .states import Role as RoleName
 
@@ -185,6 +189,8 @@ class Secondary(BaseRole):
             "history": [str(e) for e in self.state.history],
             "alone-since": str(alone) if (alone := self.state.alone_since) else None,
             "written": self.state.peer_bitmap.ranges(),
+            # what this node may have written as a primary past the common epoch
+            "al": self._stale_al(),
             "link": self.link_addr,
             "export": self.link_export,
             "stage": (await self.status())["stage"],
@@ -196,9 +202,32 @@ class Secondary(BaseRole):
                 reply["identity"] = await disk_identity(hidden.backing)
         return reply
 
+    def _stale_al(self) -> list[int]:
+        """The activity log this disk's primary left (a crash: regions it may have
+        written that the peer lacks), in REGION_SIZE regions; cleared once paired."""
+        try:
+            rec = load_al(al_path(self.disk)).newest
+        except ActivityLogError as e:
+            raise RuntimeError(f"cannot read this disk's {e.message}") from None
+        if not rec.seq:
+            return []
+        return sorted(convert(rec.regions, rec.region_size, REGION_SIZE))
+
+    def _refuse_if_failed_over(self, op: str) -> None:
+        """A node that failed over (or is failing over) answers no verb of the old primary:
+        its history, peer bitmap and disk are its own now. The reply's code tells the old
+        primary to stop claiming it replicates (it goes on alone, ``peer: stale``)."""
+        if self.failed_over or self.failover_lock.locked():
+            alone = self.state.alone_since
+            since = f" at {alone}" if alone is not None else ""
+            raise channel.ChannelError(
+                f"{op} refused: this secondary failed over{since} and goes on without "
+                "this primary; nothing was changed here",
+                channel.FAILED_OVER,
+            )
+
     async def _start(self, msg: dict[str, Any]) -> dict[str, Any]:
-        if self.failed_over:
-            raise RuntimeError("this node has failed over and cannot be a secondary again")
+        self._refuse_if_failed_over("start")
         if msg.get("history") is not None:
             self.state.adopt_history(pairing.parse_history(msg["history"]))
         await self.d.replication.start_all(ReplicationMode.SECONDARY)
@@ -208,14 +237,17 @@ class Secondary(BaseRole):
         return {}
 
     async def _checkpoint(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self._refuse_if_failed_over("checkpoint")
         self.d.replication.get_error_all()
         await self.d.replication.do_checkpoint_all()
+        self._refuse_if_failed_over("checkpoint")  # a failover began meanwhile: no epoch
         self.agreed_epoch(str(msg["gen"]))
         self.stats.checkpoints += 1
         return {"epoch": len(self.state.history)}
 
     async def _heartbeat(self, msg: dict[str, Any]) -> dict[str, Any]:
-        if self.peer == PeerStatus.PEER_LOST and not self.failed_over:
+        self._refuse_if_failed_over("heartbeat")
+        if self.peer == PeerStatus.PEER_LOST:
             self.peer = PeerStatus.CONNECTED
         r = self.replication_node()
         if r is None:
@@ -223,6 +255,24 @@ class Secondary(BaseRole):
         return {"stage": r.state.stage.value, "error": bool(r.state.error)}
 
     # -- losing the primary --------------------------------------------------------------------
+
+    async def _mark_failover_regions(self, r: ReplicationNode) -> None:
+        """I2: mark the regions allocated in the hidden and active overlays (and what
+        the consumer wrote since the last agreed checkpoint) in the persisted peer bitmap."""
+        regions: set[int] = set(self.alone_bitmap.dirty) if self.alone_bitmap else set()
+        for node in (r.child_node("hidden"), r.file):
+            if node is None or node.closed or node.length == 0:
+                continue
+            for e in await node.block_status(0, node.length):
+                if e.present and e.depth == 0 and e.length > 0:
+                    end = e.start + e.length
+                    regions.update(range(e.start // REGION_SIZE, -(-end // REGION_SIZE)))
+        nregions = self.state.peer_bitmap.nregions
+        try:
+            self.state.mark_regions(n for n in regions if 0 <= n < nregions)
+        except StateFileError as e:
+            self.error(f"failover refused: its regions could not be marked (I2): {e.message}")
+            raise ReplicationError(f"failover refused: {e.message}") from None
 
     async def failover(self) -> None:
         """Stop the link, fail over, and go on alone: S now holds checkpoint + own writes."""
@@ -239,8 +289,14 @@ class Secondary(BaseRole):
                     f"failover refused: replication is not running (stage {stage}); "
                     "nothing was changed and the link stays up"
                 )
+            # I2: before the commit, the peer bitmap durably holds every region it
+            # changes: P's writes it rolls back (hidden) and this node's own it keeps
+            # (active). Once before the link stops (a failure refuses with the link
+            # up), once after (P's last forwards may have landed in between).
+            await self._mark_failover_regions(r)
             if d.block_exports.nbd is not None:
                 await d.block_exports.nbd_server_stop()
+            await self._mark_failover_regions(r)
             await d.replication.stop_all(True)
             deadline = time.monotonic() + FAILOVER_WAIT
             while (

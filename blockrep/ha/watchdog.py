@@ -127,7 +127,7 @@ async def heartbeat_loop(p: Primary) -> None:
             try:
                 await p.ch.call("heartbeat", timeout=cfg.heartbeat_timeout)
             except channel.ChannelError as e:
-                await p.degrade(f"secondary lost: {e}")
+                await p.degrade(f"secondary lost: {e}", e)
         elif p.peer in (PeerStatus.DEGRADED, PeerStatus.CONNECTING) and cfg.reconnect:
             try:
                 await p.connect_and_replicate(first=False)
