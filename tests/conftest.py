@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from tests.harness.ha import HA
+
 
 @pytest.fixture
 def workdir(tmp_path):
@@ -13,3 +15,13 @@ def workdir(tmp_path):
     os.chdir(tmp_path)
     yield tmp_path
     os.chdir(old)
+
+
+@pytest.fixture
+async def ha():
+    """An HA test bed (tests/harness/ha.py); every process it started is stopped after."""
+    h = HA()
+    try:
+        yield h
+    finally:
+        await h.aclose()

@@ -29,15 +29,6 @@ FAST_S = ["--heartbeat-interval", "0.1"]
 FAST_P = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", "1.5", "--checkpoint-interval", "0"]
 
 
-@pytest.fixture
-async def ha():
-    h = HA()
-    try:
-        yield h
-    finally:
-        await h.aclose()
-
-
 def _script(path: str, body: str) -> None:
     with open(path, "w") as f:
         f.write("#!/bin/sh\n" + body)

@@ -22,7 +22,6 @@ import subprocess
 import pytest
 
 from blockrep.testing import MiB
-from tests.harness.ha import HA
 from tests.harness.models import random_writes
 from tests.harness.tools import sha, sha_file
 
@@ -39,15 +38,6 @@ FAST_P = [
     "0",
     "--reconnect",
 ]
-
-
-@pytest.fixture
-async def ha():
-    h = HA()
-    try:
-        yield h
-    finally:
-        await h.aclose()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from blockrep.testing import MiB
-from tests.harness.ha import HA, REPO
+from tests.harness.ha import REPO
 from tests.harness.models import random_writes
 from tests.harness.tools import sha, sha_file
 
@@ -27,15 +27,6 @@ pytestmark = pytest.mark.timeout(120)
 SIZE = 4 * MiB
 FAST_S = ["--heartbeat-interval", "0.1"]
 FAST_P = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", "1.5", "--checkpoint-interval", "0"]
-
-
-@pytest.fixture
-async def ha():
-    h = HA()
-    try:
-        yield h
-    finally:
-        await h.aclose()
 
 
 def _buffers(bdir: str, disk: str) -> set[str]:

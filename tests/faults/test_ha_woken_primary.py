@@ -23,7 +23,6 @@ import pytest
 from blockrep.ha.node_state import NodeState
 from blockrep.ha.states import EntryKind
 from blockrep.testing import MiB
-from tests.harness.ha import HA
 from tests.harness.models import random_writes
 from tests.harness.tools import sha, sha_file
 
@@ -40,15 +39,6 @@ P_ARGS = [
     "--checkpoint-interval",
     "0.2",
 ]
-
-
-@pytest.fixture
-async def ha():
-    h = HA()
-    try:
-        yield h
-    finally:
-        await h.aclose()
 
 
 async def _region_writes(

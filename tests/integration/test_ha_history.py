@@ -30,15 +30,6 @@ FAST_S = ["--heartbeat-interval", "0.1"]
 FAST_P = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", "1.5", "--checkpoint-interval", "0"]
 
 
-@pytest.fixture
-async def ha():
-    h = HA()
-    try:
-        yield h
-    finally:
-        await h.aclose()
-
-
 async def _region_writes(node, rnd: random.Random, start: int, count: int) -> None:
     for _ in range(count):
         off = rnd.randrange(start, start + MiB - 4096)

@@ -33,15 +33,6 @@ FAST_S = ["--heartbeat-interval", "0.1"]
 FAST_P = ["--heartbeat-interval", "0.1", "--heartbeat-timeout", "1.5", "--checkpoint-interval", "0"]
 
 
-@pytest.fixture
-async def ha():
-    h = HA()
-    try:
-        yield h
-    finally:
-        await h.aclose()
-
-
 async def _pair(
     ha: HA, s_extra=(), p_extra=(), listen: str | None = None, secondary: str | None = None
 ):
