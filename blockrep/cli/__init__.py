@@ -11,7 +11,9 @@ commands:
   secondary   run the Secondary of a replicated disk (HA manager)
   checkpoint  take a checkpoint now (on the primary's QMP socket)
   failover    fail the secondary over now (on the secondary's QMP socket)
+  resolve     --discard-local: end a split brain by giving up this node's writes
   status      role, stage, peer, epoch, buffers, pauses, errors (--json, --watch)
+  events      one JSON line per change of role, disk state, peer, replication (--once)
   demo        start a pair on loopback, run a workload, fail over, prove the result
   daemon      the block daemon: QEMU-style -drive/-blockdev, QMP, NBD server and exports
   img         image utility (qemu-img forms): create, info, check, map, compare, convert
@@ -28,13 +30,15 @@ def main(argv: list[str] | None = None) -> int:
         from .ha import run_role
 
         return run_role(cmd, rest)
-    if cmd in ("checkpoint", "failover", "status"):
+    if cmd in ("checkpoint", "failover", "status", "events", "resolve"):
         from . import ha
 
         return {
             "checkpoint": ha.cmd_checkpoint,
             "failover": ha.cmd_failover,
+            "resolve": ha.cmd_resolve,
             "status": ha.cmd_status,
+            "events": ha.cmd_events,
         }[cmd](rest)
     if cmd == "demo":
         from .demo import main as demo_main

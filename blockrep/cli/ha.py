@@ -199,12 +199,43 @@ def cmd_failover(argv: list[str]) -> int:
     return 0
 
 
+def cmd_resolve(argv: list[str]) -> int:
+    """``blockrep resolve --discard-local``: on the node whose writes are given up, in
+    split brain only; it records that durably and stops (restart it as a secondary)."""
+    p = argparse.ArgumentParser(prog="blockrep resolve")
+    p.add_argument("--qmp", required=True, help="the node's QMP socket (unix:PATH)")
+    p.add_argument(
+        "--discard-local",
+        action="store_true",
+        required=True,
+        help="give up this node's writes since the common epoch; its peer's data wins",
+    )
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        r = qmp_call(a.qmp, "ha-resolve", {"discard-local": True})
+    except (OSError, RuntimeError) as e:
+        print(f"blockrep resolve: {e}", file=sys.stderr)
+        return 1
+    print(
+        json.dumps(r)
+        if a.json
+        else f"split brain resolved (discard-local): this node's writes since {r['common-epoch']} "
+        f"are discarded, {r['regions']} region(s) will be copied back from the peer; "
+        "the node stops: restart it as blockrep secondary"
+    )
+    return 0
+
+
 def human_status(s: dict[str, Any]) -> str:
     af = s["auto-failover"]
     lines = [
         f"role:        {s['role']} ({s['mode']} disks)",
         f"stage:       {s['stage']}",
         f"peer:        {s['peer']}",
+        f"states:      disk {s.get('disk-state')}, replication {s.get('replication')}, "
+        f"peer {s.get('peer-role') or '-'}/{s.get('peer-disk-state') or '-'}, "
+        f"out of sync {s.get('out-of-sync-bytes', 0)} B",
         f"epoch:       {s['epoch']} ({s['epoch-uuid'] or '-'}), age {s['epoch-age']:.1f} s",
         f"buffered:    hidden {s['hidden-bytes']} B, active {s['active-bytes']} B",
         f"unacked:     {s['unacked-bytes']} B forwarded, not yet acknowledged",
@@ -258,4 +289,34 @@ def cmd_status(argv: list[str]) -> int:
         return 0
     except (OSError, RuntimeError) as e:
         print(f"blockrep status: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_events(argv: list[str]) -> int:
+    """``blockrep events``: one JSON object per line for each change of role, disk state,
+    peer, replication or last handshake (the node diffs its status: ha/events.py)."""
+    p = argparse.ArgumentParser(prog="blockrep events")
+    p.add_argument("--qmp", required=True, help="the node's QMP socket (unix:PATH)")
+    p.add_argument("--once", action="store_true", help="print the current state and exit")
+    p.add_argument("--interval", type=float, default=0.2, help="seconds between polls")
+    a = p.parse_args(argv)
+    from ..ha.events import snapshot
+
+    try:
+        if a.once:
+            print(json.dumps(snapshot(qmp_call(a.qmp, "query-ha-status"))), flush=True)
+            return 0
+        cursor = 0
+        while True:
+            r = qmp_call(a.qmp, "query-ha-events", {"cursor": cursor})
+            for e in r["events"]:
+                print(json.dumps(e), flush=True)
+            cursor = r["cursor"]
+            time.sleep(a.interval)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        return 0
+    except (OSError, RuntimeError) as e:
+        print(f"blockrep events: {e}", file=sys.stderr)
         return 1

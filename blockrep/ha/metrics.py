@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..address import SocketAddress
+from .states import ReplicationState
 
 log = logging.getLogger("blockrep.ha")
 
@@ -28,6 +29,14 @@ GAUGES: tuple[tuple[str, str], ...] = (
     ("last_checkpoint_pause_ms", "consumer pause of the last checkpoint"),
     ("peer_connected", "1 if the peer is connected"),
     ("errors", "errors recorded"),
+    ("out_of_sync_bytes", "bytes that may differ from the peer (0 when Protected)"),
+)
+
+# the activity log's gauges (blockrep_al_<name>), set while the node has one (P)
+AL_GAUGES: tuple[tuple[str, str], ...] = (
+    ("regions", "activity log: durable hot regions"),
+    ("limit", "activity log: most hot regions"),
+    ("commits", "activity log: commits"),
 )
 
 
@@ -43,7 +52,20 @@ def values(s: dict[str, Any]) -> dict[str, float]:
         "last_checkpoint_pause_ms": s["last-checkpoint-pause-ms"],
         "peer_connected": 1 if s["peer"] == "connected" else 0,
         "errors": len(s["errors"]),
+        "out_of_sync_bytes": s.get("out-of-sync-bytes", 0),
     }
+
+
+def al_values(s: dict[str, Any]) -> dict[str, float]:
+    """The activity log's gauges; empty when the node has no log."""
+    al = s.get("al")
+    return {k: al[k] for k, _ in AL_GAUGES} if isinstance(al, dict) else {}
+
+
+def replication_values(s: dict[str, Any]) -> dict[str, float]:
+    """``blockrep_replication_state{state=...}``: 1 for the current state, 0 for the others."""
+    now = s.get("replication")
+    return {st.value: 1 if st.value == now else 0 for st in ReplicationState}
 
 
 def serve(address: str, status: StatusFn) -> asyncio.Task:
@@ -53,14 +75,21 @@ def serve(address: str, status: StatusFn) -> asyncio.Task:
     addr = SocketAddress.from_str(address)
     start_http_server(int(addr.port), addr=addr.host)
     gauges = {k: Gauge(f"blockrep_{k}", h) for k, h in GAUGES}
-    return asyncio.create_task(_refresh(gauges, status))
+    al = {k: Gauge(f"blockrep_al_{k}", h) for k, h in AL_GAUGES}
+    rep = Gauge("blockrep_replication_state", "1 for the current replication state", ["state"])
+    return asyncio.create_task(_refresh(gauges, al, rep, status))
 
 
-async def _refresh(gauges: dict[str, Any], status: StatusFn) -> None:
+async def _refresh(gauges: dict[str, Any], al: dict[str, Any], rep: Any, status: StatusFn) -> None:
     while True:
         try:
-            for k, v in values(await status()).items():
+            s = await status()
+            for k, v in values(s).items():
                 gauges[k].set(v)
+            for k, v in al_values(s).items():
+                al[k].set(v)
+            for state, v in replication_values(s).items():
+                rep.labels(state=state).set(v)
         except Exception as e:  # metrics must never take the node down
             log.debug("metrics: %s", e)
         await asyncio.sleep(1.0)

@@ -184,6 +184,31 @@ def failover_discard_regions(
     return sorted(n for n in regions if 0 <= n < bitmap.nregions)
 
 
+DISCARD_LOCAL = "discard-local"  # the rule's name when the secondary gave up its writes
+
+
+def rule_name(plan: SyncPlan, hello: dict[str, Any]) -> str:
+    """The rule status and logs name: the plan's, or ``discard-local`` when the secondary
+    says its disk is Outdated (``blockrep resolve --discard-local`` ran there, resolve.py)."""
+    if hello.get("disk-state") == "Outdated" and plan in (
+        SyncPlan.RESYNC_WRITTEN,
+        SyncPlan.FAILOVER_DISCARD,
+    ):
+        return DISCARD_LOCAL
+    return plan.value
+
+
+def peer_behind_regions(bitmap: RegionBitmap, hello: dict[str, Any]) -> list[int]:
+    """peer-behind's regions: this node's bitmap (what it wrote alone) ∪ what the
+    secondary says it may hold differently (its bitmap: after a discard-local resolve,
+    the writes it gave up; its stale activity log)."""
+    try:
+        theirs = hello_regions(hello, bitmap.nregions)
+    except ValueError as e:
+        raise PairingRefused(f"peer-behind refused: {e}") from None
+    return sorted(n for n in set(bitmap) | theirs if 0 <= n < bitmap.nregions)
+
+
 # -- the disk checks over the replication link ---------------------------------------------
 
 

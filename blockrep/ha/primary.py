@@ -43,6 +43,7 @@ class Primary(BaseRole):
         self.ch: channel.Client | None = None
         self.replicating = False
         self.split_brain: dict[str, Any] | None = None
+        self.peer_history: list[HistoryEntry] | None = None  # the last hello's (resolve.py)
         self.ckpt_lock = asyncio.Lock()
         # what a running sync has copied (status shows "sync" only during one)
         self.sync_progress: SyncProgress | None = None
@@ -72,6 +73,7 @@ class Primary(BaseRole):
             # went on alone in an earlier life: keep recording where it writes
             self.track_alone_writes(EntryKind.DEGRADED)
         qmp.register_primary(self)
+        qmp.register_resolve(self, lambda: self.peer_history)
         await self.start_qmp()
         self.start_metrics()
         await self.connect_and_replicate(first=True)
@@ -134,6 +136,7 @@ class Primary(BaseRole):
             self.error(f"secondary refused pairing: its history is not valid: {e}")
             return False
         rel = compare_histories(self.state.history, theirs)
+        self.peer_history = theirs
         self.flush_alone_writes()
         alone = self.state.alone_since
         refusal = pairing.judge_hello(
@@ -186,7 +189,11 @@ class Primary(BaseRole):
             initial_sync=self.cfg.initial_sync,
             assume_synced=self.cfg.assume_synced,
         )
-        self.last_handshake = {"rule": plan.value, "direction": "none", "bytes": 0}
+        rule = pairing.rule_name(plan, hello)
+        self.last_handshake = {"rule": rule, "direction": "none", "bytes": 0}
+        if rule == pairing.DISCARD_LOCAL:  # split brain resolved: the secondary gave up its writes
+            log.warning("pairing by rule discard-local (split brain resolved)")
+            self.split_brain = None
         if plan is pairing.SyncPlan.SHARED_IDENTITY:
             await pairing.check_shared_identity(top, hello)
             return
@@ -208,8 +215,10 @@ class Primary(BaseRole):
                 )
                 await self._copy(link, regions, SyncKind.RESYNC)
             elif plan is pairing.SyncPlan.RESYNC_WRITTEN:
-                # only this node wrote since the secondary's last epoch: copy just that
-                await self._copy(link, list(self.state.peer_bitmap), SyncKind.RESYNC)
+                # this node wrote since the secondary's last epoch: copy that, and what
+                # the secondary says it may hold differently (a discard-local resolve)
+                regions = pairing.peer_behind_regions(self.state.peer_bitmap, hello)
+                await self._copy(link, regions, SyncKind.RESYNC)
             elif plan is pairing.SyncPlan.INITIAL_SYNC:
                 await self._copy(link, all_chunks(top.length), SyncKind.INITIAL)
             elif plan is pairing.SyncPlan.RESYNC_DIFFERING:

@@ -31,7 +31,7 @@ from ..errors import BlockError
 from ..export import Export
 from ..nbd.server import NBDServer
 from ..replication.filter import ReplicationNode
-from . import channel, metrics, qmp
+from . import channel, metrics, qmp, view
 from .activity_log import ActivityLog
 from .bitmap import REGION_SIZE
 from .config import RoleConfig
@@ -335,7 +335,31 @@ class BaseRole:
             "written-alone": self.written_alone(),
             "jobs": jobs,
         }
+        out.update(self.states_view(out["stage"]))
         return out
+
+    def states_view(self, stage: str) -> dict[str, Any]:
+        """Status's CONTINUITY §8 keys (view.py maps) and ``volumes``."""
+        prog = getattr(self, "sync_progress", None)  # the primary's running sync, if any
+        marks = self.written_alone()
+        facts = view.Facts(
+            role=self.role,
+            peer=self.peer.value,
+            stage=stage,
+            disk_state=self.state.disk_state,
+            sync=view.SYNC_SOURCE if prog is not None else None,
+            sync_left=prog.total - prog.current if prog is not None else 0,
+            bitmap_bytes=sum(n for _, n in marks),
+            reconnect=bool(getattr(self.cfg, "reconnect", False)),
+        )
+        top = self.top
+        volume = {
+            "volume": 0,
+            "disk": self.disk,
+            "size": top.length if top is not None else 0,
+            "export": self.cfg.export,
+        }
+        return {**view.view(facts).as_dict(), "volumes": [volume]}
 
     def auto_failover_status(self) -> dict[str, Any]:
         return {"enabled": False, "reason": "not applicable on the primary"}

@@ -25,7 +25,7 @@ from .bitmap import REGION_SIZE
 from .config import SecondaryConfig, default_buffer_dir
 from .node_state import StateFileError
 from .role import BaseRole, PeerStatus, al_path, esc
-from .states import EntryKind
+from .states import DiskState, EntryKind, HistoryEntry
 from .states import Role as RoleName
 
 FAILOVER_WAIT = 3600.0  # seconds the failover commit may take before it counts as failed
@@ -48,6 +48,7 @@ class Secondary(BaseRole):
         self.fence = watchdog.FenceState()
         self.failover_lock = asyncio.Lock()
         self.server: asyncio.AbstractServer | None = None
+        self.peer_history: list[HistoryEntry] | None = None  # a split-brain hello's (resolve.py)
 
     @property
     def hidden(self) -> str:
@@ -86,6 +87,7 @@ class Secondary(BaseRole):
             await self._serve_link()
         await self.start_consumer_export()
         qmp.register_secondary(self)
+        qmp.register_resolve(self, lambda: self.peer_history)
         await self.start_qmp()
         self.start_metrics()
         self.server = await channel.listen(self.cfg.listen, self._on_conn, self.tls_server)
@@ -183,6 +185,7 @@ class Secondary(BaseRole):
         if split is not None:
             # both went on alone: the primary refuses too; say so here as well
             self.peer = PeerStatus.SPLIT_BRAIN
+            self.peer_history = pairing.parse_history(msg.get("history"))
             self.error(split)
         reply: dict[str, Any] = {
             "node-id": self.state.node_id,
@@ -195,6 +198,8 @@ class Secondary(BaseRole):
             "export": self.link_export,
             "stage": (await self.status())["stage"],
             "failed-over": self.failed_over,
+            # Outdated: `resolve --discard-local` gave up this node's writes (rule discard-local)
+            "disk-state": self.state.disk_state.value,
         }
         if self.shared:
             hidden = self.d.graph.find("hidden_disk0")
@@ -230,6 +235,10 @@ class Secondary(BaseRole):
         self._refuse_if_failed_over("start")
         if msg.get("history") is not None:
             self.state.adopt_history(pairing.parse_history(msg["history"]))
+        if self.state.disk_state is DiskState.OUTDATED:
+            # the primary copied what this node gave up (discard-local): level with it again
+            with self.state.update():
+                self.state.disk_state = DiskState.CONSISTENT
         await self.d.replication.start_all(ReplicationMode.SECONDARY)
         self.started = True
         self.peer = PeerStatus.CONNECTED

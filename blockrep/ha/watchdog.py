@@ -121,6 +121,7 @@ async def run_fence(command: str, timeout: float = FENCE_TIMEOUT) -> tuple[int, 
 async def heartbeat_loop(p: Primary) -> None:
     """P: call S every heartbeat interval; while degraded, pair again with --reconnect."""
     cfg = p.cfg
+    last_split = 0.0
     while True:
         await asyncio.sleep(cfg.heartbeat_interval)
         if p.replicating and p.ch is not None:
@@ -128,7 +129,13 @@ async def heartbeat_loop(p: Primary) -> None:
                 await p.ch.call("heartbeat", timeout=cfg.heartbeat_timeout)
             except channel.ChannelError as e:
                 await p.degrade(f"secondary lost: {e}", e)
-        elif p.peer in (PeerStatus.DEGRADED, PeerStatus.CONNECTING) and cfg.reconnect:
+        elif p.peer in (PeerStatus.DEGRADED, PeerStatus.CONNECTING, PeerStatus.SPLIT_BRAIN) and (
+            cfg.reconnect
+        ):
+            # split brain: try again every 2 s (a `resolve --discard-local` ends it)
+            if p.peer is PeerStatus.SPLIT_BRAIN and time.monotonic() - last_split < 2.0:
+                continue
+            last_split = time.monotonic()
             try:
                 await p.connect_and_replicate(first=False)
             except Exception as e:

@@ -26,6 +26,22 @@ PEER_STATES = {
     "refused",
 }
 STAGES = {"none", "running", "failover", "failover-failed", "done"}
+# CONTINUITY.md §8 (README: disk-state, peer-role, peer-disk-state, replication)
+ROLES = {"primary", "secondary", "none"}
+DISK_STATES = {"UpToDate", "Consistent", "Outdated", "Inconsistent"}
+REPLICATION_STATES = {
+    "Connecting",
+    "Established",
+    "Protected",
+    "SyncSource",
+    "SyncTarget",
+    "PausedSync",
+    "VerifySource",
+    "VerifyTarget",
+    "SplitBrain",
+    "Unrelated",
+    "StandAlone",
+}
 NUM = (int, float)
 
 
@@ -79,6 +95,18 @@ def check_status_schema(s: dict[str, Any], role: str | None = None) -> None:
     if "sync" in s:
         sy = s["sync"]
         assert isinstance(sy["what"], str) and is_int(sy["current"]) and is_int(sy["total"]), sy
+    assert s["disk-state"] in DISK_STATES, s["disk-state"]
+    assert s["peer-role"] is None or s["peer-role"] in ROLES, s["peer-role"]
+    assert s["peer-disk-state"] is None or s["peer-disk-state"] in DISK_STATES
+    assert s["replication"] in REPLICATION_STATES, s["replication"]
+    assert is_int(s["out-of-sync-bytes"]) and s["out-of-sync-bytes"] >= 0
+    if s["replication"] == "Protected":
+        assert s["out-of-sync-bytes"] == 0 and s["peer-role"] is not None, s
+    vols = s["volumes"]
+    assert isinstance(vols, list) and len(vols) >= 1, vols
+    for v in vols:
+        assert is_int(v["volume"]) and isinstance(v["disk"], str), v
+        assert is_int(v["size"]) and v["size"] >= 0 and isinstance(v["export"], str), v
     assert isinstance(s["jobs"], list)
     for j in s["jobs"]:
         assert (
