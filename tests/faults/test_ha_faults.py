@@ -23,7 +23,7 @@ import pytest
 
 from blockrep.testing import MiB, free_port
 from tests.harness.ha import HA
-from tests.harness.models import random_writes
+from tests.harness.models import covers, random_writes, region_writes
 from tests.harness.proxies import BlackholeProxy
 from tests.harness.tools import sha, sha_file
 
@@ -280,15 +280,15 @@ async def test_partition_both_write_split_brain_detected_nothing_overwritten(ha)
         # writes in the epoch before the partition: P's will be rolled back on S, S's kept
         await random_writes(pc, rnd, SIZE, 8, p_model, sizes=(4096,))
         # S: only in the first MiB, P after the partition: only in the last two
-        await _region_writes(sc, rnd, 0, MiB, 6, s_model)
+        await region_writes(sc, rnd, 0, MiB, 6, s_model)
 
         proxy.blackhole()
         await s.wait_status(
             lambda x: x["peer"] == "failed-over" and x["stage"] == "done", 15, "S failover"
         )
         await p.wait_status(lambda x: x["peer"] == "degraded", 15, "P degraded")
-        await _region_writes(sc, rnd, MiB, MiB, 6, s_model)
-        await _region_writes(pc, rnd, 2 * MiB, 2 * MiB, 10, p_model)
+        await region_writes(sc, rnd, MiB, MiB, 6, s_model)
+        await region_writes(pc, rnd, 2 * MiB, 2 * MiB, 10, p_model)
         assert sha(bytes(await pc.read(0, SIZE))) == sha(p_model)
         assert sha(bytes(await sc.read(0, SIZE))) == sha(s_model)
         p_sha, s_sha = sha_file(p.disk), sha_file(s.disk)
@@ -317,26 +317,11 @@ async def test_partition_both_write_split_brain_detected_nothing_overwritten(ha)
         proxy.close()
 
 
-async def _region_writes(
-    node, rnd: random.Random, start: int, length: int, count: int, model: bytearray
-) -> None:
-    for _ in range(count):
-        n = rnd.choice((512, 4096, 16384))
-        off = rnd.randrange(start, start + length - n)
-        data = rnd.randbytes(n)
-        await node.write(off, data)
-        model[off : off + n] = data
-
-
-def _covers(ranges: list[list[int]], start: int, length: int) -> bool:
-    return any(o <= start and start + length <= o + n for o, n in ranges)
-
-
 def _check_split_brain(st: dict, common: str) -> None:
     sb = st["split-brain"]
     assert sb["common-epoch"] == common, (sb, common)
     # S wrote in MiB 0 (before its failover, kept by the commit) and MiB 1; P in MiB 2-3
-    assert _covers(sb["secondary"]["written"], MiB, MiB), sb
-    assert _covers(sb["secondary"]["written"], 0, MiB), sb
-    assert _covers(sb["primary"]["written"], 2 * MiB, 2 * MiB), sb
+    assert covers(sb["secondary"]["written"], MiB, MiB), sb
+    assert covers(sb["secondary"]["written"], 0, MiB), sb
+    assert covers(sb["primary"]["written"], 2 * MiB, 2 * MiB), sb
     assert any("split brain" in e for e in st["errors"]), st["errors"]

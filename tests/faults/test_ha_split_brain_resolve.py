@@ -21,6 +21,7 @@ import pytest
 
 from blockrep.testing import MiB, free_port, qmp_call
 from tests.harness.ha import HA, REPO
+from tests.harness.models import region_writes
 from tests.harness.proxies import BlackholeProxy
 from tests.harness.tools import sha, sha_file
 
@@ -52,15 +53,6 @@ def _resolve_cli(node) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def _region_writes(node, rnd, start: int, length: int, count: int, model) -> None:
-    for _ in range(count):
-        n = rnd.choice((512, 4096, 16384))
-        off = rnd.randrange(start, start + length - n)
-        data = rnd.randbytes(n)
-        await node.write(off, data)
-        model[off : off + n] = data
-
-
 async def test_resolve_discard_local_on_failed_over_secondary_converges(ha):
     rnd = random.Random(11)
     base = ha.make_disks(SIZE, 11)
@@ -76,12 +68,12 @@ async def test_resolve_discard_local_on_failed_over_secondary_converges(ha):
         p_model = bytearray(base)
         # P writes only in MiB 2-3, S only in MiB 0-1 and 5: copying P's regions alone
         # would leave S's writes on S
-        await _region_writes(pc, rnd, 2 * MiB, 2 * MiB, 16, p_model)
+        await region_writes(pc, rnd, 2 * MiB, 2 * MiB, 16, p_model)
         await p.qmp_async("replication-checkpoint")
         s_model = bytearray(p_model)
         # the epoch before the partition: P's writes will be rolled back on S, S's kept
-        await _region_writes(pc, rnd, 2 * MiB, 2 * MiB, 8, p_model)
-        await _region_writes(sc, rnd, 0, MiB, 6, s_model)
+        await region_writes(pc, rnd, 2 * MiB, 2 * MiB, 8, p_model)
+        await region_writes(sc, rnd, 0, MiB, 6, s_model)
 
         # not in split brain (paired): refused with a message, nothing changed
         state_before = open(s.state, "rb").read()
@@ -98,9 +90,9 @@ async def test_resolve_discard_local_on_failed_over_secondary_converges(ha):
         # degraded is not split brain either
         with pytest.raises(RuntimeError, match="not in split brain"):
             await asyncio.to_thread(qmp_call, p.qmp, "ha-resolve", {"discard-local": True})
-        await _region_writes(sc, rnd, MiB, MiB, 6, s_model)
-        await _region_writes(sc, rnd, 5 * MiB, MiB, 3, s_model)
-        await _region_writes(pc, rnd, 2 * MiB, 2 * MiB, 10, p_model)
+        await region_writes(sc, rnd, MiB, MiB, 6, s_model)
+        await region_writes(sc, rnd, 5 * MiB, MiB, 3, s_model)
+        await region_writes(pc, rnd, 2 * MiB, 2 * MiB, 10, p_model)
         assert sha_file(p.disk) == sha(p_model) and sha_file(s.disk) == sha(s_model)
 
         proxy.heal()  # P's --reconnect meets S again: split brain on both
@@ -136,7 +128,7 @@ async def test_resolve_discard_local_on_failed_over_secondary_converges(ha):
         assert "split-brain" not in st, st
 
         # protected again: a write and a checkpoint, then both disks equal P's model
-        await _region_writes(pc, rnd, 8 * MiB, MiB, 4, p_model)
+        await region_writes(pc, rnd, 8 * MiB, MiB, 4, p_model)
         await p.qmp_async("replication-checkpoint")
         assert sha(bytes(await pc.read(0, SIZE))) == sha(p_model)
         assert (await s2.astatus())["peer"] == "connected"
@@ -163,17 +155,17 @@ async def test_resolve_discard_local_on_degraded_primary_roles_swap(ha):
         pc = await ha.client(p)
         sc = await ha.client(s)
         p_model = bytearray(base)
-        await _region_writes(pc, rnd, 2 * MiB, 2 * MiB, 8, p_model)
+        await region_writes(pc, rnd, 2 * MiB, 2 * MiB, 8, p_model)
         await p.qmp_async("replication-checkpoint")
         s_model = bytearray(p_model)
-        await _region_writes(pc, rnd, 2 * MiB, MiB, 4, p_model)  # rolled back on S
-        await _region_writes(sc, rnd, 0, MiB, 4, s_model)
+        await region_writes(pc, rnd, 2 * MiB, MiB, 4, p_model)  # rolled back on S
+        await region_writes(sc, rnd, 0, MiB, 4, s_model)
 
         proxy.blackhole()
         await s.wait_status(lambda x: x["peer"] == "failed-over", 15, "S failover")
         await p.wait_status(lambda x: x["peer"] == "degraded", 15, "P degraded")
-        await _region_writes(sc, rnd, MiB, MiB, 4, s_model)
-        await _region_writes(pc, rnd, 6 * MiB, MiB, 4, p_model)
+        await region_writes(sc, rnd, MiB, MiB, 4, s_model)
+        await region_writes(pc, rnd, 6 * MiB, MiB, 4, p_model)
         proxy.heal()
         await p.wait_status(lambda x: x["peer"] == "split-brain", 15, "P split brain")
 
@@ -206,7 +198,7 @@ async def test_resolve_discard_local_on_degraded_primary_roles_swap(ha):
         # still hold 3 from before the checkpoint): never the disk
         assert hs["rule"] == "discard-local" and 4 * MiB <= hs["bytes"] <= 5 * MiB, hs
         pc2 = await ha.client(p_new)
-        await _region_writes(pc2, rnd, 9 * MiB, MiB, 3, s_model)
+        await region_writes(pc2, rnd, 9 * MiB, MiB, 3, s_model)
         await p_new.qmp_async("replication-checkpoint")
         p_new.quit()
         s_old.quit()

@@ -23,7 +23,7 @@ import pytest
 from blockrep.ha.node_state import NodeState
 from blockrep.ha.states import EntryKind
 from blockrep.testing import MiB
-from tests.harness.models import random_writes
+from tests.harness.models import covers, random_writes, region_writes
 from tests.harness.tools import sha, sha_file
 
 pytestmark = pytest.mark.timeout(180)
@@ -39,21 +39,6 @@ P_ARGS = [
     "--checkpoint-interval",
     "0.2",
 ]
-
-
-async def _region_writes(
-    node, rnd: random.Random, start: int, length: int, count: int, model: bytearray
-) -> None:
-    for _ in range(count):
-        n = rnd.choice((512, 4096, 16384))
-        off = rnd.randrange(start, start + length - n)
-        data = rnd.randbytes(n)
-        await node.write(off, data)
-        model[off : off + n] = data
-
-
-def _covers(ranges: list[list[int]], start: int, length: int) -> bool:
-    return any(o <= start and start + length <= o + n for o, n in ranges)
 
 
 def _failover_recorded(path: str) -> bool:
@@ -89,8 +74,8 @@ async def test_woken_old_primary_cannot_erase_the_survivors_failover(ha):
         failover_entry = st["epoch-uuid"]  # the failover record, after the common epoch
         assert failover_entry != common
         # the survivor writes in two regions: MiB 0 and MiB 1
-        await _region_writes(sc, rnd, 0, MiB, 6, s_model)
-        await _region_writes(sc, rnd, MiB, MiB, 6, s_model)
+        await region_writes(sc, rnd, 0, MiB, 6, s_model)
+        await region_writes(sc, rnd, MiB, MiB, 6, s_model)
         assert _failover_recorded(s.state)
     finally:
         os.kill(p.pid, signal.SIGCONT)  # P wakes up
@@ -112,14 +97,14 @@ async def test_woken_old_primary_cannot_erase_the_survivors_failover(ha):
     assert _failover_recorded(s.state)
     st_s = await s.astatus()
     assert st_s["peer"] == "failed-over" and st_s["epoch-uuid"] == failover_entry, st_s
-    assert _covers(st_s["written-alone"], 0, 2 * MiB), st_s["written-alone"]
+    assert covers(st_s["written-alone"], 0, 2 * MiB), st_s["written-alone"]
 
     # P keeps serving its consumer alone, in MiB 2-3; S goes on too
-    await _region_writes(pc, rnd, 2 * MiB, 2 * MiB, 10, p_model)
-    await _region_writes(sc, rnd, 0, MiB, 2, s_model)
+    await region_writes(pc, rnd, 2 * MiB, 2 * MiB, 10, p_model)
+    await region_writes(sc, rnd, 0, MiB, 2, s_model)
     assert sha(bytes(await pc.read(0, SIZE))) == sha(p_model)
     assert sha(bytes(await sc.read(0, SIZE))) == sha(s_model)
-    assert _covers((await p.astatus())["written-alone"], 2 * MiB, 2 * MiB)
+    assert covers((await p.astatus())["written-alone"], 2 * MiB, 2 * MiB)
 
     # the survivor restarted later is still the failed-over node: its consumer works
     s.quit()
@@ -144,8 +129,8 @@ async def test_woken_old_primary_cannot_erase_the_survivors_failover(ha):
     st = await p2.wait_status(lambda x: x["peer"] == "split-brain", 15, "split brain")
     sb = st["split-brain"]
     assert sb["common-epoch"] == common, (sb, common)
-    assert _covers(sb["secondary"]["written"], 0, 2 * MiB), sb
-    assert _covers(sb["primary"]["written"], 2 * MiB, 2 * MiB), sb
+    assert covers(sb["secondary"]["written"], 0, 2 * MiB), sb
+    assert covers(sb["primary"]["written"], 2 * MiB, 2 * MiB), sb
     await asyncio.sleep(0.5)
     p2.quit()
     s2.quit()

@@ -126,3 +126,21 @@ async def random_writes(
     else:
         await asyncio.gather(*(node.write(off, data) for off, data in ops))
     return sum(len(d) for _, d in ops)
+
+
+async def region_writes(
+    node: Any, rnd: random.Random, start: int, length: int, count: int, model: bytearray
+) -> None:
+    """``count`` sequential small writes inside [start, start + length), kept in ``model``:
+    a test that must know which regions each side wrote (split brain, resync) uses this."""
+    for _ in range(count):
+        n = rnd.choice((512, 4096, 16384))
+        off = rnd.randrange(start, start + length - n)
+        data = rnd.randbytes(n)
+        await node.write(off, data)
+        model[off : off + n] = data
+
+
+def covers(ranges: list[list[int]], start: int, length: int) -> bool:
+    """Does one of the [offset, length] ranges (a status's region list) hold the span?"""
+    return any(o <= start and start + length <= o + n for o, n in ranges)
