@@ -2,11 +2,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-DEBS   := qemu-utils qemu-system-x86 nbdkit libnbd-bin fio
+DEBS   := qemu-utils qemu-system-x86 nbdkit libnbd-bin fio systemd
 # tool -> Debian package, checked before the tests run
 TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
           qemu-system-x86_64:qemu-system-x86 nbdkit:nbdkit nbdinfo:libnbd-bin \
-          nbdcopy:libnbd-bin fio:fio
+          nbdcopy:libnbd-bin fio:fio systemd-analyze:systemd
 
 .PHONY: test venv debs lint bench demo clean
 

@@ -303,10 +303,14 @@ class HANode:
         )
 
     async def wait_ready(self, timeout: float = 40.0) -> None:
-        """Until the log says ``blockrep ROLE: ready`` (paired, disks verified)."""
+        """Until the log says ``blockrep ROLE: ready`` (paired, disks verified; ``up``:
+        serving with role none)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if f"blockrep {self.role}: ready" in self.log_text():
+            text = self.log_text()
+            if f"blockrep {self.role}: ready" in text or (
+                self.role == "up" and " ready (role none)" in text
+            ):
                 return
             if self.proc.poll() is not None:
                 raise self._exited()
@@ -416,6 +420,52 @@ class HA:
         args = ["--secondary", secondary, "--connect-timeout", "20"]
         return self._node("primary", name, disk or self.disk("p.raw"), args, extra)
 
+    def resource(
+        self,
+        name: str = "r0",
+        nodes: tuple[str, ...] = ("a", "b"),
+        disks: dict[str, list[str]] | None = None,
+        checkpoint_interval: float = 0.5,
+    ) -> str:
+        """A resource file for ``blockrep up``: unix sockets in this dir, one volume per
+        node (``disks`` to say otherwise). Returns its path."""
+        lines = [
+            "[resource]",
+            f'name = "{name}"',
+            'mode = "separate"',
+            f"checkpoint-interval = {checkpoint_interval}",
+        ]
+        for n in nodes:
+            vols = (disks or {}).get(n) or [self.disk(f"{n}.raw")]
+            exports = [f"nbd+unix:///disk?socket={self.path(n)}.nbd"] + [
+                f"nbd+unix:///disk{i}?socket={self.path(n)}.nbd" for i in range(1, len(vols))
+            ]
+            lines += [
+                f"[nodes.{n}]",
+                f'address = "unix:{self.path(n)}.ctl"',
+                f'qmp = "unix:{self.path(n)}.qmp"',
+                'buffer-dir = "/dev/shm"' if os.path.isdir("/dev/shm") else "",
+                "disks = [" + ", ".join(f'"{v}"' for v in vols) + "]",
+                "exports = [" + ", ".join(f'"{e}"' for e in exports) + "]",
+            ]
+        path = self.path(f"{name}.toml")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return path
+
+    def up(self, resource: str, name: str, extra: Sequence[str] = ()) -> HANode:
+        """``blockrep up FILE --node NAME`` (role none until promoted or paired)."""
+        argv = blockrep_argv("up", resource, "--node", name, *extra)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        life = sum(1 for n in self.nodes if n.name == name)  # a log per life: ready is this one's
+        proc = Process(argv, self.path(f"{name}.{life}.log"), env=env)
+        disk = self.disk(f"{name}.raw")
+        state = disk + ".blockrep-state.json"
+        n = self.node_class("up", name, proc, disk, self.path(f"{name}.qmp"),
+                            self.path(f"{name}.nbd"), state)  # fmt: skip
+        self.nodes.append(n)
+        return n
+
     async def client(self, node: HANode) -> Node:
         g, c = await node.client()
         self.graphs.append(g)
@@ -438,7 +488,7 @@ class HA:
                 pass
         for n in self.nodes:
             # the overlays of a killed secondary stay in the buffer dir: remove ours
-            if n.role == "secondary":
+            if n.role in ("secondary", "up"):
                 remove_overlays(os.path.basename(n.disk))
         self.nodes.clear()
         shutil.rmtree(self.dir, ignore_errors=True)

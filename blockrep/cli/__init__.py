@@ -7,6 +7,11 @@ import sys
 USAGE = """usage: blockrep COMMAND [ARGS...]
 
 commands:
+  up          run a node of a resource file (role none until promoted or paired)
+  promote     make a node primary (fails over if its primary is gone)
+  demote      make a primary a secondary after a final checkpoint
+  switchover  the primary and its secondary swap roles, no data copied
+  down        stop a node cleanly (a primary hands over first)
   primary     run the Primary of a replicated disk (HA manager)
   secondary   run the Secondary of a replicated disk (HA manager)
   checkpoint  take a checkpoint now (on the primary's QMP socket)
@@ -30,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         from .ha import run_role
 
         return run_role(cmd, rest)
+    if cmd == "up":
+        from .up import cmd_up
+
+        return cmd_up(rest)
+    if cmd in ("promote", "demote", "switchover", "down"):
+        from .up import cmd_verb
+
+        return cmd_verb(cmd, rest)
     if cmd in ("checkpoint", "failover", "status", "events", "resolve"):
         from . import ha
 

@@ -68,6 +68,12 @@ def primary_parser() -> argparse.ArgumentParser:
         default=sys.stderr.isatty(),
         help="progress bars on stderr",
     )
+    p.add_argument(
+        "--no-activity-log",
+        action="store_true",
+        help="UNSAFE, for measuring its cost: no activity log, so after a crash of this "
+        "node the writes of its last epoch are not known to differ from the secondary",
+    )
     return p
 
 
@@ -163,13 +169,18 @@ def qmp_call(path: str, cmd: str, args: dict[str, Any] | None = None, timeout: f
 
 
 def _qmp_arg(prog: str, argv: list[str]) -> argparse.Namespace:
+    """``--qmp unix:PATH`` or ``FILE [--node NAME]`` (cli/up.py); ``a.qmp`` is the socket."""
+    from .up import add_target, target_qmp
+
     p = argparse.ArgumentParser(prog=prog)
-    p.add_argument("--qmp", required=True, help="the node's QMP socket (unix:PATH)")
+    add_target(p)
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "--watch", action="store_true", help="keep showing status (with progress of long jobs)"
     )
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.qmp = target_qmp(p, a)
+    return a
 
 
 def cmd_checkpoint(argv: list[str]) -> int:
@@ -202,8 +213,10 @@ def cmd_failover(argv: list[str]) -> int:
 def cmd_resolve(argv: list[str]) -> int:
     """``blockrep resolve --discard-local``: on the node whose writes are given up, in
     split brain only; it records that durably and stops (restart it as a secondary)."""
+    from .up import add_target, target_qmp
+
     p = argparse.ArgumentParser(prog="blockrep resolve")
-    p.add_argument("--qmp", required=True, help="the node's QMP socket (unix:PATH)")
+    add_target(p)
     p.add_argument(
         "--discard-local",
         action="store_true",
@@ -212,6 +225,7 @@ def cmd_resolve(argv: list[str]) -> int:
     )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    a.qmp = target_qmp(p, a)
     try:
         r = qmp_call(a.qmp, "ha-resolve", {"discard-local": True})
     except (OSError, RuntimeError) as e:
@@ -295,11 +309,14 @@ def cmd_status(argv: list[str]) -> int:
 def cmd_events(argv: list[str]) -> int:
     """``blockrep events``: one JSON object per line for each change of role, disk state,
     peer, replication or last handshake (the node diffs its status: ha/events.py)."""
+    from .up import add_target, target_qmp
+
     p = argparse.ArgumentParser(prog="blockrep events")
-    p.add_argument("--qmp", required=True, help="the node's QMP socket (unix:PATH)")
+    add_target(p)
     p.add_argument("--once", action="store_true", help="print the current state and exit")
     p.add_argument("--interval", type=float, default=0.2, help="seconds between polls")
     a = p.parse_args(argv)
+    a.qmp = target_qmp(p, a)
     from ..ha.events import snapshot
 
     try:

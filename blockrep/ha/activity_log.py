@@ -11,12 +11,9 @@ of the primary only these can differ from the secondary, so recovery copies them
   is set in the persisted peer bitmap. A write that finds the log full of regions
   that may not leave waits for a checkpoint ack (``on_full`` asks for one early).
 
-On disk: a ring of SLOTS one-page records. A record holds the WHOLE active set, not a
-delta: loading reads one record and replays nothing, and a page is the least a commit
-writes anyway. Record ``seq`` goes to slot ``(seq - 1) % SLOTS``; a commit starts only
-after the previous one is durable, so a crash tears at most one slot and the newest
-valid record is the state to trust. Records carry their region size, so a changed
-``region_size`` is converted, never misread.
+On disk: a ring of SLOTS one-page records, each the WHOLE active set (no replay). Record
+``seq`` goes to slot ``(seq - 1) % SLOTS``; commits are serial, so a crash tears at most
+one slot. Records carry their region size: a changed ``region_size`` is converted.
 """
 
 from __future__ import annotations
@@ -133,12 +130,11 @@ class RecordWriter(Protocol):
 
 
 class RingFile:
-    """The default writer: pwrite + fdatasync (called in a worker thread)."""
+    """The default writer: pwrite + fdatasync (in a worker thread); sized once, durably."""
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         if os.fstat(self.fd).st_size < RING_SIZE:
-            # sized once, and durably, so a commit's fdatasync never has to grow it
             os.ftruncate(self.fd, RING_SIZE)
             os.fsync(self.fd)
             dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -203,7 +199,6 @@ class ActivityLog:
         self._offload = offload
         self._seq = seq
         self._on_disk = frozenset(recovered)
-        # recovered: kept until a checkpoint after the resync that copies them, or bitmap
         self._active: OrderedDict[int, _Region] = OrderedDict(
             (n, _Region(durable=True)) for n in sorted(self._on_disk)
         )
@@ -219,8 +214,7 @@ class ActivityLog:
 
     @classmethod
     def open(cls, path: str, **kw: Any) -> ActivityLog:
-        """Open (or make) the AL file; the set a crash left stays active. ``kw`` as for
-        the constructor; a set of another region size becomes one covering its bytes."""
+        """Open (or make) the AL file; the set a crash left stays active (converted)."""
         newest = load(path).newest
         size = kw.get("region_size", DEFAULT_REGION_SIZE)
         regions = newest.regions
@@ -238,8 +232,8 @@ class ActivityLog:
         return r
 
     async def begin_write(self, offset: int, nbytes: int) -> None:
-        """Return once every region the write touches is durably active; the caller
-        then issues the write and must call ``end_write`` with the same range."""
+        """Return once every region the write touches is durably active (then the
+        caller issues the write and calls ``end_write`` with the same range)."""
         if len(regs := self.regions_of(offset, nbytes)) > self.limit:
             msg = f"spans {len(regs)} regions, more than the activity log's limit {self.limit}"
             raise ActivityLogError(f"a write of {nbytes} bytes {msg}", errno.EINVAL)
@@ -385,13 +379,18 @@ class ActivityLog:
 
     def stats(self) -> dict[str, int]:
         """status --json's ``al`` object (worst case: every durable region differs)."""
-        n = len(self._on_disk)
-        return {
-            "regions": n,
-            "limit": self.limit,
-            "commits": self.commits,
-            "worst-case-resync-bytes": n * self.region_size,
-        }
+        n, size = len(self._on_disk), self.region_size
+        return {"regions": n, "limit": self.limit, "commits": self.commits,
+                "worst-case-resync-bytes": n * size}  # fmt: skip
+
+    async def clear(self) -> None:
+        """A clean handover (nothing in flight, all covered): an empty record on disk."""
+        busy = [n for n, r in self._active.items() if r.inflight or r.last_write > self._covered]
+        if busy:
+            raise ActivityLogError(f"cannot empty the activity log: {len(busy)} region(s) busy")
+        self._active.clear()
+        self._in_bitmap.clear()
+        await self._commit()
 
     async def aclose(self) -> None:
         if self._committing is not None:

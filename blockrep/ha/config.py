@@ -62,6 +62,7 @@ class RoleConfig:
     state_file: str
     heartbeat_interval: float
     heartbeat_timeout: float
+    export_name: str = "disk"  # the consumer export's NBD name
 
     @property
     def shared(self) -> bool:
@@ -92,6 +93,7 @@ class PrimaryConfig(RoleConfig):
     connect_timeout: float
     reconnect: bool
     progress: bool  # progress bars on stderr
+    activity_log: bool = True  # False: --no-activity-log (unsafe: a crash copies nothing it wrote)
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> PrimaryConfig:
@@ -104,6 +106,7 @@ class PrimaryConfig(RoleConfig):
             connect_timeout=float(ns.connect_timeout),
             reconnect=bool(ns.reconnect),
             progress=bool(ns.progress),
+            activity_log=not getattr(ns, "no_activity_log", False),
         )
 
 

@@ -16,18 +16,13 @@ import time
 import uuid
 from typing import Any
 
-from ..address import SocketAddress
-from ..block.node import Node
 from ..errors import BlockError, ReplicationError
-from ..replication.filter import ReplicationMode
-from . import channel, pairing, qmp, watchdog
+from . import channel, qmp, reprotect, watchdog
 from .activity_log import ActivityLog, ActivityLogError
-from .bitmap import REGION_SIZE as CHUNK
 from .config import PrimaryConfig
-from .handshake import Comparison, compare_histories
 from .node_state import StateFileError
-from .resync import SyncKind, SyncProgress, all_chunks, copy_chunks
-from .role import BaseRole, PeerStatus, al_path, esc
+from .resync import SyncProgress
+from .role import BaseRole, Host, PeerStatus, al_path, esc
 from .states import EntryKind, HistoryEntry
 from .states import Role as RoleName
 
@@ -38,8 +33,8 @@ class Primary(BaseRole):
     role = RoleName.PRIMARY
     cfg: PrimaryConfig
 
-    def __init__(self, cfg: PrimaryConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: PrimaryConfig, host: Host | None = None) -> None:
+        super().__init__(cfg, host)
         self.ch: channel.Client | None = None
         self.replicating = False
         self.split_brain: dict[str, Any] | None = None
@@ -51,7 +46,8 @@ class Primary(BaseRole):
         self.last_handshake: dict[str, Any] | None = None
         self._early_ckpt: asyncio.Task[None] | None = None
 
-    async def setup(self) -> None:
+    async def _build(self) -> None:
+        """The primary's graph (SPEC §2/§3), its activity log, and alone tracking."""
         d = self.d
         if self.shared:
             await d.blockdev.drive_add(
@@ -68,214 +64,90 @@ class Primary(BaseRole):
         self.state.ensure_disk_id(self.top.length)  # StateFileError: another disk's state
         # I1 while replicating: a region is durably in the activity log before a write
         # to it is issued; the set a crash left behind stays active (copied on pairing)
-        self.al = ActivityLog.open(al_path(self.disk), on_full=self._al_full)
+        if self.cfg.activity_log:
+            self.al = ActivityLog.open(al_path(self.disk), on_full=self._al_full)
         if self.state.alone_since is not None:
-            # went on alone in an earlier life: keep recording where it writes
+            # went on alone in an earlier life (or was just promoted): record where it writes
             self.track_alone_writes(EntryKind.DEGRADED)
-        qmp.register_primary(self)
-        qmp.register_resolve(self, lambda: self.peer_history)
-        await self.start_qmp()
-        self.start_metrics()
-        await self.connect_and_replicate(first=True)
-        await self.start_consumer_export()
+
+    def _start_loops(self) -> None:
         assert self.consumer_export is not None
         self.consumer_export.activity_log = self.al
         self.tasks.append(asyncio.create_task(watchdog.heartbeat_loop(self)))
         if self.cfg.checkpoint_interval > 0:
             self.tasks.append(asyncio.create_task(self._checkpoint_loop()))
 
+    async def setup(self) -> None:
+        """``blockrep primary``: build, serve QMP, pair (first attempt), serve the consumer."""
+        await self._build()
+        qmp.register_primary(self)
+        qmp.register_resolve(self, lambda: self.peer_history)
+        await self.start_qmp()
+        self.start_metrics()
+        await self.connect_and_replicate(first=True)
+        await self.start_consumer_export()
+        self._start_loops()
+
+    async def activate(self) -> None:
+        """A role change (``blockrep up``, node.py): the host's export (held quiesced by
+        the caller) moves to this graph; pairing runs in the heartbeat loop (reconnect)."""
+        await self._build()
+        await self.start_consumer_export()
+        self._start_loops()
+
+    async def hand_over(self, promote_peer: bool) -> None:
+        """A clean handover (demote, switchover, down), the consumer held by the caller:
+        a final checkpoint, the secondary told (``promote_peer``: it becomes primary),
+        the activity log emptied — an acknowledged checkpoint covers every region, so
+        the next pairing copies nothing for it."""
+        if not (self.replicating and self.ch is not None):
+            if promote_peer:
+                raise channel.ChannelError(
+                    f"switchover refused: not replicating (peer: {self.peer.value})"
+                )
+            return
+        await self.checkpoint(resume=False)  # a failure degrades and raises: nothing handed over
+        self.replicating = False
+        await self._drop_replication(failover=False)  # before the peer closes its link
+        try:
+            await self.ch.call("handover", promote=promote_peer)
+        except channel.ChannelError as e:
+            # the peer may still be a running secondary: this node goes on alone
+            self.peer = PeerStatus.DEGRADED
+            self.track_alone_writes(EntryKind.DEGRADED)
+            if promote_peer:
+                raise channel.ChannelError(f"switchover failed: the secondary: {e}") from None
+            log.warning("handover: the secondary did not answer: %s", e)
+            return
+        if self.al is not None:
+            await self.al.clear()
+
+    async def release(self) -> None:
+        """Stop replicating (no failover: this node's disk is complete) and give the host back."""
+        self.replicating = False
+        if self.ch is not None:
+            await self.ch.close()
+            self.ch = None
+        await self._drop_replication(failover=False)
+        await super().release()
+        if self.al is not None:
+            try:
+                await self.al.aclose()
+            except ActivityLogError as e:
+                self.error(e.message)
+            self.al = None
+
     # -- pairing ----------------------------------------------------------------------------------
 
     async def connect_and_replicate(self, first: bool) -> bool:
-        """Pair with the secondary and start replicating; False: serving alone (status says why).
-
-        The first attempt keeps trying for --connect-timeout and a refusal by the disks
-        (pairing.PairingRefused: they differ) ends the process; later ones (--reconnect)
-        try once. A failure of the data path after the handshake (the link unreachable,
-        a copy or the start failing) leaves this node serving alone (degraded).
-        """
-        cfg = self.cfg
-        ch = channel.Client()
-        deadline = time.monotonic() + (cfg.connect_timeout if first else 1.0)
-        assert self.top is not None
-        while True:
-            try:
-                await ch.connect(cfg.secondary, self.tls_client)
-                hello = await ch.call(
-                    "hello",
-                    size=self.top.length,
-                    shared=self.shared,
-                    history=[str(e) for e in self.state.history],
-                )
-                break
-            except channel.ChannelError as e:
-                if not ch.closed:  # the secondary answered: a real refusal
-                    await ch.close()
-                    self.peer = PeerStatus.REFUSED
-                    self.error(f"secondary refused pairing: {e}")
-                    return False
-                # the channel died before an answer (secondary not up yet, a proxy,
-                # a TLS mismatch): a transport failure, retried like a failed connect
-                await ch.close()
-                ch = channel.Client()
-                err: Exception = e
-            except (OSError, TimeoutError) as e:
-                err = e
-            if time.monotonic() >= deadline:
-                self.peer = PeerStatus.DEGRADED
-                self.error(f"cannot reach the secondary at {cfg.secondary}: {err}")
-                if first:
-                    self.track_alone_writes(EntryKind.DEGRADED)
-                return False
-            await asyncio.sleep(0.2)
-        try:
-            theirs = pairing.parse_history(hello.get("history"))
-        except ValueError as e:
-            await ch.close()
-            self.peer = PeerStatus.REFUSED
-            self.error(f"secondary refused pairing: its history is not valid: {e}")
-            return False
-        rel = compare_histories(self.state.history, theirs)
-        self.peer_history = theirs
-        self.flush_alone_writes()
-        alone = self.state.alone_since
-        refusal = pairing.judge_hello(
-            rel, hello, self.state.peer_bitmap.ranges(), str(alone) if alone else None
-        )
-        if refusal is not None:
-            self.peer = refusal.peer
-            if refusal.split_brain is not None:
-                self.split_brain = refusal.split_brain
-            self.error(refusal.message)
-            # this node keeps serving its consumer: from here on it writes alone
-            self.track_alone_writes(EntryKind.DEGRADED)
-            await ch.close()
-            return False
-        # a live consumer waits while the disks are brought in sync and replication
-        # starts: a write landing on an already copied region would be lost on S
-        exp = self.consumer_export
-        if exp is not None:
-            await exp.quiesce()
-        try:
-            await self._bring_in_sync(hello, rel)
-            await self._start_replication(hello, ch)
-        except pairing.PairingRefused as e:
-            self.peer = PeerStatus.REFUSED
-            self.error(e.message)
-            await ch.close()
-            if first:
-                raise
-            return False
-        except (BlockError, OSError, channel.ChannelError, ReplicationError) as e:
-            self.replicating, self.ch = True, ch  # what degrade() undoes, wherever it failed
-            await self.degrade(f"pairing failed: {getattr(e, 'message', None) or e}", e)
-            return False
-        finally:
-            if exp is not None:
-                exp.resume()
-        return True
-
-    async def _bring_in_sync(self, hello: dict[str, Any], rel: Comparison) -> None:
-        top = self.top
-        assert top is not None
-        alone = self.state.alone_since
-        plan = pairing.plan_sync(
-            shared=self.shared,
-            relation=rel.relation,
-            lost_append=bool(rel.theirs_after),
-            alone=alone is not None,
-            failed_over=alone is not None and alone.kind is EntryKind.FAILOVER,
-            has_history=bool(self.state.history),
-            initial_sync=self.cfg.initial_sync,
-            assume_synced=self.cfg.assume_synced,
-        )
-        rule = pairing.rule_name(plan, hello)
-        self.last_handshake = {"rule": rule, "direction": "none", "bytes": 0}
-        if rule == pairing.DISCARD_LOCAL:  # split brain resolved: the secondary gave up its writes
-            log.warning("pairing by rule discard-local (split brain resolved)")
-            self.split_brain = None
-        if plan is pairing.SyncPlan.SHARED_IDENTITY:
-            await pairing.check_shared_identity(top, hello)
-            return
-        link = await pairing.open_link(hello)
-        try:
-            if plan is pairing.SyncPlan.FAILOVER_DISCARD:
-                # this node failed over: what it rolled back and kept (I2) and wrote
-                # alone, and whatever the old primary may have written past the common
-                # epoch (its activity log and bitmap) go from here to it
-                try:
-                    regions = pairing.failover_discard_regions(
-                        self.state.peer_bitmap, self.al.regions() if self.al else (), hello
-                    )
-                except ValueError as e:
-                    raise pairing.PairingRefused(f"failover-discard refused: {e}") from None
-                log.warning(
-                    "pairing by rule failover-discard: copying %d region(s) to the old primary",
-                    len(regions),
-                )
-                await self._copy(link, regions, SyncKind.RESYNC)
-            elif plan is pairing.SyncPlan.RESYNC_WRITTEN:
-                # this node wrote since the secondary's last epoch: copy that, and what
-                # the secondary says it may hold differently (a discard-local resolve)
-                regions = pairing.peer_behind_regions(self.state.peer_bitmap, hello)
-                await self._copy(link, regions, SyncKind.RESYNC)
-            elif plan is pairing.SyncPlan.INITIAL_SYNC:
-                await self._copy(link, all_chunks(top.length), SyncKind.INITIAL)
-            elif plan is pairing.SyncPlan.RESYNC_DIFFERING:
-                differ = await pairing.differing_chunks(top, link)
-                if differ:
-                    self.error(
-                        f"{len(differ)} MiB differed after an unfinished epoch; resynchronising them"
-                    )
-                    await self._copy(link, differ, SyncKind.RESYNC)
-            elif plan is pairing.SyncPlan.VERIFY:
-                await pairing.verify_identical(top, link)
-        finally:
-            await link.graph.close_all()
-
-    async def _copy(self, link: Node, chunks: list[int], what: SyncKind) -> None:
-        assert self.top is not None
-        progress = SyncProgress(what, total=len(chunks) * CHUNK)
-        self.sync_progress = progress
-        try:
-            await copy_chunks(self.top, link, chunks, progress, self.cfg.progress)
-        finally:
-            self.sync_progress = None  # status shows "sync" only during a sync (README)
-            if self.last_handshake is not None:
-                self.last_handshake["direction"] = "local-to-peer"
-                self.last_handshake["bytes"] += progress.current
-
-    async def _start_replication(self, hello: dict[str, Any], ch: channel.Client) -> None:
-        d = self.d
-        server = SocketAddress.from_str(hello["link"]).to_qapi()
-        opts: dict[str, Any] = {
-            "driver": "replication",
-            "node-name": "replication0",
-            "mode": "primary",
-            "file": {"driver": "nbd", "export": hello["export"], "server": server},
-        }
-        if self.shared:
-            opts.update({"shared-disk": True, "shared-disk-id": "primary_disk0"})
-        await d.graph.add(opts, monitor=True)
-        if not self.shared:
-            d.blockdev.blockdev_change("colo-disk0", None, "replication0")
-        # the secondary first (its buffers and copy-before-write must be ready)
-        gen = str(uuid.uuid4())
-        await ch.call("start", history=[str(e) for e in self.state.history])
-        await d.replication.start_all(ReplicationMode.PRIMARY)
-        self.ch = ch
-        self.replicating = True
-        self.peer = PeerStatus.CONNECTED
-        # the first epoch, agreed by both (the consumer is held: every write is in it)
-        mark = self.al.checkpoint_mark() if self.al is not None else 0
-        await ch.call("checkpoint", gen=gen)
-        self.agreed_epoch(gen)
-        if self.al is not None:
-            self.al.checkpoint_acked(mark)
+        """Pair with the secondary and start replicating (reprotect.py)."""
+        return await reprotect.connect_and_replicate(self, first)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    async def checkpoint(self) -> dict[str, Any]:
+    async def checkpoint(self, resume: bool = True) -> dict[str, Any]:
+        """A checkpoint (SPEC §4): quiesce, cut, resume; ``resume=False`` leaves the
+        consumer held (a handover continues under the same pause)."""
         if not self.replicating or self.ch is None:
             raise channel.ChannelError(f"not replicating (peer: {self.peer})")
         async with self.ckpt_lock:
@@ -295,7 +167,7 @@ class Primary(BaseRole):
                 await self.degrade(f"checkpoint failed: {e}", e)
                 raise
             finally:
-                if exp is not None:
+                if exp is not None and resume:
                     exp.resume()
                 pause = (time.perf_counter() - t0) * 1000
             # after resume(): the state file's fsyncs run once the consumer is moving
@@ -348,9 +220,14 @@ class Primary(BaseRole):
             self.error(f"going alone: {e.message}")
             if self.state.alone_since is None:
                 self.state.append(HistoryEntry(EntryKind.DEGRADED, str(uuid.uuid4())), save=False)
+        await self._drop_replication(failover=True)
+
+    async def _drop_replication(self, failover: bool) -> None:
+        """Stop replicating and take the replication node out of the graph (even when
+        something else failed, so a later pairing can add it again)."""
         d = self.d
         try:
-            await d.replication.stop_all(True)
+            await d.replication.stop_all(failover)
         except (ReplicationError, BlockError):
             pass
         try:

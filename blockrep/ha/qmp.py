@@ -1,14 +1,15 @@
 """The HA manager's QMP commands, registered into the daemon's CommandTable.
 
 ``query-ha-status`` and ``query-ha-events`` on both roles, ``replication-checkpoint``
-on the primary, ``ha-failover`` on the secondary, ``ha-resolve`` on both (resolve.py). The handlers
-are thin: the roles do the work.
+on the primary, ``ha-failover`` on the secondary, ``ha-resolve`` on both (resolve.py);
+``blockrep up``'s node (node.py) registers the same names once, plus the role verbs, and
+sends each to the role it holds. The handlers are thin: the roles do the work.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import QMPError
@@ -17,6 +18,7 @@ from .config import qmp_socket_path
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
+    from .node import HANode
     from .primary import Primary
     from .role import BaseRole
     from .secondary import Secondary
@@ -26,21 +28,82 @@ if TYPE_CHECKING:
 def register_status(role: BaseRole) -> None:
     """``query-ha-status``, and ``query-ha-events {cursor}`` fed by a status poller
     (events.py) whose task joins the role's tasks."""
+    _register_status(role.d, role.status, role.tasks)
+
+
+def _register_status(
+    d: Daemon, status: Callable[[], Awaitable[dict[str, Any]]], tasks: list[asyncio.Task[Any]]
+) -> None:
     evlog = events.EventLog()
 
     async def query_ha_status(args: dict[str, Any]) -> Any:
-        return await role.status()
+        return await status()
 
     async def query_ha_events(args: dict[str, Any]) -> Any:
         cursor = args.get("cursor", 0)
         if isinstance(cursor, bool) or not isinstance(cursor, int) or cursor < 0:
             raise QMPError("cursor must be a non-negative integer")
-        evlog.observe(await role.status())  # what is true now is in the answer
+        evlog.observe(await status())  # what is true now is in the answer
         return evlog.since(cursor)
 
-    role.d.qmp.commands.register("query-ha-status", query_ha_status)
-    role.d.qmp.commands.register("query-ha-events", query_ha_events)
-    role.tasks.append(asyncio.create_task(events.watch(evlog, role.status)))
+    d.qmp.commands.register("query-ha-status", query_ha_status)
+    d.qmp.commands.register("query-ha-events", query_ha_events)
+    tasks.append(asyncio.create_task(events.watch(evlog, status)))
+
+
+def register_node(node: HANode) -> None:
+    """``blockrep up``'s commands: status and events across role changes, and the
+    verbs (``ha-promote {force}``, ``ha-demote``, ``ha-switchover``, ``ha-down``;
+    ``ha-failover`` is promote). ``replication-checkpoint`` and ``ha-resolve`` go to
+    the role the node holds when they arrive."""
+    d = node.host.d
+    _register_status(d, node.status, node.tasks)
+    table = d.qmp.commands
+
+    async def promote(args: dict[str, Any]) -> Any:
+        return await node.promote(force=args.get("force") is True)
+
+    async def demote(args: dict[str, Any]) -> Any:
+        return await node.demote()
+
+    async def switchover(args: dict[str, Any]) -> Any:
+        return await node.demote(promote_peer=True)
+
+    async def down(args: dict[str, Any]) -> Any:
+        return await node.down()
+
+    async def checkpoint(args: dict[str, Any]) -> Any:
+        from .primary import Primary  # primary imports this module
+
+        if not isinstance(node.role, Primary):
+            raise QMPError("replication-checkpoint: this node is not primary")
+        try:
+            return await node.role.checkpoint()
+        except channel.ChannelError as e:
+            raise QMPError(str(e)) from None
+
+    async def resolve_(args: dict[str, Any]) -> Any:
+        from . import resolve
+
+        if args.get("discard-local") is not True:
+            raise QMPError("ha-resolve: only discard-local is supported; nothing was changed")
+        role = node.role
+        assert role is not None
+        try:
+            return await resolve.discard_local(role, getattr(role, "peer_history", None))
+        except resolve.ResolveRefused as e:
+            raise QMPError(str(e)) from None
+
+    for name, fn in (
+        ("ha-promote", promote),
+        ("ha-failover", promote),
+        ("ha-demote", demote),
+        ("ha-switchover", switchover),
+        ("ha-down", down),
+        ("replication-checkpoint", checkpoint),
+        ("ha-resolve", resolve_),
+    ):
+        table.register(name, fn)
 
 
 def register_primary(p: Primary) -> None:

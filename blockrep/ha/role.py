@@ -18,9 +18,8 @@ import errno
 import logging
 import os
 import signal
-import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,13 +27,13 @@ from ..address import SocketAddress
 from ..block.node import DirtyBitmap, Node
 from ..daemon import Daemon
 from ..errors import BlockError
-from ..export import Export
 from ..nbd.server import NBDServer
 from ..replication.filter import ReplicationNode
 from . import channel, metrics, qmp, view
 from .activity_log import ActivityLog
 from .bitmap import REGION_SIZE
 from .config import RoleConfig
+from .consumer import ConsumerExport, Stats
 from .node_state import NodeState, StateFileError
 from .states import EntryKind
 from .states import Role as RoleName
@@ -68,78 +67,23 @@ def esc(value: str) -> str:
 
 
 @dataclass
-class Stats:
-    """Checkpoints taken and the consumer pause each one cost."""
+class Host:
+    """What outlives a role: the daemon (graph, QMP, jobs), the durable state, the
+    consumer's NBD server and export, the errors reported. ``blockrep primary`` and
+    ``blockrep secondary`` make one per process; ``blockrep up`` (node.py) keeps one
+    while its role changes (promote, demote, switchover), so the consumer's
+    connections and the QMP socket stay open across the change."""
 
-    pauses_ms: list[float] = field(default_factory=list)
-    checkpoints: int = 0
-    last_checkpoint: float = 0.0
+    d: Daemon
+    state: NodeState
+    consumer: NBDServer | None = None
+    export: ConsumerExport | None = None
+    errors: list[str] = field(default_factory=list)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def summary(self) -> dict[str, Any]:
-        p = sorted(self.pauses_ms)
-        return {
-            "checkpoints": self.checkpoints,
-            "last-checkpoint-pause-ms": round(self.pauses_ms[-1], 3) if self.pauses_ms else 0.0,
-            "checkpoint-pause-p50-ms": round(statistics.median(p), 3) if p else 0.0,
-            "checkpoint-pause-p99-ms": round(p[min(len(p) - 1, int(len(p) * 0.99))], 3)
-            if p
-            else 0.0,
-        }
-
-
-class ConsumerExport(Export):
-    """The consumer's export: a write, write-zeroes or discard first passes
-    ``before_write`` (which may refuse it with a BlockError before anything is issued),
-    then — on a primary — the activity log (I1: its region is durably active before the
-    write is issued); the ranges in flight are known, so a node going alone can mark
-    those too."""
-
-    def __init__(self, node: Node, before_write: Callable[[int, int], None]) -> None:
-        super().__init__("disk", node, writable=True, id="consumer")
-        self.before_write = before_write
-        self.activity_log: ActivityLog | None = None
-        self.in_flight: dict[int, tuple[int, int]] = {}
-        self._seq = 0
-
-    async def _guarded(self, offset: int, nbytes: int, op: Callable[[], Awaitable[None]]) -> None:
-        self.before_write(offset, nbytes)
-        self._seq += 1
-        key = self._seq
-        self.in_flight[key] = (offset, nbytes)  # no await since the check above
-        al = self.activity_log
-        try:
-            if al is not None and nbytes > 0:
-                # A write waiting for room in the log has issued nothing: it must not
-                # hold a checkpoint's drain (quiesce), whose ack is what makes room.
-                self.leave()
-                try:
-                    await al.begin_write(offset, nbytes)
-                    try:
-                        await self.gate.wait()  # a checkpoint drains: wait like a new request
-                    except BaseException:
-                        al.end_write(offset, nbytes)
-                        raise
-                finally:
-                    self.active += 1  # in again, balanced with the server's leave()
-                    self.idle.clear()
-            try:
-                await op()
-            finally:
-                if al is not None and nbytes > 0:
-                    al.end_write(offset, nbytes)
-        finally:
-            del self.in_flight[key]
-
-    def write(self, offset: int, data: bytes | memoryview, fua: bool) -> Awaitable[None]:
-        return self._guarded(offset, len(data), lambda: Export.write(self, offset, data, fua))
-
-    def write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> Awaitable[None]:
-        return self._guarded(
-            offset, nbytes, lambda: Export.write_zeroes(self, offset, nbytes, may_unmap, fua)
-        )
-
-    def discard(self, offset: int, nbytes: int) -> Awaitable[None]:
-        return self._guarded(offset, nbytes, lambda: Export.discard(self, offset, nbytes))
+    @classmethod
+    def load(cls, state_file: str) -> Host:
+        return cls(Daemon(), NodeState.load(state_file))
 
 
 class BaseRole:
@@ -147,27 +91,34 @@ class BaseRole:
 
     role: ClassVar[RoleName]
 
-    def __init__(self, cfg: RoleConfig) -> None:
+    def __init__(self, cfg: RoleConfig, host: Host | None = None) -> None:
         self.cfg = cfg
         self.disk = cfg.disk
         self.shared = cfg.shared
-        self.state = NodeState.load(cfg.state_file)
-        self.d = Daemon()
+        self.host = host if host is not None else Host.load(cfg.state_file)
+        self.state = self.host.state
+        self.d = self.host.d
         self.peer = PeerStatus.CONNECTING
-        self.errors: list[str] = []
+        self.errors = self.host.errors
         self.stats = Stats()
         self.epoch_started = time.monotonic()
         self.top_device = ""  # the consumer's device; its root may change (filters)
-        self.consumer: NBDServer | None = None
-        self.consumer_export: ConsumerExport | None = None
         self.alone_bitmap: DirtyBitmap | None = None
         self.al: ActivityLog | None = None  # the primary's activity log (I1), when open
         self.stale_al_cleared = False  # a secondary: the disk's old AL was removed
-        self.stopping = asyncio.Event()
+        self.stopping = self.host.stopping
         self.tasks: list[asyncio.Task] = []
         self.tls_server, self.tls_client = channel.tls_contexts(cfg.tls_dir)
 
+    @property
+    def shown_role(self) -> RoleName:
+        """The role status shows: ``none`` for a node of ``blockrep up`` that has not
+        learnt its role yet (a secondary no primary has paired with)."""
+        return self.role
+
     def error(self, text: str) -> None:
+        if self.errors and self.errors[-1] == text:
+            return  # a retry loop's same failure again: said once
         log.warning("%s", text)
         self.errors.append(text)
         del self.errors[:-20]
@@ -183,18 +134,36 @@ class BaseRole:
     def top(self) -> Node | None:
         return self.d.graph.devices.get(self.top_device)
 
+    @property
+    def consumer(self) -> NBDServer | None:
+        return self.host.consumer
+
+    @property
+    def consumer_export(self) -> ConsumerExport | None:
+        return self.host.export
+
     async def start_consumer_export(self) -> None:
+        """Serve the consumer's export on this role's top node; a host that already
+        serves it (a role change) keeps its connections: the export moves to the new
+        top, its write guard and activity log to this role."""
         assert self.top is not None
         self._attach_write_bitmap()
-        self.consumer_export = ConsumerExport(self.top, self._mark_before_write)
-        self.consumer = NBDServer({"disk": self.consumer_export})
+        exp = self.host.export
+        if exp is not None:
+            exp.child.replace(self.top)
+            exp.before_write = self._mark_before_write
+            exp.activity_log = None
+            return
+        name = self.cfg.export_name
+        exp = self.host.export = ConsumerExport(self.top, self._mark_before_write, name)
+        server = self.host.consumer = NBDServer({name: exp})
         addr = SocketAddress.from_str(self.cfg.export)
         if addr.type == "unix":
             if os.path.exists(addr.path):
                 os.unlink(addr.path)
-            await self.consumer.listen_unix(addr.path)
+            await server.listen_unix(addr.path)
         else:
-            await self.consumer.listen_tcp(addr.host, int(addr.port))
+            await server.listen_tcp(addr.host, int(addr.port))
 
     def start_metrics(self) -> None:
         if self.cfg.metrics:
@@ -317,7 +286,7 @@ class BaseRole:
             for j in self.d.jobs.jobs.values()
         ]
         out: dict[str, Any] = {
-            "role": self.role.value,
+            "role": self.shown_role.value,
             "mode": self.cfg.mode.value,
             "stage": rs.get("stage", "none"),
             "peer": self.peer.value,
@@ -343,7 +312,7 @@ class BaseRole:
         prog = getattr(self, "sync_progress", None)  # the primary's running sync, if any
         marks = self.written_alone()
         facts = view.Facts(
-            role=self.role,
+            role=self.shown_role,
             peer=self.peer.value,
             stage=stage,
             disk_state=self.state.disk_state,
@@ -367,6 +336,11 @@ class BaseRole:
     # -- life ----------------------------------------------------------------------------------
 
     async def setup(self) -> None:
+        """``blockrep primary|secondary``: the whole node, this role for its life."""
+        raise NotImplementedError
+
+    async def activate(self) -> None:
+        """A role change (node.py): this role on the host another role released."""
         raise NotImplementedError
 
     async def run_forever(self) -> None:
@@ -388,3 +362,25 @@ class BaseRole:
         if self.consumer is not None:
             await self.consumer.close()
         await self.d.shutdown()
+
+    async def release(self) -> None:
+        """Give the host back for another role (node.py): this role's tasks stop, its
+        graph closes (flushed), the consumer's export stays open — its caller holds it
+        quiesced and points it at the next role's top."""
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+        try:
+            self.flush_alone_writes()
+        except StateFileError as e:
+            self.error(e.message)
+        d = self.d
+        if d.block_exports.nbd is not None:
+            await d.block_exports.nbd_server_stop()
+        await d.jobs.cancel_all()
+        if self.host.export is not None and self.top is not None:
+            self.host.export.child.detach()
+        if self.top is not None and self.alone_bitmap in self.top.dirty_bitmaps:
+            self.top.dirty_bitmaps.remove(self.alone_bitmap)
+        await d.graph.close_all()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..address import SocketAddress
@@ -24,7 +25,7 @@ from .activity_log import load as load_al
 from .bitmap import REGION_SIZE
 from .config import SecondaryConfig, default_buffer_dir
 from .node_state import StateFileError
-from .role import BaseRole, PeerStatus, al_path, esc
+from .role import BaseRole, Host, PeerStatus, al_path, esc
 from .states import DiskState, EntryKind, HistoryEntry
 from .states import Role as RoleName
 
@@ -35,9 +36,13 @@ class Secondary(BaseRole):
     role = RoleName.SECONDARY
     cfg: SecondaryConfig
 
-    def __init__(self, cfg: SecondaryConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: SecondaryConfig, host: Host | None = None) -> None:
+        super().__init__(cfg, host)
         self.last_heard = 0.0
+        # ``blockrep up`` (node.py): the primary's clean handover (demote, switchover)
+        # is passed on; None: ``blockrep secondary`` refuses it (it cannot change role)
+        self.on_handover: Callable[[bool], None] | None = None
+        self.connections = 0  # control connections open now (a primary that hung up: 0)
         self.started = False
         # a node that failed over in an earlier life is a plain disk: never a secondary again
         alone = self.state.alone_since
@@ -49,6 +54,12 @@ class Secondary(BaseRole):
         self.failover_lock = asyncio.Lock()
         self.server: asyncio.AbstractServer | None = None
         self.peer_history: list[HistoryEntry] | None = None  # a split-brain hello's (resolve.py)
+
+    @property
+    def shown_role(self) -> RoleName:
+        if self.on_handover is not None and not self.started and not self.failed_over:
+            return RoleName.NONE  # `blockrep up`: no primary has paired with it yet
+        return self.role
 
     @property
     def hidden(self) -> str:
@@ -75,7 +86,7 @@ class Secondary(BaseRole):
         if self.buffers is not None:
             self.buffers.remove()
 
-    async def setup(self) -> None:
+    async def _build(self) -> None:
         size = os.path.getsize(self.disk)
         bdir = self.cfg.buffer_dir or default_buffer_dir(self.disk)
         # what a killed earlier run of this disk's secondary left behind (never a live one's)
@@ -85,13 +96,35 @@ class Secondary(BaseRole):
         await self._build_graph()
         if not self.failed_over:
             await self._serve_link()
+
+    async def _listen(self) -> None:
+        self.server = await channel.listen(self.cfg.listen, self._on_conn, self.tls_server)
+        self.tasks.append(asyncio.create_task(watchdog.watch_primary(self)))
+
+    async def setup(self) -> None:
+        """``blockrep secondary``: build, serve the consumer and QMP, listen for the primary."""
+        await self._build()
         await self.start_consumer_export()
         qmp.register_secondary(self)
         qmp.register_resolve(self, lambda: self.peer_history)
         await self.start_qmp()
         self.start_metrics()
-        self.server = await channel.listen(self.cfg.listen, self._on_conn, self.tls_server)
-        self.tasks.append(asyncio.create_task(watchdog.watch_primary(self)))
+        await self._listen()
+
+    async def activate(self) -> None:
+        """A role change (``blockrep up``, node.py): the host's export moves here."""
+        await self._build()
+        await self.start_consumer_export()
+        await self._listen()
+
+    async def release(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        await super().release()
+        if self.buffers is not None:
+            self.buffers.remove()
+            self.buffers = None
 
     async def _build_graph(self) -> None:
         d = self.d
@@ -155,17 +188,22 @@ class Secondary(BaseRole):
         def heard() -> None:
             self.last_heard = time.monotonic()
 
-        await channel.serve(
-            reader,
-            writer,
-            {
-                "hello": self._hello,
-                "start": self._start,
-                "checkpoint": self._checkpoint,
-                "heartbeat": self._heartbeat,
-            },
-            on_message=heard,
-        )
+        self.connections += 1
+        try:
+            await channel.serve(
+                reader,
+                writer,
+                {
+                    "hello": self._hello,
+                    "start": self._start,
+                    "checkpoint": self._checkpoint,
+                    "heartbeat": self._heartbeat,
+                    "handover": self._handover,
+                },
+                on_message=heard,
+            )
+        finally:
+            self.connections -= 1
 
     async def _hello(self, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.top is not None
@@ -262,6 +300,21 @@ class Secondary(BaseRole):
         if r is None:
             return {"stage": "none", "error": False}
         return {"stage": r.state.stage.value, "error": bool(r.state.error)}
+
+    async def _handover(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """The primary hands over cleanly after a final checkpoint (demote, switchover,
+        down): ``promote`` true: this node becomes primary. The change runs after the
+        reply (it closes this channel)."""
+        self._refuse_if_failed_over("handover")
+        if self.on_handover is None:
+            raise channel.ChannelError(
+                "handover refused: this node runs as `blockrep secondary` and cannot "
+                "change its role (run it with `blockrep up`)"
+            )
+        self.started = False  # the primary leaves on purpose: not a lost peer
+        self.peer = PeerStatus.CONNECTING
+        self.on_handover(bool(msg.get("promote")))
+        return {}
 
     # -- losing the primary --------------------------------------------------------------------
 

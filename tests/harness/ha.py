@@ -3,10 +3,12 @@ HA pair, with every status held to the README schema (`blockrep status --json`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from typing import Any
 
@@ -64,8 +66,8 @@ def check_status_schema(s: dict[str, Any], role: str | None = None) -> None:
         return isinstance(v, NUM) and not isinstance(v, bool)
 
     assert isinstance(s, dict), s
-    assert s["role"] in ("primary", "secondary"), s["role"]
-    if role is not None:
+    assert s["role"] in ROLES, s["role"]
+    if role is not None and role != "up":  # `blockrep up`: the role changes at run time
         assert s["role"] == role
     assert s["mode"] in ("separate", "shared"), s["mode"]
     assert isinstance(s["stage"], str) and s["stage"] in STAGES, s["stage"]
@@ -149,3 +151,45 @@ class Node(testing.HANode):
 
 class HA(testing.HA):
     node_class = Node
+
+
+def failover_cli(node: testing.HANode) -> None:
+    """`blockrep failover --qmp unix:PATH` as an operator runs it; it must succeed."""
+    r = subprocess.run(
+        [sys.executable, "-m", "blockrep.cli", "failover", "--qmp", f"unix:{node.qmp}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert r.returncode == 0, f"{node.name}: blockrep failover: {r.stderr}\n{node.log_text()}"
+
+
+def regions_of(ranges: list[list[int]] | list[tuple[int, int]], region: int) -> set[int]:
+    """The region numbers a list of [offset, length] ranges touches."""
+    return {i for o, n in ranges if n > 0 for i in range(o // region, (o + n - 1) // region + 1)}
+
+
+def log_size(node_log: str) -> int:
+    """Where a node's log file ends now: a restarted node of the same name appends to it."""
+    try:
+        return os.path.getsize(node_log)
+    except OSError:
+        return 0
+
+
+async def wait_log(node: testing.HANode, text: str, since: int = 0, timeout: float = 40.0) -> str:
+    """Until ``text`` is in the node's log past byte ``since`` (this life's lines only:
+    a restarted node appends to its earlier life's log). Returns that part of the log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(node.log, "rb") as f:
+            f.seek(since)
+            part = f.read().decode(errors="replace")
+        if text in part:
+            return part
+        if node.proc.poll() is not None:
+            raise AssertionError(f"{node.name} exited ({node.proc.returncode}):\n{part}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{node.name}: no {text!r} after {timeout} s:\n{part}")
+        await asyncio.sleep(0.03)

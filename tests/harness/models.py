@@ -144,3 +144,40 @@ async def region_writes(
 def covers(ranges: list[list[int]], start: int, length: int) -> bool:
     """Does one of the [offset, length] ranges (a status's region list) hold the span?"""
     return any(o <= start and start + length <= o + n for o, n in ranges)
+
+
+def checkpoint_cut(
+    base: bytes | bytearray,
+    batches: Sequence[Sequence[tuple[int, bytes]]],
+    got: bytes | bytearray,
+    at_least: int = 0,
+) -> tuple[int, list[int]] | None:
+    """Which checkpoint cut of a write stream ``got`` shows, or None if it shows none.
+
+    ``batches`` are the writes in the order they were issued: the writes of one batch
+    were in flight together (and do not overlap), a batch started only after the one
+    before it was acknowledged. A checkpoint quiesces the consumer (new requests wait,
+    those in flight finish), so the disk at a cut is ``base`` + every batch before some
+    ``b`` + a subset of batch ``b`` (each of its writes wholly in or out) and nothing
+    later. ``at_least``: batches known to be covered by a checkpoint that completed.
+    Returns ``(b, indices of batch b's writes that are in)``.
+    """
+    cur = bytearray(base)
+    for batch in batches[:at_least]:
+        for off, data in batch:
+            cur[off : off + len(data)] = data
+    for b in range(at_least, len(batches) + 1):
+        batch = batches[b] if b < len(batches) else []
+        saved = [(off, bytes(cur[off : off + len(data)])) for off, data in batch]
+        took = []
+        for i, (off, data) in enumerate(batch):
+            if got[off : off + len(data)] == data:
+                cur[off : off + len(data)] = data
+                took.append(i)
+        if cur == got:
+            return b, took
+        for off, old in saved:
+            cur[off : off + len(old)] = old
+        for off, data in batch:
+            cur[off : off + len(data)] = data
+    return None

@@ -16,8 +16,8 @@ import pytest
 from blockrep.block.graph import Graph
 from blockrep.ha.activity_log import ActivityLog, load
 from blockrep.ha.bitmap import REGION_SIZE, RegionBitmap
+from blockrep.ha.consumer import ConsumerExport
 from blockrep.ha.pairing import SyncPlan, failover_discard_regions, hello_regions, plan_sync
-from blockrep.ha.role import ConsumerExport
 
 R = REGION_SIZE
 

@@ -13,8 +13,9 @@ import pytest
 from blockrep.block.graph import Graph
 from blockrep.errors import BlockError
 from blockrep.ha.bitmap import REGION_SIZE
+from blockrep.ha.consumer import ConsumerExport
 from blockrep.ha.node_state import NodeState
-from blockrep.ha.role import BaseRole, ConsumerExport
+from blockrep.ha.role import BaseRole
 from blockrep.ha.states import EntryKind
 
 SIZE = 4 * REGION_SIZE

@@ -1,0 +1,222 @@
+"""How a primary brings a secondary in: the hello, the handshake's decision, bringing
+the disks level, and the switch into forwarding (the first agreed checkpoint).
+
+The functions take the Primary (primary.py) whose pairing they run; the watchdog's
+reconnect and ``blockrep up``'s re-protect call ``connect_and_replicate`` again after
+every loss of the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ..address import SocketAddress
+from ..block.node import Node
+from ..errors import BlockError, ReplicationError
+from ..replication.filter import ReplicationMode
+from . import channel, pairing
+from .bitmap import REGION_SIZE as CHUNK
+from .handshake import Comparison, compare_histories
+from .resync import SyncKind, SyncProgress, all_chunks, copy_chunks
+from .role import PeerStatus
+from .states import EntryKind
+
+if TYPE_CHECKING:
+    from .primary import Primary
+
+log = logging.getLogger("blockrep.ha")
+
+
+async def connect_and_replicate(self: Primary, first: bool) -> bool:
+    """Pair with the secondary and start replicating; False: serving alone (status says why).
+
+    The first attempt keeps trying for --connect-timeout and a refusal by the disks
+    (pairing.PairingRefused: they differ) ends the process; later ones (--reconnect)
+    try once. A failure of the data path after the handshake (the link unreachable,
+    a copy or the start failing) leaves this node serving alone (degraded).
+    """
+    cfg = self.cfg
+    ch = channel.Client()
+    deadline = time.monotonic() + (cfg.connect_timeout if first else 1.0)
+    assert self.top is not None
+    while True:
+        try:
+            await ch.connect(cfg.secondary, self.tls_client)
+            hello = await ch.call(
+                "hello",
+                size=self.top.length,
+                shared=self.shared,
+                history=[str(e) for e in self.state.history],
+            )
+            break
+        except channel.ChannelError as e:
+            if not ch.closed:  # the secondary answered: a real refusal
+                await ch.close()
+                self.peer = PeerStatus.REFUSED
+                self.error(f"secondary refused pairing: {e}")
+                return False
+            # the channel died before an answer (secondary not up yet, a proxy,
+            # a TLS mismatch): a transport failure, retried like a failed connect
+            await ch.close()
+            ch = channel.Client()
+            err: Exception = e
+        except (OSError, TimeoutError) as e:
+            err = e
+        if time.monotonic() >= deadline:
+            self.peer = PeerStatus.DEGRADED
+            self.error(f"cannot reach the secondary at {cfg.secondary}: {err}")
+            if first:
+                self.track_alone_writes(EntryKind.DEGRADED)
+            return False
+        await asyncio.sleep(0.2)
+    try:
+        theirs = pairing.parse_history(hello.get("history"))
+    except ValueError as e:
+        await ch.close()
+        self.peer = PeerStatus.REFUSED
+        self.error(f"secondary refused pairing: its history is not valid: {e}")
+        return False
+    rel = compare_histories(self.state.history, theirs)
+    self.peer_history = theirs
+    self.flush_alone_writes()
+    alone = self.state.alone_since
+    refusal = pairing.judge_hello(
+        rel, hello, self.state.peer_bitmap.ranges(), str(alone) if alone else None
+    )
+    if refusal is not None:
+        self.peer = refusal.peer
+        if refusal.split_brain is not None:
+            self.split_brain = refusal.split_brain
+        self.error(refusal.message)
+        # this node keeps serving its consumer: from here on it writes alone
+        self.track_alone_writes(EntryKind.DEGRADED)
+        await ch.close()
+        return False
+    # a live consumer waits while the disks are brought in sync and replication
+    # starts: a write landing on an already copied region would be lost on S
+    exp = self.consumer_export
+    if exp is not None:
+        await exp.quiesce()
+    try:
+        await _bring_in_sync(self, hello, rel)
+        await _start_replication(self, hello, ch)
+    except pairing.PairingRefused as e:
+        self.peer = PeerStatus.REFUSED
+        self.error(e.message)
+        await ch.close()
+        if first:
+            raise
+        return False
+    except (BlockError, OSError, channel.ChannelError, ReplicationError) as e:
+        self.replicating, self.ch = True, ch  # what degrade() undoes, wherever it failed
+        await self.degrade(f"pairing failed: {getattr(e, 'message', None) or e}", e)
+        return False
+    finally:
+        if exp is not None:
+            exp.resume()
+    return True
+
+
+async def _bring_in_sync(self: Primary, hello: dict[str, Any], rel: Comparison) -> None:
+    top = self.top
+    assert top is not None
+    alone = self.state.alone_since
+    plan = pairing.plan_sync(
+        shared=self.shared,
+        relation=rel.relation,
+        lost_append=bool(rel.theirs_after),
+        alone=alone is not None,
+        failed_over=alone is not None and alone.kind is EntryKind.FAILOVER,
+        has_history=bool(self.state.history),
+        initial_sync=self.cfg.initial_sync,
+        assume_synced=self.cfg.assume_synced,
+    )
+    rule = pairing.rule_name(plan, hello)
+    self.last_handshake = {"rule": rule, "direction": "none", "bytes": 0}
+    if rule == pairing.DISCARD_LOCAL:  # split brain resolved: the secondary gave up its writes
+        log.warning("pairing by rule discard-local (split brain resolved)")
+        self.split_brain = None
+    if plan is pairing.SyncPlan.SHARED_IDENTITY:
+        await pairing.check_shared_identity(top, hello)
+        return
+    link = await pairing.open_link(hello)
+    try:
+        if plan is pairing.SyncPlan.FAILOVER_DISCARD:
+            # this node failed over: what it rolled back and kept (I2) and wrote
+            # alone, and whatever the old primary may have written past the common
+            # epoch (its activity log and bitmap) go from here to it
+            try:
+                regions = pairing.failover_discard_regions(
+                    self.state.peer_bitmap, self.al.regions() if self.al else (), hello
+                )
+            except ValueError as e:
+                raise pairing.PairingRefused(f"failover-discard refused: {e}") from None
+            log.warning(
+                "pairing by rule failover-discard: copying %d region(s) to the old primary",
+                len(regions),
+            )
+            await _copy(self, link, regions, SyncKind.RESYNC)
+        elif plan is pairing.SyncPlan.RESYNC_WRITTEN:
+            # this node wrote since the secondary's last epoch: copy that, and what
+            # the secondary says it may hold differently (a discard-local resolve)
+            regions = pairing.peer_behind_regions(self.state.peer_bitmap, hello)
+            await _copy(self, link, regions, SyncKind.RESYNC)
+        elif plan is pairing.SyncPlan.INITIAL_SYNC:
+            await _copy(self, link, all_chunks(top.length), SyncKind.INITIAL)
+        elif plan is pairing.SyncPlan.RESYNC_DIFFERING:
+            differ = await pairing.differing_chunks(top, link)
+            if differ:
+                self.error(
+                    f"{len(differ)} MiB differed after an unfinished epoch; resynchronising them"
+                )
+                await _copy(self, link, differ, SyncKind.RESYNC)
+        elif plan is pairing.SyncPlan.VERIFY:
+            await pairing.verify_identical(top, link)
+    finally:
+        await link.graph.close_all()
+
+
+async def _copy(self: Primary, link: Node, chunks: list[int], what: SyncKind) -> None:
+    assert self.top is not None
+    progress = SyncProgress(what, total=len(chunks) * CHUNK)
+    self.sync_progress = progress
+    try:
+        await copy_chunks(self.top, link, chunks, progress, self.cfg.progress)
+    finally:
+        self.sync_progress = None  # status shows "sync" only during a sync (README)
+        if self.last_handshake is not None:
+            self.last_handshake["direction"] = "local-to-peer"
+            self.last_handshake["bytes"] += progress.current
+
+
+async def _start_replication(self: Primary, hello: dict[str, Any], ch: channel.Client) -> None:
+    d = self.d
+    server = SocketAddress.from_str(hello["link"]).to_qapi()
+    opts: dict[str, Any] = {
+        "driver": "replication",
+        "node-name": "replication0",
+        "mode": "primary",
+        "file": {"driver": "nbd", "export": hello["export"], "server": server},
+    }
+    if self.shared:
+        opts.update({"shared-disk": True, "shared-disk-id": "primary_disk0"})
+    await d.graph.add(opts, monitor=True)
+    if not self.shared:
+        d.blockdev.blockdev_change("colo-disk0", None, "replication0")
+    # the secondary first (its buffers and copy-before-write must be ready)
+    gen = str(uuid.uuid4())
+    await ch.call("start", history=[str(e) for e in self.state.history])
+    await d.replication.start_all(ReplicationMode.PRIMARY)
+    self.ch = ch
+    self.replicating = True
+    self.peer = PeerStatus.CONNECTED
+    # the first epoch, agreed by both (the consumer is held: every write is in it)
+    mark = self.al.checkpoint_mark() if self.al is not None else 0
+    await ch.call("checkpoint", gen=gen)
+    self.agreed_epoch(gen)
+    if self.al is not None:
+        self.al.checkpoint_acked(mark)
