@@ -12,6 +12,7 @@ commands:
   demote      make a primary a secondary after a final checkpoint
   switchover  the primary and its secondary swap roles, no data copied
   down        stop a node cleanly (a primary hands over first)
+  resync      pause | resume the primary's background resync
   primary     run the Primary of a replicated disk (HA manager)
   secondary   run the Secondary of a replicated disk (HA manager)
   checkpoint  take a checkpoint now (on the primary's QMP socket)
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from .up import cmd_up
 
         return cmd_up(rest)
+    if cmd == "resync":
+        from .up import cmd_resync
+
+        return cmd_resync(rest)
     if cmd in ("promote", "demote", "switchover", "down"):
         from .up import cmd_verb
 

@@ -68,6 +68,20 @@ def primary_parser() -> argparse.ArgumentParser:
         default=sys.stderr.isatty(),
         help="progress bars on stderr",
     )
+    from ..ha.config import parse_rate
+
+    p.add_argument(
+        "--resync-rate",
+        type=parse_rate,
+        default=0,
+        help="ceiling of a background resync in bytes/s (50M, 1G; 0: unlimited)",
+    )
+    p.add_argument(
+        "--resync-min-rate",
+        type=parse_rate,
+        default=0,
+        help="what a resync keeps even while the consumer writes (bytes/s)",
+    )
     p.add_argument(
         "--no-activity-log",
         action="store_true",

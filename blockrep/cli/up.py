@@ -52,6 +52,10 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
     p.add_argument("--heartbeat-timeout", type=float, default=3.0)
     p.add_argument("--failover-timeout", type=float, default=5.0)
+    from ..ha.config import parse_rate
+
+    p.add_argument("--resync-rate", type=parse_rate, default=0, help="bytes/s (50M; 0: unlimited)")
+    p.add_argument("--resync-min-rate", type=parse_rate, default=0, help="bytes/s kept under load")
     p.add_argument(
         "--no-activity-log", action="store_true", help="UNSAFE, for measuring its cost only"
     )
@@ -75,6 +79,8 @@ def cmd_up(argv: list[str]) -> int:
         heartbeat_timeout=a.heartbeat_timeout,
         failover_timeout=a.failover_timeout,
         no_activity_log=a.no_activity_log,
+        resync_rate=a.resync_rate,
+        resync_min_rate=a.resync_min_rate,
     )
 
     async def main() -> int:
@@ -129,4 +135,26 @@ def cmd_verb(verb: str, argv: list[str]) -> int:
         print(f"nothing to do: this node is already {r.get('role')}")
     else:
         print(done)
+    return 0
+
+
+def cmd_resync(argv: list[str]) -> int:
+    """``blockrep resync pause|resume``: hold or release the primary's running resync."""
+    from .ha import qmp_call
+
+    p = argparse.ArgumentParser(prog="blockrep resync")
+    p.add_argument("action", choices=("pause", "resume"))
+    add_target(p)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    path = target_qmp(p, a)
+    try:
+        r = qmp_call(path, f"ha-resync-{a.action}")
+    except (OSError, RuntimeError) as e:
+        print(f"blockrep resync: {e}", file=sys.stderr)
+        return 1
+    state = "paused" if r.get("paused") else "running"
+    print(
+        json.dumps(r) if a.json else f"resync {state}: {r['percent']:.1f}% of {r['total-bytes']} B"
+    )
     return 0

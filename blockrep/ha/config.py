@@ -32,6 +32,16 @@ def default_buffer_dir(disk: str) -> str:
     return os.path.dirname(os.path.abspath(disk))
 
 
+def parse_rate(text: str) -> int:
+    """A rate in bytes/s: ``0``, ``50M``, ``1G``, ``4096`` (K, M, G: powers of 1024)."""
+    t = text.strip().upper().removesuffix("B/S").removesuffix("/S")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    digits = t[:-1] if mult > 1 else t
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"not a rate in bytes/s (like 50M): {text!r}")
+    return int(digits) * mult
+
+
 def qmp_socket_path(qmp: str) -> str:
     """``unix:PATH`` or a bare path → the path."""
     return qmp[5:] if qmp.startswith("unix:") else qmp
@@ -94,6 +104,8 @@ class PrimaryConfig(RoleConfig):
     reconnect: bool
     progress: bool  # progress bars on stderr
     activity_log: bool = True  # False: --no-activity-log (unsafe: a crash copies nothing it wrote)
+    resync_rate: int = 0  # bytes/s ceiling of a background resync (0: unlimited)
+    resync_min_rate: int = 0  # bytes/s it keeps even while the consumer is busy
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> PrimaryConfig:
@@ -107,6 +119,8 @@ class PrimaryConfig(RoleConfig):
             reconnect=bool(ns.reconnect),
             progress=bool(ns.progress),
             activity_log=not getattr(ns, "no_activity_log", False),
+            resync_rate=int(ns.resync_rate),
+            resync_min_rate=int(ns.resync_min_rate),
         )
 
 

@@ -45,6 +45,8 @@ class UpOptions:
     heartbeat_timeout: float = 3.0
     failover_timeout: float = 5.0
     no_activity_log: bool = False
+    resync_rate: int = 0  # bytes/s (primary's --resync-rate)
+    resync_min_rate: int = 0
 
 
 class RoleChangeRefused(QMPError):
@@ -104,6 +106,8 @@ class HANode:
             reconnect=True,  # re-protect: pair again after every loss of the peer
             progress=False,
             activity_log=not self.opts.no_activity_log,
+            resync_rate=self.opts.resync_rate,
+            resync_min_rate=self.opts.resync_min_rate,
         )
 
     def secondary_config(self) -> SecondaryConfig:

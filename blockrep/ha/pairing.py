@@ -112,7 +112,10 @@ class SyncPlan(enum.StrEnum):
     # bitmap (I2 marks + alone writes) ∪ the old primary's activity log ∪ its bitmap
     FAILOVER_DISCARD = "failover-discard"
     INITIAL_SYNC = "initial-sync"  # --initial-sync: copy the whole disk
-    RESYNC_DIFFERING = "resync-differing"  # same history: copy the regions that differ
+    # same history: copy what the primary's activity log (a crash mid-epoch) and the
+    # secondary's marks (its stale AL as an earlier primary) say may differ
+    RESYNC_AL = "resync-al"
+    RESYNC_DIFFERING = "resync-differing"  # same history, no activity log: compare the disks
     VERIFY = "verify"  # compare the whole disks; refuse at the first difference
     NONE = "none"  # --assume-synced
 
@@ -127,12 +130,14 @@ def plan_sync(
     has_history: bool,
     initial_sync: bool,
     assume_synced: bool,
+    has_al: bool = False,
 ) -> SyncPlan:
     """``relation``: ``compare_histories``' (this node vs the secondary); ``lost_append``:
     the secondary holds an epoch this node lacks (this node crashed before appending
     it); ``alone``: this node went on alone (``failed_over``: by failing over, so the
     secondary is the old primary, whose writes past the common epoch are discarded);
-    ``has_history``: it has a generation."""
+    ``has_history``: it has a generation; ``has_al``: this node keeps an activity log,
+    so a crash mid-epoch left the regions it may have written in it (I1)."""
     if shared:
         return SyncPlan.SHARED_IDENTITY
     if relation == Relation.PEER_BEHIND and alone:
@@ -147,8 +152,9 @@ def plan_sync(
         # The histories agree, but the last epoch may not have ended cleanly:
         # writes P made after it may have reached S only in part. S wrote
         # nothing of its own since (its history would show it), so P's disk
-        # is the truth: copy the regions that differ.
-        return SyncPlan.RESYNC_DIFFERING
+        # is the truth: copy what the activity log says may differ or, without
+        # one, the regions whose bytes differ.
+        return SyncPlan.RESYNC_AL if has_al else SyncPlan.RESYNC_DIFFERING
     if not assume_synced:
         return SyncPlan.VERIFY
     return SyncPlan.NONE
@@ -187,26 +193,41 @@ def failover_discard_regions(
 DISCARD_LOCAL = "discard-local"  # the rule's name when the secondary gave up its writes
 
 
-def rule_name(plan: SyncPlan, hello: dict[str, Any]) -> str:
-    """The rule status and logs name: the plan's, or ``discard-local`` when the secondary
-    says its disk is Outdated (``blockrep resolve --discard-local`` ran there, resolve.py)."""
+def rule_name(plan: SyncPlan, hello: dict[str, Any], own_al: Iterable[int] = ()) -> str:
+    """The rule status and logs name (CONTINUITY §5): ``discard-local`` when the secondary
+    says its disk is Outdated (``blockrep resolve --discard-local`` ran there, resolve.py);
+    for the same history, by what the marks say: ``crashed-primary`` (this node's
+    activity log holds regions), ``crashed-secondary`` (only the secondary's do: it was
+    primary before), ``in-sync`` (nothing to copy); otherwise the plan's name."""
     if hello.get("disk-state") == "Outdated" and plan in (
         SyncPlan.RESYNC_WRITTEN,
         SyncPlan.FAILOVER_DISCARD,
     ):
         return DISCARD_LOCAL
+    if plan is SyncPlan.RESYNC_AL:
+        if any(True for _ in own_al):
+            return "crashed-primary"
+        try:
+            theirs = hello_regions(hello, 1 << 40)
+        except ValueError:
+            theirs = set()
+        return "crashed-secondary" if theirs else "in-sync"
+    if plan is SyncPlan.RESYNC_WRITTEN:
+        return "peer-behind"
     return plan.value
 
 
-def peer_behind_regions(bitmap: RegionBitmap, hello: dict[str, Any]) -> list[int]:
-    """peer-behind's regions: this node's bitmap (what it wrote alone) ∪ what the
-    secondary says it may hold differently (its bitmap: after a discard-local resolve,
-    the writes it gave up; its stale activity log)."""
+def peer_behind_regions(
+    bitmap: RegionBitmap, hello: dict[str, Any], own_al: Iterable[int] = ()
+) -> list[int]:
+    """peer-behind's regions: this node's bitmap (what it wrote alone) and activity log
+    ∪ what the secondary says it may hold differently (its bitmap: after a discard-local
+    resolve, the writes it gave up; its stale activity log)."""
     try:
         theirs = hello_regions(hello, bitmap.nregions)
     except ValueError as e:
         raise PairingRefused(f"peer-behind refused: {e}") from None
-    return sorted(n for n in set(bitmap) | theirs if 0 <= n < bitmap.nregions)
+    return sorted(n for n in set(bitmap) | set(own_al) | theirs if 0 <= n < bitmap.nregions)
 
 
 # -- the disk checks over the replication link ---------------------------------------------

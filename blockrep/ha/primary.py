@@ -16,12 +16,13 @@ import time
 import uuid
 from typing import Any
 
+from ..block.node import DirtyBitmap, Node
 from ..errors import BlockError, ReplicationError
 from . import channel, qmp, reprotect, watchdog
 from .activity_log import ActivityLog, ActivityLogError
 from .config import PrimaryConfig
 from .node_state import StateFileError
-from .resync import SyncProgress
+from .resync import Resync, SyncProgress
 from .role import BaseRole, Host, PeerStatus, al_path, esc
 from .states import EntryKind, HistoryEntry
 from .states import Role as RoleName
@@ -45,6 +46,11 @@ class Primary(BaseRole):
         # status's ``last-handshake``: the rule of the last pairing and what it copied
         self.last_handshake: dict[str, Any] | None = None
         self._early_ckpt: asyncio.Task[None] | None = None
+        # a background resync (reprotect.py): the engine, its dirty bitmap, its link
+        self.resync: Resync | None = None
+        self.resync_dirty: DirtyBitmap | None = None
+        self.resync_link: Node | None = None
+        self.resync_bar: Any = None  # a tqdm bar with --progress
 
     async def _build(self) -> None:
         """The primary's graph (SPEC §2/§3), its activity log, and alone tracking."""
@@ -257,7 +263,24 @@ class Primary(BaseRole):
             except ActivityLogError as e:
                 log.warning("%s", e.message)
 
+    def sync_paused(self) -> bool:
+        return self.resync is not None and self.resync.progress.paused
+
+    def resync_control(self, pause: bool) -> dict[str, Any]:
+        """``ha-resync-pause`` / ``ha-resync-resume``: hold or release a running resync."""
+        if self.resync is None:
+            raise channel.ChannelError("no resync is running")
+        if pause:
+            self.resync.pause()
+        else:
+            self.resync.resume()
+        return self.resync.progress.as_dict()
+
     async def status(self) -> dict[str, Any]:
+        if self.resync is not None and self.sync_progress is not None:
+            # the legacy ``sync`` object follows the engine (the total grows with new writes)
+            p = self.resync.progress
+            self.sync_progress.total, self.sync_progress.current = p.total_bytes, p.done_bytes
         s = await super().status()
         if self.last_handshake is not None:
             s["last-handshake"] = dict(self.last_handshake)
@@ -267,4 +290,6 @@ class Primary(BaseRole):
             s["split-brain"] = self.split_brain
         if self.sync_progress is not None:
             s["sync"] = self.sync_progress.as_dict()
+        if self.resync is not None:
+            s["resync"] = self.resync.progress.as_dict()
         return s

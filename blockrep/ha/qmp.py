@@ -94,6 +94,12 @@ def register_node(node: HANode) -> None:
         except resolve.ResolveRefused as e:
             raise QMPError(str(e)) from None
 
+    def current_primary() -> Primary | None:
+        from .primary import Primary
+
+        return node.role if isinstance(node.role, Primary) else None
+
+    _register_resync(d, current_primary)
     for name, fn in (
         ("ha-promote", promote),
         ("ha-failover", promote),
@@ -115,6 +121,29 @@ def register_primary(p: Primary) -> None:
             raise QMPError(str(e)) from None
 
     p.d.qmp.commands.register("replication-checkpoint", replication_checkpoint)
+    _register_resync(p.d, lambda: p)
+
+
+def _register_resync(d: Daemon, primary: Callable[[], Primary | None]) -> None:
+    """``ha-resync-pause`` and ``ha-resync-resume`` on the node's primary (its resync)."""
+
+    def control(pause: bool) -> Any:
+        p = primary()
+        if p is None:
+            raise QMPError("no resync is running: this node is not primary")
+        try:
+            return p.resync_control(pause)
+        except channel.ChannelError as e:
+            raise QMPError(str(e)) from None
+
+    async def pause(args: dict[str, Any]) -> Any:
+        return control(True)
+
+    async def resume(args: dict[str, Any]) -> Any:
+        return control(False)
+
+    d.qmp.commands.register("ha-resync-pause", pause)
+    d.qmp.commands.register("ha-resync-resume", resume)
 
 
 def register_resolve(role: BaseRole, peer_history: Callable[[], list[HistoryEntry] | None]) -> None:

@@ -15,13 +15,22 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from ..address import SocketAddress
-from ..block.node import Node
+from ..block.node import DirtyBitmap, Node
 from ..errors import BlockError, ReplicationError
 from ..replication.filter import ReplicationMode
 from . import channel, pairing
 from .bitmap import REGION_SIZE as CHUNK
 from .handshake import Comparison, compare_histories
-from .resync import SyncKind, SyncProgress, all_chunks, copy_chunks
+from .node_state import StateFileError
+from .resync import (
+    Resync,
+    ResyncOptions,
+    ResyncProgress,
+    SyncKind,
+    SyncProgress,
+    all_chunks,
+    copy_chunks,
+)
 from .role import PeerStatus
 from .states import EntryKind
 
@@ -29,6 +38,10 @@ if TYPE_CHECKING:
     from .primary import Primary
 
 log = logging.getLogger("blockrep.ha")
+
+# seconds a resync keeps chasing new writes after its listed regions are done before it
+# pauses the consumer for the rest (a writer faster than the copy must not starve it)
+CONVERGE_FOR = 5.0
 
 
 async def connect_and_replicate(self: Primary, first: bool) -> bool:
@@ -96,14 +109,21 @@ async def connect_and_replicate(self: Primary, first: bool) -> bool:
         self.track_alone_writes(EntryKind.DEGRADED)
         await ch.close()
         return False
-    # a live consumer waits while the disks are brought in sync and replication
-    # starts: a write landing on an already copied region would be lost on S
-    exp = self.consumer_export
-    if exp is not None:
-        await exp.quiesce()
     try:
-        await _bring_in_sync(self, hello, rel)
-        await _start_replication(self, hello, ch)
+        await _bring_in_sync(self, hello, rel, ch)
+        # the consumer waits only for the switch into forwarding (I5): a write landing
+        # between the last copy and the start of forwarding would be lost on S
+        exp = self.consumer_export
+        if exp is not None:
+            await exp.quiesce()
+        try:
+            if self.resync is not None:
+                await self.resync.final_pass()
+            await _start_replication(self, hello, ch)
+        finally:
+            _end_resync(self)
+            if exp is not None:
+                exp.resume()
     except pairing.PairingRefused as e:
         self.peer = PeerStatus.REFUSED
         self.error(e.message)
@@ -111,17 +131,19 @@ async def connect_and_replicate(self: Primary, first: bool) -> bool:
         if first:
             raise
         return False
-    except (BlockError, OSError, channel.ChannelError, ReplicationError) as e:
+    except (BlockError, OSError, channel.ChannelError, ReplicationError, StateFileError) as e:
         self.replicating, self.ch = True, ch  # what degrade() undoes, wherever it failed
         await self.degrade(f"pairing failed: {getattr(e, 'message', None) or e}", e)
         return False
-    finally:
-        if exp is not None:
-            exp.resume()
     return True
 
 
-async def _bring_in_sync(self: Primary, hello: dict[str, Any], rel: Comparison) -> None:
+async def _bring_in_sync(
+    self: Primary, hello: dict[str, Any], rel: Comparison, ch: channel.Client
+) -> None:
+    """Carry out the handshake's plan. Copies run in the background while the consumer
+    writes (resync); whole-disk comparisons (a pair with no activity log to trust, a
+    new pair) hold the consumer."""
     top = self.top
     assert top is not None
     alone = self.state.alone_since
@@ -134,50 +156,156 @@ async def _bring_in_sync(self: Primary, hello: dict[str, Any], rel: Comparison) 
         has_history=bool(self.state.history),
         initial_sync=self.cfg.initial_sync,
         assume_synced=self.cfg.assume_synced,
+        has_al=self.al is not None,
     )
-    rule = pairing.rule_name(plan, hello)
-    self.last_handshake = {"rule": rule, "direction": "none", "bytes": 0}
+    own_al = sorted(self.al.regions()) if self.al is not None else []
+    rule = pairing.rule_name(plan, hello, own_al)
+    self.last_handshake = {"rule": rule, "direction": "none", "bytes": 0, "saved-by-checksums": 0}
+    log.warning("pairing by rule %s", rule)
     if rule == pairing.DISCARD_LOCAL:  # split brain resolved: the secondary gave up its writes
-        log.warning("pairing by rule discard-local (split brain resolved)")
         self.split_brain = None
     if plan is pairing.SyncPlan.SHARED_IDENTITY:
         await pairing.check_shared_identity(top, hello)
         return
-    link = await pairing.open_link(hello)
     try:
         if plan is pairing.SyncPlan.FAILOVER_DISCARD:
             # this node failed over: what it rolled back and kept (I2) and wrote
             # alone, and whatever the old primary may have written past the common
             # epoch (its activity log and bitmap) go from here to it
-            try:
-                regions = pairing.failover_discard_regions(
-                    self.state.peer_bitmap, self.al.regions() if self.al else (), hello
-                )
-            except ValueError as e:
-                raise pairing.PairingRefused(f"failover-discard refused: {e}") from None
-            log.warning(
-                "pairing by rule failover-discard: copying %d region(s) to the old primary",
-                len(regions),
-            )
-            await _copy(self, link, regions, SyncKind.RESYNC)
+            regions = pairing.failover_discard_regions(self.state.peer_bitmap, own_al, hello)
         elif plan is pairing.SyncPlan.RESYNC_WRITTEN:
             # this node wrote since the secondary's last epoch: copy that, and what
             # the secondary says it may hold differently (a discard-local resolve)
             regions = pairing.peer_behind_regions(self.state.peer_bitmap, hello)
-            await _copy(self, link, regions, SyncKind.RESYNC)
+        elif plan is pairing.SyncPlan.RESYNC_AL:
+            # same history: only what this node's activity log (a crash mid-epoch) and
+            # the secondary's marks say may differ
+            regions = pairing.peer_behind_regions(self.state.peer_bitmap, hello, own_al)
         elif plan is pairing.SyncPlan.INITIAL_SYNC:
-            await _copy(self, link, all_chunks(top.length), SyncKind.INITIAL)
-        elif plan is pairing.SyncPlan.RESYNC_DIFFERING:
-            differ = await pairing.differing_chunks(top, link)
-            if differ:
-                self.error(
-                    f"{len(differ)} MiB differed after an unfinished epoch; resynchronising them"
-                )
-                await _copy(self, link, differ, SyncKind.RESYNC)
-        elif plan is pairing.SyncPlan.VERIFY:
-            await pairing.verify_identical(top, link)
+            regions = all_chunks(top.length)
+        else:
+            regions = None
+    except ValueError as e:
+        raise pairing.PairingRefused(f"{rule} refused: {e}") from None
+    link = await pairing.open_link(hello)
+    try:
+        if regions is not None:
+            await _background_resync(self, link, ch, regions, plan)
+            return
+        exp = self.consumer_export
+        if exp is not None:
+            await exp.quiesce()
+        try:
+            if plan is pairing.SyncPlan.RESYNC_DIFFERING:
+                differ = await pairing.differing_chunks(top, link)
+                if differ:
+                    self.error(
+                        f"{len(differ)} MiB differed after an unfinished epoch; resynchronising them"
+                    )
+                    await _copy(self, link, differ, SyncKind.RESYNC)
+            elif plan is pairing.SyncPlan.VERIFY:
+                await pairing.verify_identical(top, link)
+        finally:
+            if exp is not None:
+                exp.resume()
     finally:
-        await link.graph.close_all()
+        if self.resync is None:
+            await link.graph.close_all()
+        else:
+            self.resync_link = link  # closed by _end_resync after the final pass
+
+
+async def _background_resync(
+    self: Primary, link: Node, ch: channel.Client, regions: list[int], plan: pairing.SyncPlan
+) -> None:
+    """Copy ``regions`` while the consumer writes: checksums first, rate-limited, new
+    writes followed through a dirty bitmap; returns when little is left (the caller
+    pauses the consumer for ``final_pass``). The regions are in the persisted peer
+    bitmap first and leave it as they land, so an interruption resumes (peer-behind)."""
+    top = self.top
+    assert top is not None
+    self.state.mark_regions(regions)
+    await ch.call("sync-target", source=self.state.node_id)  # it is Inconsistent now (I3)
+    dirty = DirtyBitmap(CHUNK, top.length)
+    top.dirty_bitmaps.append(dirty)
+    what = SyncKind.INITIAL if plan is pairing.SyncPlan.INITIAL_SYNC else SyncKind.RESYNC
+
+    async def peer_digests(regs: list[int]) -> list[str]:
+        r = await ch.call("digests", regions=regs, timeout=120)
+        return list(r["digests"])
+
+    def landed(regs: list[int]) -> None:
+        self.state.peer_bitmap.clear_regions(regs)
+        self.save_state()
+
+    self.resync_dirty = dirty
+    self.resync = Resync(
+        top,
+        link,
+        regions,
+        options=ResyncOptions(rate=self.cfg.resync_rate, min_rate=self.cfg.resync_min_rate),
+        progress=ResyncProgress(direction="local-to-peer"),
+        peer_digests=peer_digests,
+        dirty=dirty,
+        on_done=landed,
+    )
+    self.sync_progress = SyncProgress(what, total=len(regions) * CHUNK)
+    log.warning("resync: %d region(s) to the peer, consumer running", len(regions))
+    if self.cfg.progress:
+        from tqdm import tqdm
+
+        self.resync_bar = tqdm(total=len(regions) * CHUNK, unit="B", unit_scale=True, desc=what)
+    task = asyncio.ensure_future(self.resync.run())
+    settled = None  # when the listed regions were done; new writes may keep it busy
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            _show(self)
+            if self.resync.pending == 0 and settled is None:
+                settled = time.monotonic()
+            if settled is not None and time.monotonic() - settled > CONVERGE_FOR:
+                task.cancel()  # the consumer dirties faster than it copies: pause and finish
+                await asyncio.gather(task, return_exceptions=True)
+        if not task.cancelled():
+            task.result()
+    except BaseException:
+        task.cancel()
+        _end_resync(self)
+        raise
+
+
+def _show(self: Primary) -> None:
+    """The progress bar (``--progress``) follows the engine; its total grows with new writes."""
+    bar, engine = self.resync_bar, self.resync
+    if bar is not None and engine is not None:
+        bar.total = max(engine.progress.total_bytes, 1)
+        bar.update(engine.progress.done_bytes - bar.n)
+
+
+def _end_resync(self: Primary) -> None:
+    """After the final pass (or a failure): account the copy, drop the bitmap and link."""
+    engine = self.resync
+    if engine is None:
+        return
+    _show(self)
+    if self.resync_bar is not None:
+        self.resync_bar.close()
+        self.resync_bar = None
+    p = engine.progress
+    if self.last_handshake is not None:
+        self.last_handshake["direction"] = "local-to-peer"
+        self.last_handshake["bytes"] += p.done_bytes - p.saved_by_checksums
+        self.last_handshake["saved-by-checksums"] += p.saved_by_checksums
+    top = self.top
+    if top is not None and self.resync_dirty in top.dirty_bitmaps:
+        top.dirty_bitmaps.remove(self.resync_dirty)
+    self.resync = None
+    self.resync_dirty = None
+    self.sync_progress = None
+    link = self.resync_link
+    self.resync_link = None
+    if link is not None:
+        asyncio.ensure_future(link.graph.close_all())
 
 
 async def _copy(self: Primary, link: Node, chunks: list[int], what: SyncKind) -> None:
@@ -185,7 +313,7 @@ async def _copy(self: Primary, link: Node, chunks: list[int], what: SyncKind) ->
     progress = SyncProgress(what, total=len(chunks) * CHUNK)
     self.sync_progress = progress
     try:
-        await copy_chunks(self.top, link, chunks, progress, self.cfg.progress)
+        await copy_chunks(self.top, link, chunks, progress)
     finally:
         self.sync_progress = None  # status shows "sync" only during a sync (README)
         if self.last_handshake is not None:

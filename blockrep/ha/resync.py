@@ -295,6 +295,8 @@ class Resync:
         sem = asyncio.Semaphore(max(1, self.options.depth))
         p = self.progress
 
+        copied: set[int] = set()
+
         async def one(i: int, r: int) -> None:
             off, n = region_span(self.src.length, r)
             async with sem:
@@ -307,10 +309,19 @@ class Resync:
                     p.saved_by_checksums += n
                 else:
                     await self.dst.write(off, data)
+            copied.add(r)
             p.done_bytes += n
             self._measure()
 
-        await _all([one(i, r) for i, r in enumerate(regions)])
+        try:
+            await _all([one(i, r) for i, r in enumerate(regions)])
+        except BaseException:
+            # cancelled (the caller moves on to the final pass) or failed: their dirty
+            # bits are cleared, so the regions not copied go back to the queue
+            for r in regions:
+                if r not in copied:
+                    self._queue[r] = None
+            raise
         await self.dst.flush()
         if self._on_done is not None:
             durable = [r for r in regions if not self._is_dirty(r)]
@@ -357,35 +368,15 @@ def all_chunks(length: int) -> list[int]:
 
 
 async def copy_chunks(
-    src: Node,
-    dst: Node,
-    chunks: list[int],
-    progress: SyncProgress,
-    show_bar: bool,
-    options: ResyncOptions | None = None,
-    peer_digests: PeerDigests | None = None,
+    src: Node, dst: Node, chunks: list[int], progress: SyncProgress
 ) -> ResyncProgress:
-    """Copy ``chunks`` of ``src`` onto ``dst`` and flush ``dst``; ``progress`` follows
-    along (by whole regions, as they become durable). Returns the engine's progress."""
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=len(chunks) * CHUNK,
-        unit="B",
-        unit_scale=True,
-        desc=progress.what.value,
-        disable=not show_bar,
-    )
+    """Copy ``chunks`` of ``src`` onto ``dst`` (the consumer held: no dirty tracking) and
+    flush ``dst``; ``progress`` follows as regions become durable."""
 
     def done(regions: list[int]) -> None:
         progress.current += len(regions) * CHUNK
-        bar.update(len(regions) * CHUNK)
 
-    opts = options if options is not None else ResyncOptions(checksums=peer_digests is not None)
-    engine = Resync(src, dst, chunks, options=opts, peer_digests=peer_digests, on_done=done)
-    try:
-        await engine.run()
-        await dst.flush()
-    finally:
-        bar.close()
+    engine = Resync(src, dst, chunks, options=ResyncOptions(checksums=False), on_done=done)
+    await engine.run()
+    await dst.flush()
     return engine.progress

@@ -106,6 +106,7 @@ class BaseRole:
         self.alone_bitmap: DirtyBitmap | None = None
         self.al: ActivityLog | None = None  # the primary's activity log (I1), when open
         self.stale_al_cleared = False  # a secondary: the disk's old AL was removed
+        self.sync_target = False  # a secondary a resync copies into (until replication starts)
         self.stopping = self.host.stopping
         self.tasks: list[asyncio.Task] = []
         self.tls_server, self.tls_client = channel.tls_contexts(cfg.tls_dir)
@@ -316,7 +317,10 @@ class BaseRole:
             peer=self.peer.value,
             stage=stage,
             disk_state=self.state.disk_state,
-            sync=view.SYNC_SOURCE if prog is not None else None,
+            sync=view.SYNC_SOURCE
+            if prog is not None
+            else (view.SYNC_TARGET if self.sync_target else None),
+            sync_paused=self.sync_paused(),
             sync_left=prog.total - prog.current if prog is not None else 0,
             bitmap_bytes=sum(n for _, n in marks),
             reconnect=bool(getattr(self.cfg, "reconnect", False)),
@@ -332,6 +336,10 @@ class BaseRole:
 
     def auto_failover_status(self) -> dict[str, Any]:
         return {"enabled": False, "reason": "not applicable on the primary"}
+
+    def sync_paused(self) -> bool:
+        """A resync this node runs is paused (``blockrep resync pause``)."""
+        return False
 
     # -- life ----------------------------------------------------------------------------------
 

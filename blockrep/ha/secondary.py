@@ -16,20 +16,17 @@ from collections.abc import Callable
 from typing import Any
 
 from ..address import SocketAddress
-from ..errors import ReplicationError
-from ..replication.filter import ReplicationMode, ReplicationNode, ReplicationStage
+from ..replication.filter import ReplicationMode
 from ..replication.identity import disk_identity
-from . import buffers, channel, pairing, qmp, watchdog
+from . import buffers, channel, failover, pairing, qmp, watchdog
 from .activity_log import ActivityLogError, convert
 from .activity_log import load as load_al
 from .bitmap import REGION_SIZE
 from .config import SecondaryConfig, default_buffer_dir
-from .node_state import StateFileError
+from .resync import digests_of
 from .role import BaseRole, Host, PeerStatus, al_path, esc
 from .states import DiskState, EntryKind, HistoryEntry
 from .states import Role as RoleName
-
-FAILOVER_WAIT = 3600.0  # seconds the failover commit may take before it counts as failed
 
 
 class Secondary(BaseRole):
@@ -199,6 +196,8 @@ class Secondary(BaseRole):
                     "checkpoint": self._checkpoint,
                     "heartbeat": self._heartbeat,
                     "handover": self._handover,
+                    "sync-target": self._sync_target,
+                    "digests": self._digests,
                 },
                 on_message=heard,
             )
@@ -273,11 +272,13 @@ class Secondary(BaseRole):
         self._refuse_if_failed_over("start")
         if msg.get("history") is not None:
             self.state.adopt_history(pairing.parse_history(msg["history"]))
-        if self.state.disk_state is DiskState.OUTDATED:
-            # the primary copied what this node gave up (discard-local): level with it again
+        if self.state.disk_state in (DiskState.OUTDATED, DiskState.INCONSISTENT):
+            # the primary copied what this node gave up (discard-local) or was missing
+            # (a resync it was the target of): level with it again
             with self.state.update():
                 self.state.disk_state = DiskState.CONSISTENT
         await self.d.replication.start_all(ReplicationMode.SECONDARY)
+        self.sync_target = False
         self.started = True
         self.peer = PeerStatus.CONNECTED
         self.last_heard = time.monotonic()
@@ -301,6 +302,28 @@ class Secondary(BaseRole):
             return {"stage": "none", "error": False}
         return {"stage": r.state.stage.value, "error": bool(r.state.error)}
 
+    async def _sync_target(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """A resync into this disk begins: it is Inconsistent (never promoted, I3) until
+        replication starts after the final pass."""
+        self._refuse_if_failed_over("sync-target")
+        with self.state.update():
+            self.state.disk_state = DiskState.INCONSISTENT
+        self.sync_target = True
+        return {}
+
+    async def _digests(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Checksum-first resync: the digests of regions of this disk (resync.py)."""
+        self._refuse_if_failed_over("digests")
+        regions = msg.get("regions")
+        if not isinstance(regions, list) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in regions
+        ):
+            raise channel.ChannelError(f"digests: not a list of regions: {str(regions)[:60]}")
+        node = self.d.graph.find(self.link_export)
+        if node is None:
+            raise channel.ChannelError("digests: this node has no replication link")
+        return {"digests": await digests_of(node, regions)}
+
     async def _handover(self, msg: dict[str, Any]) -> dict[str, Any]:
         """The primary hands over cleanly after a final checkpoint (demote, switchover,
         down): ``promote`` true: this node becomes primary. The change runs after the
@@ -318,59 +341,6 @@ class Secondary(BaseRole):
 
     # -- losing the primary --------------------------------------------------------------------
 
-    async def _mark_failover_regions(self, r: ReplicationNode) -> None:
-        """I2: mark the regions allocated in the hidden and active overlays (and what
-        the consumer wrote since the last agreed checkpoint) in the persisted peer bitmap."""
-        regions: set[int] = set(self.alone_bitmap.dirty) if self.alone_bitmap else set()
-        for node in (r.child_node("hidden"), r.file):
-            if node is None or node.closed or node.length == 0:
-                continue
-            for e in await node.block_status(0, node.length):
-                if e.present and e.depth == 0 and e.length > 0:
-                    end = e.start + e.length
-                    regions.update(range(e.start // REGION_SIZE, -(-end // REGION_SIZE)))
-        nregions = self.state.peer_bitmap.nregions
-        try:
-            self.state.mark_regions(n for n in regions if 0 <= n < nregions)
-        except StateFileError as e:
-            self.error(f"failover refused: its regions could not be marked (I2): {e.message}")
-            raise ReplicationError(f"failover refused: {e.message}") from None
-
     async def failover(self) -> None:
-        """Stop the link, fail over, and go on alone: S now holds checkpoint + own writes."""
-        async with self.failover_lock:
-            if self.failed_over:
-                return
-            d = self.d
-            r = self.replication_node()
-            # refuse before touching anything: a refused failover leaves the link up, so the
-            # primary can still pair (or go on checkpointing) as if it had never been asked
-            if r is None or r.state.stage not in (ReplicationStage.RUNNING, ReplicationStage.DONE):
-                stage = r.state.stage.value if r is not None else "none"
-                raise ReplicationError(
-                    f"failover refused: replication is not running (stage {stage}); "
-                    "nothing was changed and the link stays up"
-                )
-            # I2: before the commit, the peer bitmap durably holds every region it
-            # changes: P's writes it rolls back (hidden) and this node's own it keeps
-            # (active). Once before the link stops (a failure refuses with the link
-            # up), once after (P's last forwards may have landed in between).
-            await self._mark_failover_regions(r)
-            if d.block_exports.nbd is not None:
-                await d.block_exports.nbd_server_stop()
-            await self._mark_failover_regions(r)
-            await d.replication.stop_all(True)
-            deadline = time.monotonic() + FAILOVER_WAIT
-            while (
-                r is not None
-                and r.state.stage == ReplicationStage.FAILOVER
-                and time.monotonic() < deadline
-            ):
-                await asyncio.sleep(0.02)
-            if r is not None and r.state.stage != ReplicationStage.DONE:
-                st = r.state
-                self.error(f"failover ended in stage {st.stage.value}: {st.error_message}")
-                raise ReplicationError(f"failover failed: {st.error_message or st.stage.value}")
-            self.failed_over = True
-            self.peer = PeerStatus.FAILED_OVER
-            self.track_alone_writes(EntryKind.FAILOVER)
+        """Stop the link, fail over, and go on alone (failover.py)."""
+        await failover.fail_over(self)

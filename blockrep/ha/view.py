@@ -36,6 +36,7 @@ class Facts:
     disk_state: DiskState = DiskState.CONSISTENT  # persisted (NodeState.disk_state)
     sync: str | None = None  # "source" / "target" while a sync runs, else None
     sync_left: int = 0  # bytes the running sync has still to copy
+    sync_paused: bool = False  # the running sync is paused (source side)
     bitmap_bytes: int = 0  # bytes the peer bitmap (and writes alone) mark
     reconnect: bool = False  # P: --reconnect (a degraded node tries to pair again)
 
@@ -59,6 +60,8 @@ class View:
 
 
 def _replication(f: Facts) -> ReplicationState:
+    if f.sync is not None and f.sync_paused:
+        return ReplicationState.PAUSED_SYNC
     if f.sync == SYNC_SOURCE:
         return ReplicationState.SYNC_SOURCE
     if f.sync == SYNC_TARGET:
@@ -95,7 +98,9 @@ def view(f: Facts) -> View:
     peer_disk: DiskState | None = None
     if f.peer == CONNECTED or f.sync is not None:
         peer_role = Role.SECONDARY if f.role is Role.PRIMARY else Role.PRIMARY
-        if rep is ReplicationState.SYNC_SOURCE:
+        if rep is ReplicationState.SYNC_SOURCE or (
+            rep is ReplicationState.PAUSED_SYNC and f.sync == SYNC_SOURCE
+        ):
             peer_disk = DiskState.INCONSISTENT
         elif rep in (ReplicationState.SYNC_TARGET, ReplicationState.PROTECTED):
             peer_disk = DiskState.UP_TO_DATE

@@ -34,4 +34,4 @@ def test_rule_name():
     assert pairing.rule_name(pairing.SyncPlan.FAILOVER_DISCARD, out) == "discard-local"
     assert pairing.rule_name(pairing.SyncPlan.VERIFY, out) == "verify"
     ok = {"disk-state": "Consistent"}
-    assert pairing.rule_name(pairing.SyncPlan.RESYNC_WRITTEN, ok) == "resync-written"
+    assert pairing.rule_name(pairing.SyncPlan.RESYNC_WRITTEN, ok) == "peer-behind"

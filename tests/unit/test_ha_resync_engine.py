@@ -276,6 +276,41 @@ async def test_concurrent_writer_then_final_pass(tmp_path, images, seed) -> None
     assert sa == sb
 
 
+@pytest.mark.parametrize("seed", range(4))
+async def test_run_cancelled_mid_batch_then_final_pass(tmp_path, images, seed) -> None:
+    """The pairing gives up chasing a busy writer and cancels run() mid-batch: the
+    regions whose dirty bits that batch cleared must still be copied by final_pass."""
+    a, other = images
+    pair = Pair(tmp_path, a, other)  # every region differs
+    src, dst = await pair.open()
+    dirty = pair.track()
+    rnd = random.Random(seed)
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        while not stop.is_set():
+            r = rnd.randrange(NREG)
+            off = r * RS + rnd.randrange(max(1, min(RS, SIZE - r * RS) - 4096))
+            await src.write(off, rnd.randbytes(4096))
+            await asyncio.sleep(0)
+
+    engine = Resync(
+        src, dst, range(NREG), options=ResyncOptions(batch=4, depth=2, rate=8 << 20), dirty=dirty
+    )
+    w = asyncio.ensure_future(writer())
+    run = asyncio.ensure_future(engine.run())
+    await asyncio.sleep(0.1 + seed * 0.05)
+    stop.set()  # the consumer is quiesced first, then the chase is given up
+    await w
+    await asyncio.sleep(0.6)  # a batch (4 MiB at 8 MiB/s) began after the last write
+    assert not run.done()  # rate-limited: a batch is in flight
+    run.cancel()
+    await asyncio.gather(run, return_exceptions=True)
+    await engine.final_pass()
+    sa, sb = await pair.files()
+    assert sa == sb
+
+
 async def test_progress_total_grows_percent_monotone(tmp_path, images) -> None:
     a, b = images
     pair = Pair(tmp_path, a, b)
@@ -428,7 +463,7 @@ async def test_copy_chunks_wrapper(tmp_path, images) -> None:
     pair = Pair(tmp_path, a, b)
     src, dst = await pair.open()
     progress = SyncProgress(SyncKind.INITIAL, total=NREG * RS)
-    await copy_chunks(src, dst, list(range(NREG)), progress, False)
+    await copy_chunks(src, dst, list(range(NREG)), progress)
     assert progress.current == progress.total and pair.unflushed == set()
     sa, sb = await pair.files()
     assert sa == sb
