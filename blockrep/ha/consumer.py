@@ -52,6 +52,7 @@ class ConsumerExport(Export):
         self.before_write = before_write
         self.activity_log: ActivityLog | None = None
         self.in_flight: dict[int, tuple[int, int]] = {}
+        self.written_bytes = 0  # bytes written, zeroed or discarded (a resync's floor logic)
         self._seq = 0
 
     async def _guarded(self, offset: int, nbytes: int, op: Callable[[], Awaitable[None]]) -> None:
@@ -77,6 +78,7 @@ class ConsumerExport(Export):
                     self.idle.clear()
             try:
                 await op()
+                self.written_bytes += nbytes
             finally:
                 if al is not None and nbytes > 0:
                     al.end_write(offset, nbytes)

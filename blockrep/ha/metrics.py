@@ -30,6 +30,12 @@ GAUGES: tuple[tuple[str, str], ...] = (
     ("peer_connected", "1 if the peer is connected"),
     ("errors", "errors recorded"),
     ("out_of_sync_bytes", "bytes that may differ from the peer (0 when Protected)"),
+    ("resync_done_bytes", "background resync: bytes done (0 when none runs)"),
+    ("resync_total_bytes", "background resync: bytes to do, growing with new writes"),
+    ("resync_percent", "background resync: percent done (0-100)"),
+    ("resync_saved_bytes", "background resync: bytes the digests showed equal"),
+    ("last_handshake_bytes", "bytes the last pairing sent to the peer"),
+    ("role_primary", "1 if this node is primary"),
 )
 
 # the activity log's gauges (blockrep_al_<name>), set while the node has one (P)
@@ -53,6 +59,12 @@ def values(s: dict[str, Any]) -> dict[str, float]:
         "peer_connected": 1 if s["peer"] == "connected" else 0,
         "errors": len(s["errors"]),
         "out_of_sync_bytes": s.get("out-of-sync-bytes", 0),
+        "resync_done_bytes": (rs := s.get("resync") or {}).get("done-bytes", 0),
+        "resync_total_bytes": rs.get("total-bytes", 0),
+        "resync_percent": rs.get("percent", 0),
+        "resync_saved_bytes": rs.get("saved-by-checksums", 0),
+        "last_handshake_bytes": (s.get("last-handshake") or {}).get("bytes", 0),
+        "role_primary": 1 if s["role"] == "primary" else 0,
     }
 
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..address import SocketAddress
@@ -22,6 +23,7 @@ from . import channel, pairing
 from .bitmap import REGION_SIZE as CHUNK
 from .handshake import Comparison, compare_histories
 from .node_state import StateFileError
+from .ratelimit import RateMeter
 from .resync import (
     Resync,
     ResyncOptions,
@@ -94,6 +96,7 @@ async def connect_and_replicate(self: Primary, first: bool) -> bool:
         self.error(f"secondary refused pairing: its history is not valid: {e}")
         return False
     rel = compare_histories(self.state.history, theirs)
+    self.common_epoch = str(rel.common) if rel.common is not None else None
     self.peer_history = theirs
     self.flush_alone_writes()
     alone = self.state.alone_since
@@ -224,6 +227,8 @@ async def _background_resync(
     bitmap first and leave it as they land, so an interruption resumes (peer-behind)."""
     top = self.top
     assert top is not None
+    # what this node wrote since the common epoch differs on the peer: no digests for it
+    written = frozenset(self.state.peer_bitmap)
     self.state.mark_regions(regions)
     await ch.call("sync-target", source=self.state.node_id)  # it is Inconsistent now (I3)
     dirty = DirtyBitmap(CHUNK, top.length)
@@ -243,11 +248,15 @@ async def _background_resync(
         top,
         link,
         regions,
-        options=ResyncOptions(rate=self.cfg.resync_rate, min_rate=self.cfg.resync_min_rate),
+        options=ResyncOptions(
+            rate=self.cfg.resync_rate, min_rate=self.cfg.resync_min_rate, batch=32, depth=8
+        ),
         progress=ResyncProgress(direction="local-to-peer"),
         peer_digests=peer_digests,
         dirty=dirty,
         on_done=landed,
+        consumer_busy=_consumer_rate(self),
+        no_digests=written,
     )
     self.sync_progress = SyncProgress(what, total=len(regions) * CHUNK)
     log.warning("resync: %d region(s) to the peer, consumer running", len(regions))
@@ -272,6 +281,20 @@ async def _background_resync(
         task.cancel()
         _end_resync(self)
         raise
+
+
+def _consumer_rate(self: Primary) -> Callable[[], int]:
+    """Bytes/s the consumer writes now (the resync's floor logic takes it off its cap)."""
+    meter = RateMeter()
+
+    def rate() -> int:
+        exp = self.consumer_export
+        if exp is None:
+            return 0
+        meter.add(exp.written_bytes)
+        return meter.rate()
+
+    return rate
 
 
 def _show(self: Primary) -> None:

@@ -49,13 +49,19 @@ def region_span(length: int, region: int) -> tuple[int, int]:
     return off, max(0, min(REGION_SIZE, length - off))
 
 
-async def digests_of(node: Node, regions: list[int]) -> list[str]:
-    """The digests of ``regions`` of ``node``: what the target answers the ``digests`` verb."""
-    out = []
-    for r in regions:
+async def digests_of(node: Node, regions: list[int], depth: int = 4) -> list[str]:
+    """The digests of ``regions`` of ``node``: what the target answers the ``digests``
+    verb. Reads overlap; hashing runs in worker threads (hashlib lets go of the GIL),
+    so the node's event loop keeps serving while a batch is hashed."""
+    sem = asyncio.Semaphore(depth)
+
+    async def one(r: int) -> str:
         off, n = region_span(node.length, r)
-        out.append(region_digest(await node.read(off, n) if n else b""))
-    return out
+        async with sem:
+            data = await node.read(off, n) if n else b""
+        return await asyncio.to_thread(region_digest, data)
+
+    return list(await asyncio.gather(*(one(r) for r in regions)))
 
 
 @dataclass
@@ -126,7 +132,10 @@ class Resync:
         dirty: DirtyBitmap | None = None,
         on_done: Callable[[list[int]], None] | None = None,
         consumer_busy: Callable[[], int] | None = None,
+        no_digests: Iterable[int] = (),
     ) -> None:
+        """``no_digests``: regions known to differ (the source wrote them since the
+        common epoch): sent without asking the peer for their digests."""
         self.src = src
         self.dst = dst
         self.options = replace(options) if options is not None else ResyncOptions()
@@ -135,6 +144,7 @@ class Resync:
         self._dirty = dirty
         self._on_done = on_done
         self._busy = consumer_busy
+        self._no_digests = frozenset(no_digests)
         self._nregions = -(-src.length // REGION_SIZE)
         self._queue: dict[int, None] = {}  # pending regions, in order
         self._bucket = TokenBucket()
@@ -285,13 +295,15 @@ class Resync:
         if not regions:
             return
         self._clear_dirty(regions)
-        remote: list[str] | None = None
-        if self.options.checksums and self._peer_digests is not None:
-            remote = list(await self._peer_digests(regions))
-            if len(remote) != len(regions):
+        remote: dict[int, str] = {}
+        ask = [r for r in regions if r not in self._no_digests]
+        if self.options.checksums and self._peer_digests is not None and ask:
+            got = list(await self._peer_digests(ask))
+            if len(got) != len(ask):
                 raise BlockError(
-                    errno.EPROTO, f"peer sent {len(remote)} digests for {len(regions)} regions"
+                    errno.EPROTO, f"peer sent {len(got)} digests for {len(ask)} regions"
                 )
+            remote = dict(zip(ask, got, strict=True))
         sem = asyncio.Semaphore(max(1, self.options.depth))
         p = self.progress
 
@@ -305,7 +317,8 @@ class Resync:
                     await self._bucket.take(n, self.current_rate)
                     await self._resumed.wait()  # paused while it waited for its tokens
                 data = await self.src.read(off, n)
-                if remote is not None and region_digest(data) == remote[i]:
+                theirs = remote.get(r)
+                if theirs is not None and await asyncio.to_thread(region_digest, data) == theirs:
                     p.saved_by_checksums += n
                 else:
                     await self.dst.write(off, data)

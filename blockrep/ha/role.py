@@ -69,10 +69,8 @@ def esc(value: str) -> str:
 @dataclass
 class Host:
     """What outlives a role: the daemon (graph, QMP, jobs), the durable state, the
-    consumer's NBD server and export, the errors reported. ``blockrep primary`` and
-    ``blockrep secondary`` make one per process; ``blockrep up`` (node.py) keeps one
-    while its role changes (promote, demote, switchover), so the consumer's
-    connections and the QMP socket stay open across the change."""
+    consumer's server and export, the errors. ``blockrep up`` (node.py) keeps one while
+    its role changes, so the consumer's connections and the QMP socket stay open."""
 
     d: Daemon
     state: NodeState
@@ -107,6 +105,7 @@ class BaseRole:
         self.al: ActivityLog | None = None  # the primary's activity log (I1), when open
         self.stale_al_cleared = False  # a secondary: the disk's old AL was removed
         self.sync_target = False  # a secondary a resync copies into (until replication starts)
+        self.common_epoch: str | None = None  # status's history.common: met the peer there
         self.stopping = self.host.stopping
         self.tasks: list[asyncio.Task] = []
         self.tls_server, self.tls_client = channel.tls_contexts(cfg.tls_dir)
@@ -302,6 +301,12 @@ class BaseRole:
             "errors": list(self.errors),
             "auto-failover": self.auto_failover_status(),
             "alone-since": str(alone) if (alone := self.state.alone_since) else None,
+            "history": {
+                "current": str(self.state.current) if self.state.current else None,
+                "common": self.common_epoch,
+                "length": len(self.state.history),
+                "trimmed": self.state.history_trimmed,
+            },
             "written-alone": self.written_alone(),
             "jobs": jobs,
         }

@@ -272,6 +272,7 @@ class Secondary(BaseRole):
         self._refuse_if_failed_over("start")
         if msg.get("history") is not None:
             self.state.adopt_history(pairing.parse_history(msg["history"]))
+        self.common_epoch = str(self.state.current) if self.state.current else None
         if self.state.disk_state in (DiskState.OUTDATED, DiskState.INCONSISTENT):
             # the primary copied what this node gave up (discard-local) or was missing
             # (a resync it was the target of): level with it again

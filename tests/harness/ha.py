@@ -89,6 +89,18 @@ def check_status_schema(s: dict[str, Any], role: str | None = None) -> None:
     if "timeout" in af:
         assert is_num(af["timeout"])
     assert s["alone-since"] is None or isinstance(s["alone-since"], str)
+    h = s["history"]
+    assert h["current"] is None or isinstance(h["current"], str), h
+    assert h["common"] is None or isinstance(h["common"], str), h
+    assert is_int(h["length"]) and h["length"] == s["epoch"] and isinstance(h["trimmed"], bool), h
+    if "resync" in s:
+        r = s["resync"]
+        assert r["direction"] in ("local-to-peer", "peer-to-local"), r
+        for k in ("done-bytes", "total-bytes", "saved-by-checksums", "rate"):
+            assert is_int(r[k]) and r[k] >= 0, (k, r)
+        assert is_num(r["percent"]) and 0 <= r["percent"] <= 100, r
+        assert r["eta"] is None or is_num(r["eta"]), r
+        assert isinstance(r["paused"], bool), r
     assert _ranges_ok(s["written-alone"]), s["written-alone"]
     if "split-brain" in s:
         sb = s["split-brain"]

@@ -91,11 +91,18 @@ def test_metrics_values_cover_every_gauge() -> None:
         "last-checkpoint-pause-ms": 0.7,
         "peer": "connected",
         "errors": ["a", "b"],
+        "role": "primary",
     }
     v = metrics.values(s)
     assert set(v) == {k for k, _ in metrics.GAUGES}
     assert v["peer_connected"] == 1 and v["errors"] == 2 and v["epoch_age_seconds"] == 1.5
     assert metrics.values({**s, "peer": "peer-lost"})["peer_connected"] == 0
+    assert v["role_primary"] == 1 and v["resync_percent"] == 0 and v["last_handshake_bytes"] == 0
+    r = {"done-bytes": 5, "total-bytes": 10, "percent": 50.0, "saved-by-checksums": 2}
+    v = metrics.values({**s, "role": "none", "resync": r, "last-handshake": {"bytes": 7}})
+    assert v["role_primary"] == 0 and v["resync_percent"] == 50.0 and v["resync_done_bytes"] == 5
+    assert v["resync_total_bytes"] == 10 and v["resync_saved_bytes"] == 2
+    assert v["last_handshake_bytes"] == 7
 
 
 def test_no_ha_module_over_400_lines() -> None:
