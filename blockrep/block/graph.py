@@ -26,6 +26,7 @@ DRIVER_MODULES: dict[str, str] = {
     "blkdebug": "blockrep.block.blkdebug",
     "copy-before-write": "blockrep.block.copy_before_write",
     "replication": "blockrep.replication.filter",
+    "concat": "blockrep.block.concat",
 }
 # Driver classes imported so far (filled by ``register``).
 DRIVERS: dict[str, type[Node]] = {}

@@ -47,6 +47,15 @@ def qmp_socket_path(qmp: str) -> str:
     return qmp[5:] if qmp.startswith("unix:") else qmp
 
 
+@dataclass(frozen=True)
+class VolumeSpec:
+    """One volume of a node: its disk and where its consumer export is served."""
+
+    disk: str
+    export: str  # HOST:PORT or unix:PATH
+    export_name: str = "disk"
+
+
 class _Common(TypedDict):
     disk: str
     mode: Mode
@@ -73,10 +82,16 @@ class RoleConfig:
     heartbeat_interval: float
     heartbeat_timeout: float
     export_name: str = "disk"  # the consumer export's NBD name
+    # a resource of several volumes (``blockrep up``): one consistency group replicated
+    # as one device, the disks end to end (block/concat.py); () = the one volume above
+    volumes: tuple[VolumeSpec, ...] = ()
 
     @property
     def shared(self) -> bool:
         return self.mode is Mode.SHARED
+
+    def volume_specs(self) -> tuple[VolumeSpec, ...]:
+        return self.volumes or (VolumeSpec(self.disk, self.export, self.export_name),)
 
     @staticmethod
     def _common(ns: argparse.Namespace) -> _Common:

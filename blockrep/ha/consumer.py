@@ -8,12 +8,13 @@ a node going alone can mark them too. ``Stats`` keeps what each checkpoint cost 
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..block.node import Node
+from ..block.node import Extent, Node
 from ..export import Export
 from .activity_log import ActivityLog
 
@@ -46,16 +47,27 @@ class ConsumerExport(Export):
     those too."""
 
     def __init__(
-        self, node: Node, before_write: Callable[[int, int], None], name: str = "disk"
+        self,
+        node: Node,
+        before_write: Callable[[int, int], None],
+        name: str = "disk",
+        base: int = 0,
+        length: int | None = None,
     ) -> None:
-        super().__init__(name, node, writable=True, id="consumer")
+        super().__init__(name, node, writable=True, id=f"consumer-{name}")
         self.before_write = before_write
+        # a volume of a resource: where it starts in the replicated device and how long
+        # it is (its requests, marks, AL and in-flight ranges are shifted by ``base``);
+        # the whole device for a resource of one volume
+        self.base = base
+        self.length = length
         self.activity_log: ActivityLog | None = None
         self.in_flight: dict[int, tuple[int, int]] = {}
         self.written_bytes = 0  # bytes written, zeroed or discarded (a resync's floor logic)
         self._seq = 0
 
-    async def _guarded(self, offset: int, nbytes: int, op: Callable[[], Awaitable[None]]) -> None:
+    async def _guarded(self, local: int, nbytes: int, op: Callable[[], Awaitable[None]]) -> None:
+        offset = self.base + local
         self.before_write(offset, nbytes)
         self._seq += 1
         key = self._seq
@@ -85,13 +97,73 @@ class ConsumerExport(Export):
         finally:
             del self.in_flight[key]
 
+    @property
+    def size(self) -> int:
+        return self.node.length if self.length is None else self.length
+
+    def read(self, offset: int, nbytes: int) -> Awaitable[bytes]:
+        return Export.read(self, self.base + offset, nbytes)
+
+    async def block_status(self, offset: int, nbytes: int) -> list[Extent]:
+        out = await Export.block_status(self, self.base + offset, nbytes)
+        if self.base:
+            out = [dataclasses.replace(e, start=e.start - self.base) for e in out]
+        return out
+
     def write(self, offset: int, data: bytes | memoryview, fua: bool) -> Awaitable[None]:
-        return self._guarded(offset, len(data), lambda: Export.write(self, offset, data, fua))
+        at = self.base + offset
+        return self._guarded(offset, len(data), lambda: Export.write(self, at, data, fua))
 
     def write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> Awaitable[None]:
+        at = self.base + offset
         return self._guarded(
-            offset, nbytes, lambda: Export.write_zeroes(self, offset, nbytes, may_unmap, fua)
+            offset, nbytes, lambda: Export.write_zeroes(self, at, nbytes, may_unmap, fua)
         )
 
     def discard(self, offset: int, nbytes: int) -> Awaitable[None]:
-        return self._guarded(offset, nbytes, lambda: Export.discard(self, offset, nbytes))
+        at = self.base + offset
+        return self._guarded(offset, nbytes, lambda: Export.discard(self, at, nbytes))
+
+
+class ConsumerGroup:
+    """The consumer's exports of one node, one per volume: they pause and resume
+    together (one checkpoint covers every volume of the resource) and share the
+    role's write guard and activity log."""
+
+    def __init__(self, members: list[ConsumerExport]) -> None:
+        self.members = members
+
+    async def quiesce(self) -> None:
+        for m in self.members:
+            m.gate.clear()  # every volume stops taking requests before any is waited for
+        for m in self.members:
+            await m.quiesce()
+
+    def resume(self) -> None:
+        for m in self.members:
+            m.resume()
+
+    def in_flight_ranges(self) -> list[tuple[int, int]]:
+        """(offset, length) of every write in flight, in the replicated device's space."""
+        return [r for m in self.members for r in m.in_flight.values()]
+
+    @property
+    def written_bytes(self) -> int:
+        return sum(m.written_bytes for m in self.members)
+
+    def attach(
+        self, top: Node, before_write: Callable[[int, int], None], al: ActivityLog | None
+    ) -> None:
+        """Serve the next role's replicated device (each volume its slice of it)."""
+        for m in self.members:
+            m.child.replace(top)
+            m.before_write = before_write
+            m.activity_log = al
+
+    def set_activity_log(self, al: ActivityLog | None) -> None:
+        for m in self.members:
+            m.activity_log = al
+
+    def detach(self) -> None:
+        for m in self.members:
+            m.child.detach()

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import QMPError
 from . import channel, metrics, qmp
-from .config import Mode, PrimaryConfig, SecondaryConfig, default_state_file
+from .config import Mode, PrimaryConfig, SecondaryConfig, VolumeSpec, default_state_file
 from .primary import Primary
 from .resource import Resource
 from .role import BaseRole, Host, PeerStatus
@@ -59,13 +59,12 @@ class HANode:
         self.me = res.node(name)
         self.peer_cfg = res.peer_of(name)
         self.opts = opts or UpOptions()
-        if res.volume_count != 1:
+        if res.volume_count != 1 and res.mode.value == "shared":
             raise RoleChangeRefused(
-                f"resource {res.name}: {res.volume_count} volumes; `blockrep up` runs "
-                "one volume per resource so far (one consistency group of several disks "
-                "is not built yet)"
+                f"resource {res.name}: {res.volume_count} volumes in shared mode; several "
+                "volumes are replicated as one group in separate mode only so far"
             )
-        self.vol = self.me.volumes[0]
+        self.vol = self.me.volumes[0]  # its disk names the state file and activity log
         self.host = Host.load(default_state_file(self.vol.disk))
         self.role: BaseRole | None = None
         self.lock = asyncio.Lock()
@@ -76,12 +75,14 @@ class HANode:
 
     def _common(self) -> dict[str, Any]:
         disk = self.vol.disk
+        vols = tuple(
+            VolumeSpec(v.disk, self._addr(v.export.address), v.export.name) for v in self.me.volumes
+        )
         return {
+            "volumes": vols if len(vols) > 1 else (),
             "disk": disk,
             "mode": Mode(self.res.mode.value),
-            "export": self.vol.export.address.describe()
-            if self.vol.export.address.type != "unix"
-            else f"unix:{self.vol.export.address.path}",
+            "export": self._addr(self.vol.export.address),
             "export_name": self.vol.export.name,
             "qmp": None,  # the node serves QMP itself, across role changes
             "metrics": None,

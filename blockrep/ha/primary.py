@@ -23,9 +23,10 @@ from .activity_log import ActivityLog, ActivityLogError
 from .config import PrimaryConfig
 from .node_state import StateFileError
 from .resync import Resync, SyncProgress
-from .role import BaseRole, Host, PeerStatus, al_path, esc
+from .role import BaseRole, Host, PeerStatus, al_path
 from .states import EntryKind, HistoryEntry
 from .states import Role as RoleName
+from .volumes import esc
 
 log = logging.getLogger("blockrep.ha")
 
@@ -63,7 +64,7 @@ class Primary(BaseRole):
         else:
             await d.blockdev.drive_add(
                 "if=none,id=colo-disk0,driver=quorum,read-pattern=fifo,vote-threshold=1,"
-                f"children.0.driver=raw,children.0.file.filename={esc(self.disk)}"
+                + self.base_keyval("children.0.")
             )
             self.top_device = "colo-disk0"
         assert self.top is not None
@@ -78,7 +79,7 @@ class Primary(BaseRole):
 
     def _start_loops(self) -> None:
         assert self.consumer_export is not None
-        self.consumer_export.activity_log = self.al
+        self.consumer_export.set_activity_log(self.al)
         self.tasks.append(asyncio.create_task(watchdog.heartbeat_loop(self)))
         if self.cfg.checkpoint_interval > 0:
             self.tasks.append(asyncio.create_task(self._checkpoint_loop()))

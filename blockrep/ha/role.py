@@ -23,17 +23,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..address import SocketAddress
 from ..block.node import DirtyBitmap, Node
 from ..daemon import Daemon
 from ..errors import BlockError
 from ..nbd.server import NBDServer
 from ..replication.filter import ReplicationNode
-from . import channel, metrics, qmp, view
+from . import channel, metrics, qmp, view, volumes
 from .activity_log import ActivityLog
 from .bitmap import REGION_SIZE
-from .config import RoleConfig
-from .consumer import ConsumerExport, Stats
+from .config import RoleConfig, VolumeSpec
+from .consumer import ConsumerGroup, Stats
 from .node_state import NodeState, StateFileError
 from .states import EntryKind
 from .states import Role as RoleName
@@ -61,11 +60,6 @@ class PeerStatus(enum.StrEnum):
     REFUSED = "refused"  # P: S (or the disks) refused the pairing
 
 
-def esc(value: str) -> str:
-    """Escape a value for QEMU keyval syntax (``,`` → ``,,``)."""
-    return value.replace(",", ",,")
-
-
 @dataclass
 class Host:
     """What outlives a role: the daemon (graph, QMP, jobs), the durable state, the
@@ -74,8 +68,8 @@ class Host:
 
     d: Daemon
     state: NodeState
-    consumer: NBDServer | None = None
-    export: ConsumerExport | None = None
+    consumers: list[NBDServer] = field(default_factory=list)  # one per export address
+    export: ConsumerGroup | None = None
     errors: list[str] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -135,35 +129,27 @@ class BaseRole:
         return self.d.graph.devices.get(self.top_device)
 
     @property
-    def consumer(self) -> NBDServer | None:
-        return self.host.consumer
-
-    @property
-    def consumer_export(self) -> ConsumerExport | None:
+    def consumer_export(self) -> ConsumerGroup | None:
         return self.host.export
 
+    def volume_bases(self) -> list[tuple[VolumeSpec, int, int]]:
+        return volumes.bases(self.cfg.volume_specs())
+
+    def base_keyval(self, prefix: str) -> str:
+        return volumes.base_keyval(self.cfg.volume_specs(), prefix)
+
     async def start_consumer_export(self) -> None:
-        """Serve the consumer's export on this role's top node; a host that already
-        serves it (a role change) keeps its connections: the export moves to the new
-        top, its write guard and activity log to this role."""
+        """Serve the consumer's exports on this role's top node; a host that already
+        serves them (a role change) keeps their connections: the exports move to the new
+        top, their write guard to this role (the activity log is set by the primary)."""
         assert self.top is not None
         self._attach_write_bitmap()
-        exp = self.host.export
-        if exp is not None:
-            exp.child.replace(self.top)
-            exp.before_write = self._mark_before_write
-            exp.activity_log = None
+        if self.host.export is not None:
+            self.host.export.attach(self.top, self._mark_before_write, None)
             return
-        name = self.cfg.export_name
-        exp = self.host.export = ConsumerExport(self.top, self._mark_before_write, name)
-        server = self.host.consumer = NBDServer({name: exp})
-        addr = SocketAddress.from_str(self.cfg.export)
-        if addr.type == "unix":
-            if os.path.exists(addr.path):
-                os.unlink(addr.path)
-            await server.listen_unix(addr.path)
-        else:
-            await server.listen_tcp(addr.host, int(addr.port))
+        self.host.export, self.host.consumers = await volumes.serve(
+            self.top, self.volume_bases(), self._mark_before_write
+        )
 
     def start_metrics(self) -> None:
         if self.cfg.metrics:
@@ -253,7 +239,7 @@ class BaseRole:
             return
         regions = set(bm.dirty)
         if self.consumer_export is not None:
-            for off, n in self.consumer_export.in_flight.values():
+            for off, n in self.consumer_export.in_flight_ranges():
                 regions.update(range(off // REGION_SIZE, (off + max(n, 1) - 1) // REGION_SIZE + 1))
         nregions = self.state.peer_bitmap.nregions
         self.state.mark_regions(r for r in regions if 0 <= r < nregions)
@@ -330,14 +316,18 @@ class BaseRole:
             bitmap_bytes=sum(n for _, n in marks),
             reconnect=bool(getattr(self.cfg, "reconnect", False)),
         )
-        top = self.top
-        volume = {
-            "volume": 0,
-            "disk": self.disk,
-            "size": top.length if top is not None else 0,
-            "export": self.cfg.export,
-        }
-        return {**view.view(facts).as_dict(), "volumes": [volume]}
+        volumes = [
+            {
+                "volume": i,
+                "disk": v.disk,
+                "size": size,
+                "offset": base,
+                "export": v.export,
+                "export-name": v.export_name,
+            }  # fmt: skip
+            for i, (v, base, size) in enumerate(self.volume_bases())
+        ]
+        return {**view.view(facts).as_dict(), "volumes": volumes}
 
     def auto_failover_status(self) -> dict[str, Any]:
         return {"enabled": False, "reason": "not applicable on the primary"}
@@ -372,8 +362,8 @@ class BaseRole:
             self.flush_alone_writes()
         except StateFileError as e:
             self.error(e.message)
-        if self.consumer is not None:
-            await self.consumer.close()
+        for server in self.host.consumers:
+            await server.close()
         await self.d.shutdown()
 
     async def release(self) -> None:
@@ -392,8 +382,8 @@ class BaseRole:
         if d.block_exports.nbd is not None:
             await d.block_exports.nbd_server_stop()
         await d.jobs.cancel_all()
-        if self.host.export is not None and self.top is not None:
-            self.host.export.child.detach()
+        if self.host.export is not None:
+            self.host.export.detach()
         if self.top is not None and self.alone_bitmap in self.top.dirty_bitmaps:
             self.top.dirty_bitmaps.remove(self.alone_bitmap)
         await d.graph.close_all()

@@ -10,7 +10,6 @@ over — by hand (``blockrep failover``) or, with ``--auto-failover``, after
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,9 +23,10 @@ from .activity_log import load as load_al
 from .bitmap import REGION_SIZE
 from .config import SecondaryConfig, default_buffer_dir
 from .resync import digests_of
-from .role import BaseRole, Host, PeerStatus, al_path, esc
+from .role import BaseRole, Host, PeerStatus, al_path
 from .states import DiskState, EntryKind, HistoryEntry
 from .states import Role as RoleName
+from .volumes import esc
 
 
 class Secondary(BaseRole):
@@ -84,7 +84,7 @@ class Secondary(BaseRole):
             self.buffers.remove()
 
     async def _build(self) -> None:
-        size = os.path.getsize(self.disk)
+        size = sum(size for _, _, size in self.volume_bases())
         bdir = self.cfg.buffer_dir or default_buffer_dir(self.disk)
         # what a killed earlier run of this disk's secondary left behind (never a live one's)
         buffers.remove_stale(bdir, self.disk)
@@ -127,15 +127,11 @@ class Secondary(BaseRole):
         d = self.d
         if self.failed_over:
             # this node went on alone before: it is a plain disk now, never a secondary
-            await d.blockdev.drive_add(
-                f"if=none,id=colo-disk0,driver=raw,file.filename={esc(self.disk)}"
-            )
+            await d.blockdev.drive_add("if=none,id=colo-disk0," + self.base_keyval(""))
             self.top_device = "colo-disk0"
             self.peer = PeerStatus.FAILED_OVER
         elif not self.shared:
-            await d.blockdev.drive_add(
-                f"if=none,id=parent0,driver=raw,file.filename={esc(self.disk)}"
-            )
+            await d.blockdev.drive_add("if=none,id=parent0," + self.base_keyval(""))
             await d.blockdev.drive_add(
                 "if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,"
                 f"file.driver=qcow2,file.node-name=active0,file.file.filename={esc(self.active)},"
@@ -203,6 +199,11 @@ class Secondary(BaseRole):
             )
         finally:
             self.connections -= 1
+            if not self.connections and self.started and self.peer is PeerStatus.CONNECTED:
+                # the primary hung up (killed, or its link dropped): say so now, not
+                # after --failover-timeout; a promote may fail over at once
+                self.peer = PeerStatus.PEER_LOST
+                self.error("peer-lost: the primary closed the control connection")
 
     async def _hello(self, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.top is not None

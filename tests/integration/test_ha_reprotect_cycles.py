@@ -22,6 +22,12 @@ Each cycle:
    new P's export equal the model; a few more writes and a checkpoint replicate.
 
 After the last cycle both nodes stop cleanly and both files equal the model.
+
+The second test runs the same acceptance over `blockrep up` nodes, roles changed at run
+time (README "Resources and roles at run time"): `blockrep promote` on the secondary
+fails it over, and the old primary, started again with `blockrep up`, is re-protected
+in the background by the survivor — never restarted — while the survivor's consumer
+keeps writing and sees no error.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
 import time
 
@@ -38,6 +45,8 @@ from blockrep.testing import MiB
 from tests.harness.ha import HA, failover_cli, log_size, regions_of, wait_log
 from tests.harness.models import checkpoint_cut, diff_summary, random_extents, region_writes
 from tests.harness.tools import read_file
+from tests.integration.test_ha_roles_runtime import SIZE as UP_SIZE
+from tests.integration.test_ha_roles_runtime import both_down_and_equal, ok, protected
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -244,4 +253,193 @@ async def test_five_failovers_in_a_row_over_the_restart_path(ha: HA):
     elapsed = time.monotonic() - t_start
     print("\n".join(report), f"\ntotal {elapsed:.1f} s")
     # a guard against a hang, not the budget (BUDGET is for 2 idle cores; CI may be busier)
+    assert elapsed < 2 * BUDGET, f"{elapsed:.1f} s: the cycles take far too long\n{report}"
+
+
+class SteadyWriter:
+    """The survivor's consumer while it re-protects itself: small sequential writes into
+    a few regions, each acknowledged before the next (so ``model`` stays exact), until
+    stopped. Any error is kept: during a re-protect there must be none."""
+
+    def __init__(self, client, rnd: random.Random, regions: list[int], model: bytearray) -> None:
+        self.client, self.rnd, self.regions, self.model = client, rnd, regions, model
+        self.writes = 0
+        self.error: BaseException | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            n = self.rnd.choice((512, 4096, 16384, 65536))
+            r = self.rnd.choice(self.regions)
+            off = r * REGION + self.rnd.randrange(0, REGION - n + 1)
+            data = self.rnd.randbytes(n)
+            try:
+                await asyncio.wait_for(self.client.write(off, data), 10)
+            except BaseException as e:  # noqa: BLE001 - asserted by the test
+                self.error = e
+                return
+            self.model[off : off + n] = data
+            self.writes += 1
+            await asyncio.sleep(0.01)
+
+
+async def test_five_failovers_in_a_row_over_blockrep_up(ha: HA):
+    t_start = time.monotonic()
+    rnd = random.Random(SEED)
+    size = UP_SIZE
+    model = bytearray(ha.make_disks(size, SEED, names=("a.raw", "b.raw")))
+    res = ha.resource(checkpoint_interval=0.2)
+    nodes = {n: ha.up(res, n) for n in "ab"}
+    await asyncio.gather(*(n.wait_ready() for n in nodes.values()))
+
+    # a new resource: equal disks with no history; --force copies a's disk where the
+    # digests differ — nowhere
+    assert "primary" in ok("promote", res, "--node", "a", "--force")
+    p, s = nodes["a"], nodes["b"]
+    st = await protected(p)
+    hs = st["last-handshake"]
+    assert hs["bytes"] == 0 and hs["saved-by-checksums"] == size, hs
+    report: list[str] = [f"promote --force: {st['last-handshake']}"]
+    await s.wait_status(lambda x: x["role"] == "secondary", 10, "b secondary")
+    pc = await ha.client(p)
+    p_life: set[int] = set()  # regions the current primary wrote since its promotion
+    window = rnd.randrange(0, size - WINDOW + 1, REGION)
+
+    for cycle in range(1, CYCLES + 1):
+        t_cycle = time.monotonic()
+        where = f"up cycle {cycle} (P={p.name}, S={s.name}, seed {SEED})"
+        await p.wait_status(
+            lambda x: x["replication"] == "Protected" and x["peer-role"] == "secondary",
+            20,
+            f"{where}: Protected",
+        )
+        base_model = bytes(model)
+
+        # 1. load through P, one explicit checkpoint in the middle
+        load = Load(pc, rnd, window)
+        stop = asyncio.Event()
+        writer = asyncio.create_task(load.run(stop))
+        await asyncio.sleep(rnd.uniform(0.1, 0.5))
+        covered = load.acked
+        await p.qmp_async("replication-checkpoint")
+        while load.acked < covered + 3 and not writer.done():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(rnd.uniform(0.0, 0.6))
+        al = (await p.astatus())["al"]
+        await asyncio.sleep(rnd.uniform(0.0, 0.3))
+
+        # 2. the crash
+        p.kill()
+        await asyncio.wait_for(writer, 15)
+        stop.set()
+        assert load.error is not None, f"{where}: the writer saw no error after the kill"
+        p_life |= load.regions()
+        assert load.acked > covered, f"{where}: no write past the explicit checkpoint: no test"
+
+        # 3. `blockrep promote` on the secondary: it fails over to one checkpoint cut
+        # (at once: the closed control connection says the primary is gone, whatever
+        # the status's `peer` shows yet)
+        assert "primary" in await asyncio.to_thread(ok, "promote", res, "--node", s.name)
+        st_s = await s.wait_status(lambda x: x["role"] == "primary", 15, f"{where}: promoted")
+        sc = await ha.client(s)
+        got = bytes(await sc.read(0, size))
+        cut = checkpoint_cut(base_model, load.batches, got, covered)
+        assert cut is not None, (
+            f"{where}: after the promote S holds no checkpoint cut of P's writes at or after "
+            f"batch {covered} of {len(load.batches)} ({load.acked} acknowledged): "
+            f"{diff_summary(got, base_model)} against the cycle's start\n{st_s}\n{s.log_text()}"
+        )
+        b, took = cut
+        model = bytearray(got)
+
+        # 4. the survivor's consumer writes alone, acknowledged → model
+        s_regions: set[int] = set()
+        for _ in range(rnd.randint(1, 3)):
+            r = rnd.randrange(0, size // REGION)
+            await region_writes(sc, rnd, r * REGION, REGION, rnd.randint(2, 6), model)
+            s_regions.add(r)
+        _same(bytes(await sc.read(0, size)), model, f"{where}: S's export after its writes")
+        st_s = await s.astatus()
+        assert st_s["replication"] != "Protected", (where, st_s)
+        alone = regions_of(st_s["written-alone"], REGION)
+        assert s_regions <= alone, (where, sorted(s_regions), st_s["written-alone"])
+        rolled_back = [w for i, w in enumerate(load.batches[b][: load.acked]) if i not in took]
+        rolled_back += [w for batch in load.batches[b + 1 : load.acked] for w in batch]
+        lost = regions_of([(o, len(d)) for o, d in rolled_back], REGION)
+        assert lost <= alone, (where, sorted(lost), st_s["written-alone"])
+
+        # 5. the old primary comes back (`blockrep up` again); the survivor, not
+        # restarted, re-protects itself in the background while its consumer writes
+        pid = s.pid
+        bg_regions = rnd.sample(range(size // REGION), 2)
+        steady = SteadyWriter(sc, rnd, bg_regions, model)
+        stop_bg = asyncio.Event()
+        bg = asyncio.create_task(steady.run(stop_bg))
+        await asyncio.sleep(rnd.uniform(0.0, 0.3))
+        back = ha.up(res, p.name)
+        st = await s.wait_status(
+            lambda x: x["replication"] == "Protected" and x["peer-role"] == "secondary",
+            40,
+            f"{where}: re-protected",
+        )
+        await asyncio.sleep(rnd.uniform(0.1, 0.4))  # replicated writes too
+        stop_bg.set()
+        await asyncio.wait_for(bg, 15)
+        assert steady.error is None, (
+            f"{where}: the survivor's consumer saw an error during the re-protect: "
+            f"{steady.error!r}\n{s.log_text()}"
+        )
+        assert steady.writes > 0, f"{where}: no write during the re-protect: no test"
+        assert s.pid == pid and s.proc.poll() is None, f"{where}: the survivor restarted"
+        st_back = await back.wait_status(
+            lambda x: x["role"] == "secondary", 15, f"{where}: {back.name} secondary"
+        )
+        hs = st["last-handshake"]
+        assert hs["rule"] == "failover-discard" and hs["direction"] == "local-to-peer", (
+            where,
+            hs,
+            st_back,
+        )
+        # What may differ (CONTINUITY §5, failover-discard): the survivor's bitmap (I2's
+        # marks ⊂ the old P's load regions; its writes alone, the steady writer's regions
+        # among them: it started before the old P came back) ∪ the old P's activity log
+        # (⊂ what it wrote since its promotion) ∪ its bitmap (empty: it was Protected).
+        # That is the plan the survivor logs. During the resync the steady writer dirties
+        # its regions again; a region dirtied after its copy is copied once more (the
+        # final pass, ≤ 8 dirty regions: `run` pulls none), and `bytes` counts each copy.
+        plan_bound = p_life | alone | set(bg_regions)
+        planned = [
+            int(m) for m in re.findall(r"resync: (\d+) region\(s\) to the peer", s.log_text())
+        ]
+        assert planned and planned[-1] <= len(plan_bound), (where, planned, sorted(plan_bound))
+        bound = len(plan_bound) + len(bg_regions)
+        assert 0 < hs["bytes"] <= bound * REGION < size, (
+            f"{where}: copied {hs}, planned {planned[-1]} region(s) ⊂ {sorted(plan_bound)} "
+            f"(old P's life {sorted(p_life)}, written alone {st_s['written-alone']}, "
+            f"steady writer {bg_regions}, {steady.writes} writes), old P's AL {al}\n"
+            f"{s.log_text()}"
+        )
+
+        # 6. a checkpoint with the writer stopped: both files and the export = the model
+        await s.qmp_async("replication-checkpoint")
+        _same(bytes(await sc.read(0, size)), model, f"{where}: the survivor's export")
+        _same(read_file(s.disk), model, f"{where}: the survivor's disk {s.name}")
+        _same(read_file(back.disk), model, f"{where}: the returned node's disk {back.name}")
+
+        report.append(
+            f"cycle {cycle}: {p.name}→{s.name} batches {len(load.batches)} "
+            f"acked {load.acked} covered {covered} cut {b}+{len(took)} al {al['regions']} "
+            f"bg writes {steady.writes} copied {hs['bytes'] // 1024} KiB "
+            f"(saved {hs['saved-by-checksums'] // 1024} KiB) planned {planned[-1]} bound {bound} MiB "
+            f"{time.monotonic() - t_cycle:.1f} s"
+        )
+        # roles swap: the survivor stays primary, the returned node is its secondary
+        p_life = s_regions | set(bg_regions)
+        p, s, pc = s, back, sc
+        window = rnd.randrange(0, size - WINDOW + 1, REGION)
+
+    await both_down_and_equal(ha, p, s)
+    _same(read_file(p.disk), model, "the last primary's disk after `blockrep down`")
+    _same(read_file(s.disk), model, "the last secondary's disk after `blockrep down`")
+    elapsed = time.monotonic() - t_start
+    print("\n".join(report), f"\ntotal {elapsed:.1f} s")
     assert elapsed < 2 * BUDGET, f"{elapsed:.1f} s: the cycles take far too long\n{report}"

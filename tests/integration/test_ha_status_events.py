@@ -65,7 +65,14 @@ async def test_states_in_status_events_and_metrics(ha):
     )
     assert ps["out-of-sync-bytes"] == ss["out-of-sync-bytes"] == 0
     assert ps["volumes"] == [
-        {"volume": 0, "disk": p.disk, "size": SIZE, "export": f"unix:{p.export}"}
+        {
+            "volume": 0,
+            "disk": p.disk,
+            "size": SIZE,
+            "offset": 0,
+            "export": f"unix:{p.export}",
+            "export-name": "disk",
+        }  # fmt: skip
     ]
     assert ss["volumes"][0]["disk"] == s.disk and ss["volumes"][0]["size"] == SIZE
     assert p.status_cli()["replication"] == "Protected"  # as a user runs it

@@ -33,8 +33,8 @@ def test_every_option_reaches_the_config(parser, cls) -> None:
     dests = (dests - {"shared"}) | {"mode"}
     if "no_activity_log" in dests:  # the flag is the negation of the field
         dests = (dests - {"no_activity_log"}) | {"activity_log"}
-    # the export's NBD name comes from a resource file (`blockrep up`); the CLI's is "disk"
-    assert dests | {"export_name"} == _field_names(cls)
+    # the export name and the volumes come from a resource file (`blockrep up`)
+    assert dests | {"export_name", "volumes"} == _field_names(cls)
 
 
 def test_primary_config_from_argv(tmp_path) -> None:
