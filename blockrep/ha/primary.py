@@ -91,8 +91,15 @@ class Primary(BaseRole):
         qmp.register_resolve(self, lambda: self.peer_history)
         await self.start_qmp()
         self.start_metrics()
+        alone = self.state.alone_since is not None
+        if alone:
+            # a survivor restarted as primary (it failed over, or served degraded): its
+            # consumer is served while the returning node is brought level (I5); every
+            # write is marked before it is issued, so the resync follows it
+            await self.start_consumer_export()
         await self.connect_and_replicate(first=True)
-        await self.start_consumer_export()
+        if not alone:
+            await self.start_consumer_export()
         self._start_loops()
 
     async def activate(self) -> None:
