@@ -125,7 +125,7 @@ class HANode:
 
     async def start(self) -> None:
         """Come up with role none; serve QMP, the consumer's export and the control address."""
-        self.host.state.start(RoleName.NONE)
+        self.host.was_clean = self.host.state.start(RoleName.NONE)
         qmp.register_node(self)
         await qmp.listen(self.host.d, self.me.qmp)
         if self.opts.metrics:

@@ -1,19 +1,18 @@
-"""Pairing as it is decided today: what the secondary's hello means, and how the disks
-are brought in sync before replication starts.
+"""Pairing from the primary's side: what the secondary's hello means, and the disk
+checks that carry out a decision.
 
-The decisions are pure functions of the histories and the hello (``judge_hello``,
-``plan_sync``, ``secondary_split_brain``) so that they can be read and tested as
-tables; the disk checks over the replication link (shared identity, whole-disk
-verify, differing regions) are the I/O that carries out the plan.
-
-Histories are compared by content (handshake.compare_histories): a trimmed history
-still finds the common epoch, and one side one epoch ahead (a crash between the two
-sides' appends) is the same lineage, never a split brain.
+The decision itself is the handshake's table (handshake.decide, CONTINUITY §5): this
+module turns what each node keeps into a ``Side`` (``local_side``, ``peer_side``), maps
+a decision the primary cannot carry out to a refusal (``refusal_of``: split brain,
+unrelated, I3, or the peer's data winning) and names the rule (``rule_name``).
+``judge_hello`` keeps the two refusals that are not the table's: a peer that failed
+over as ``blockrep secondary`` (a plain disk for good) and a secondary still busy with
+another primary. The disk checks over the replication link (shared identity,
+whole-disk verify, differing regions) are the I/O.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +23,10 @@ from ..block.node import Node
 from ..errors import BlockError
 from ..replication.identity import disk_identity
 from .bitmap import REGION_SIZE as CHUNK
-from .bitmap import RegionBitmap
-from .handshake import Comparison, Relation, compare_histories
+from .handshake import Comparison, Decision, Direction, Relation, Rule, Side, compare_histories
+from .node_state import NodeState
 from .role import PeerStatus
-from .states import HistoryEntry
+from .states import DiskState, HistoryEntry, Role
 
 
 def parse_history(value: Any) -> list[HistoryEntry]:
@@ -58,7 +57,9 @@ def judge_hello(
     node wrote alone (ranges), ``alone_since`` since which generation.
     """
     common = rel.common.id if rel.common is not None else None
-    if hello.get("failed-over") or rel.relation in (Relation.SELF_BEHIND, Relation.DIVERGED):
+    if hello.get("failed-over"):
+        # a node that failed over as `blockrep secondary` is a plain disk for good: it
+        # never becomes a sync target, whatever the table would copy to it
         theirs = hello.get("written", [])
         if rel.relation is Relation.SELF_BEHIND and not mine:
             return Refusal(
@@ -103,63 +104,6 @@ def secondary_split_brain(
     )
 
 
-class SyncPlan(enum.StrEnum):
-    """How the primary brings the secondary's disk level with its own before replicating."""
-
-    SHARED_IDENTITY = "shared-identity"  # one shared disk: check both sides see it
-    RESYNC_WRITTEN = "resync-written"  # S is behind, only P wrote: copy what P wrote alone
-    # this node failed over, the old primary returns (CONTINUITY.md §5): copy this node's
-    # bitmap (I2 marks + alone writes) ∪ the old primary's activity log ∪ its bitmap
-    FAILOVER_DISCARD = "failover-discard"
-    INITIAL_SYNC = "initial-sync"  # --initial-sync: copy the whole disk
-    # same history: copy what the primary's activity log (a crash mid-epoch) and the
-    # secondary's marks (its stale AL as an earlier primary) say may differ
-    RESYNC_AL = "resync-al"
-    RESYNC_DIFFERING = "resync-differing"  # same history, no activity log: compare the disks
-    VERIFY = "verify"  # compare the whole disks; refuse at the first difference
-    NONE = "none"  # --assume-synced
-
-
-def plan_sync(
-    *,
-    shared: bool,
-    relation: str,
-    lost_append: bool = False,
-    alone: bool,
-    failed_over: bool = False,
-    has_history: bool,
-    initial_sync: bool,
-    assume_synced: bool,
-    has_al: bool = False,
-) -> SyncPlan:
-    """``relation``: ``compare_histories``' (this node vs the secondary); ``lost_append``:
-    the secondary holds an epoch this node lacks (this node crashed before appending
-    it); ``alone``: this node went on alone (``failed_over``: by failing over, so the
-    secondary is the old primary, whose writes past the common epoch are discarded);
-    ``has_history``: it has a generation; ``has_al``: this node keeps an activity log,
-    so a crash mid-epoch left the regions it may have written in it (I1)."""
-    if shared:
-        return SyncPlan.SHARED_IDENTITY
-    if relation == Relation.PEER_BEHIND and alone:
-        # after a lost append this node's bitmap does not cover the epoch it crashed in:
-        # compare the whole disks rather than copy only what it wrote alone
-        if lost_append:
-            return SyncPlan.RESYNC_DIFFERING
-        return SyncPlan.FAILOVER_DISCARD if failed_over else SyncPlan.RESYNC_WRITTEN
-    if initial_sync:
-        return SyncPlan.INITIAL_SYNC
-    if relation == Relation.SAME and has_history and not assume_synced:
-        # The histories agree, but the last epoch may not have ended cleanly:
-        # writes P made after it may have reached S only in part. S wrote
-        # nothing of its own since (its history would show it), so P's disk
-        # is the truth: copy what the activity log says may differ or, without
-        # one, the regions whose bytes differ.
-        return SyncPlan.RESYNC_AL if has_al else SyncPlan.RESYNC_DIFFERING
-    if not assume_synced:
-        return SyncPlan.VERIFY
-    return SyncPlan.NONE
-
-
 def hello_regions(hello: dict[str, Any], nregions: int) -> set[int]:
     """The regions a secondary's hello says it may hold differently: its activity log
     (``al``, region numbers: what it may have written as a primary past the common
@@ -181,53 +125,99 @@ def hello_regions(hello: dict[str, Any], nregions: int) -> set[int]:
     return {n for n in out if 0 <= n < nregions}
 
 
-def failover_discard_regions(
-    bitmap: RegionBitmap, own_al: Iterable[int], hello: dict[str, Any]
-) -> list[int]:
-    """failover-discard's regions: this node's bitmap (I2 marks + alone writes) and
-    activity log ∪ what the old primary may have written (its AL and its bitmap)."""
-    regions = set(bitmap) | set(own_al) | hello_regions(hello, bitmap.nregions)
-    return sorted(n for n in regions if 0 <= n < bitmap.nregions)
-
-
 DISCARD_LOCAL = "discard-local"  # the rule's name when the secondary gave up its writes
 
 
-def rule_name(plan: SyncPlan, hello: dict[str, Any], own_al: Iterable[int] = ()) -> str:
-    """The rule status and logs name (CONTINUITY §5): ``discard-local`` when the secondary
-    says its disk is Outdated (``blockrep resolve --discard-local`` ran there, resolve.py);
-    for the same history, by what the marks say: ``crashed-primary`` (this node's
-    activity log holds regions), ``crashed-secondary`` (only the secondary's do: it was
-    primary before), ``in-sync`` (nothing to copy); otherwise the plan's name."""
-    if hello.get("disk-state") == "Outdated" and plan in (
-        SyncPlan.RESYNC_WRITTEN,
-        SyncPlan.FAILOVER_DISCARD,
-    ):
+def rule_name(d: Decision, hello: dict[str, Any]) -> str:
+    """The rule status and logs name: the decision's (CONTINUITY §5), or ``discard-local``
+    when the secondary says its disk is Outdated (``blockrep resolve --discard-local``
+    ran there, resolve.py) and its writes are overwritten."""
+    copies = d.rule in (Rule.PEER_BEHIND, Rule.FAILOVER_DISCARD, Rule.SPLIT_BRAIN)
+    if hello.get("disk-state") == "Outdated" and copies and not d.refused:
         return DISCARD_LOCAL
-    if plan is SyncPlan.RESYNC_AL:
-        if any(True for _ in own_al):
-            return "crashed-primary"
-        try:
-            theirs = hello_regions(hello, 1 << 40)
-        except ValueError:
-            theirs = set()
-        return "crashed-secondary" if theirs else "in-sync"
-    if plan is SyncPlan.RESYNC_WRITTEN:
-        return "peer-behind"
-    return plan.value
+    return d.rule.value
 
 
-def peer_behind_regions(
-    bitmap: RegionBitmap, hello: dict[str, Any], own_al: Iterable[int] = ()
-) -> list[int]:
-    """peer-behind's regions: this node's bitmap (what it wrote alone) and activity log
-    ∪ what the secondary says it may hold differently (its bitmap: after a discard-local
-    resolve, the writes it gave up; its stale activity log)."""
+# -- the handshake's decision (handshake.decide) from what the two nodes keep -------------
+
+
+def local_side(state: NodeState, al: Iterable[int], size: int, clean: bool) -> Side:
+    """This primary's Side: its durable state (CONTINUITY §2) and activity log; ``clean``:
+    its last life ended in an orderly stop."""
+    return Side(
+        node=state.node_id,
+        # both nodes' disk ids are made apart (each at its first use): the size, which
+        # the hello checks too, is what they share
+        disk_id=f"size:{size}",
+        last_role=Role.PRIMARY,
+        disk_state=state.disk_state,
+        history=tuple(state.history),
+        history_trimmed=state.history_trimmed,
+        clean_shutdown=clean,
+        al=frozenset(al),
+        bitmap=frozenset(state.peer_bitmap),
+        fenced_peer=state.fenced_peer_at is not None,
+    )
+
+
+def peer_side(hello: dict[str, Any], size: int, nregions: int) -> Side:
+    """The secondary's Side from its hello; ValueError if a field is ill-formed."""
+    history = parse_history(hello.get("history"))
+    al = hello.get("al", [])
+    if not isinstance(al, list) or not all(isinstance(n, int) for n in al):
+        raise ValueError(f"the secondary's activity log is not a list of regions: {str(al)[:60]}")
+    written = hello_regions({"written": hello.get("written", [])}, nregions)
     try:
-        theirs = hello_regions(hello, bitmap.nregions)
+        disk_state = DiskState(hello.get("disk-state") or "Consistent")
+        last_role = Role(hello.get("last-role") or "none")
     except ValueError as e:
-        raise PairingRefused(f"peer-behind refused: {e}") from None
-    return sorted(n for n in set(bitmap) | set(own_al) | theirs if 0 <= n < bitmap.nregions)
+        raise ValueError(f"the secondary's hello: {e}") from None
+    source = hello.get("resync-source")
+    return Side(
+        node=str(hello.get("node-id") or "the secondary"),
+        disk_id=f"size:{size}",
+        last_role=last_role,
+        disk_state=disk_state,
+        history=tuple(history),
+        history_trimmed=bool(hello.get("history-trimmed")),
+        clean_shutdown=bool(hello.get("clean-shutdown")),
+        al=frozenset(n for n in al if 0 <= n < nregions),
+        bitmap=frozenset(written),
+        resync_source=source if isinstance(source, str) else None,
+        fenced_peer=bool(hello.get("fenced-peer")),
+        discard_local=disk_state is DiskState.OUTDATED,
+    )
+
+
+def refusal_of(
+    d: Decision, hello: dict[str, Any], mine: list[list[int]], alone_since: str | None,
+    common: str | None,
+) -> Refusal | None:  # fmt: skip
+    """What the primary does with a decision it cannot carry out: None when it copies
+    (or nothing is to be copied). The peer's data winning means this node is behind."""
+    if d.refused and d.rule is Rule.SPLIT_BRAIN:
+        theirs = hello.get("written", [])
+        return Refusal(
+            PeerStatus.SPLIT_BRAIN,
+            f"split brain: both nodes wrote since epoch {common}: primary wrote "
+            f"{len(mine)} region(s), secondary {len(theirs)} region(s); not replicating, "
+            f"nothing overwritten ({d.reason})",
+            {
+                "common-epoch": common,
+                "primary": {"since": alone_since, "written": mine},
+                "secondary": {"since": hello.get("alone-since"), "written": theirs},
+            },
+        )
+    if d.refused:
+        return Refusal(PeerStatus.REFUSED, f"pairing refused by rule {d.reason}")
+    if d.direction is Direction.PEER_TO_LOCAL:
+        return Refusal(
+            PeerStatus.STALE,
+            "the secondary went on without this primary (it failed over at "
+            f"{hello.get('alone-since')}); this primary's disk is stale: not replicating "
+            f"(rule {d.reason}); demote it or restart it as a secondary to be brought level",
+        )
+    return None
 
 
 # -- the disk checks over the replication link ---------------------------------------------

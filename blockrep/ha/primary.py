@@ -86,7 +86,8 @@ class Primary(BaseRole):
 
     async def setup(self) -> None:
         """``blockrep primary``: build, serve QMP, pair (first attempt), serve the consumer."""
-        await self._build()
+        await self._build()  # refuses a state file of another disk before it is written
+        self.host.was_clean = self.state.start(self.role)  # clean-shutdown cleared
         qmp.register_primary(self)
         qmp.register_resolve(self, lambda: self.peer_history)
         await self.start_qmp()

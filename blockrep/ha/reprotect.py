@@ -21,7 +21,7 @@ from ..errors import BlockError, ReplicationError
 from ..replication.filter import ReplicationMode
 from . import channel, pairing
 from .bitmap import REGION_SIZE as CHUNK
-from .handshake import Comparison, compare_histories
+from .handshake import ALL, Decision, Direction, Rule, compare_histories, decide
 from .node_state import StateFileError
 from .ratelimit import RateMeter
 from .resync import (
@@ -96,13 +96,28 @@ async def connect_and_replicate(self: Primary, first: bool) -> bool:
         self.error(f"secondary refused pairing: its history is not valid: {e}")
         return False
     rel = compare_histories(self.state.history, theirs)
-    self.common_epoch = str(rel.common) if rel.common is not None else None
+    common = str(rel.common) if rel.common is not None else None
+    self.common_epoch = common
     self.peer_history = theirs
     self.flush_alone_writes()
     alone = self.state.alone_since
-    refusal = pairing.judge_hello(
-        rel, hello, self.state.peer_bitmap.ranges(), str(alone) if alone else None
-    )
+    mine, since = self.state.peer_bitmap.ranges(), str(alone) if alone else None
+    refusal = pairing.judge_hello(rel, hello, mine, since)
+    decision = None
+    if refusal is None and not self.shared:
+        # the handshake's table (CONTINUITY §5) decides: a pure function of both sides
+        own_al = self.al.regions() if self.al is not None else frozenset()
+        nregions = self.state.peer_bitmap.nregions
+        try:
+            peer = pairing.peer_side(hello, self.top.length, nregions)
+        except ValueError as e:
+            refusal = pairing.Refusal(PeerStatus.REFUSED, f"secondary refused pairing: {e}")
+        else:
+            local = pairing.local_side(self.state, own_al, self.top.length, self.host.was_clean)
+            decision = decide(local, peer, initial_sync=self.cfg.initial_sync)
+            log.warning("handshake: %s", decision.reason)
+            if not (decision.refused and decision.rule is Rule.JUST_CREATED):
+                refusal = pairing.refusal_of(decision, hello, mine, since, common)
     if refusal is not None:
         self.peer = refusal.peer
         if refusal.split_brain is not None:
@@ -113,7 +128,7 @@ async def connect_and_replicate(self: Primary, first: bool) -> bool:
         await ch.close()
         return False
     try:
-        await _bring_in_sync(self, hello, rel, ch)
+        await _bring_in_sync(self, hello, decision, ch)
         # the consumer waits only for the switch into forwarding (I5): a write landing
         # between the last copy and the start of forwarding would be lost on S
         exp = self.consumer_export
@@ -142,71 +157,56 @@ async def connect_and_replicate(self: Primary, first: bool) -> bool:
 
 
 async def _bring_in_sync(
-    self: Primary, hello: dict[str, Any], rel: Comparison, ch: channel.Client
+    self: Primary, hello: dict[str, Any], decision: Decision | None, ch: channel.Client
 ) -> None:
-    """Carry out the handshake's plan. Copies run in the background while the consumer
-    writes (resync); whole-disk comparisons (a pair with no activity log to trust, a
-    new pair) hold the consumer."""
+    """Carry out the decision. Copies run in the background while the consumer writes
+    (resync); whole-disk comparisons — two new disks (rule just-created without
+    --initial-sync), or a node keeping no activity log — hold the consumer."""
     top = self.top
     assert top is not None
-    alone = self.state.alone_since
-    plan = pairing.plan_sync(
-        shared=self.shared,
-        relation=rel.relation,
-        lost_append=bool(rel.theirs_after),
-        alone=alone is not None,
-        failed_over=alone is not None and alone.kind is EntryKind.FAILOVER,
-        has_history=bool(self.state.history),
-        initial_sync=self.cfg.initial_sync,
-        assume_synced=self.cfg.assume_synced,
-        has_al=self.al is not None,
-    )
-    own_al = sorted(self.al.regions()) if self.al is not None else []
-    rule = pairing.rule_name(plan, hello, own_al)
+    if decision is None:  # shared mode: one disk, nothing to copy; both must see it
+        self.last_handshake = {"rule": "shared-identity", "direction": "none", "bytes": 0,
+                               "saved-by-checksums": 0}  # fmt: skip
+        await pairing.check_shared_identity(top, hello)
+        return
+    rule = pairing.rule_name(decision, hello)
     self.last_handshake = {"rule": rule, "direction": "none", "bytes": 0, "saved-by-checksums": 0}
     log.warning("pairing by rule %s", rule)
     if rule == pairing.DISCARD_LOCAL:  # split brain resolved: the secondary gave up its writes
         self.split_brain = None
-    if plan is pairing.SyncPlan.SHARED_IDENTITY:
-        await pairing.check_shared_identity(top, hello)
-        return
-    try:
-        if plan is pairing.SyncPlan.FAILOVER_DISCARD:
-            # this node failed over: what it rolled back and kept (I2) and wrote
-            # alone, and whatever the old primary may have written past the common
-            # epoch (its activity log and bitmap) go from here to it
-            regions = pairing.failover_discard_regions(self.state.peer_bitmap, own_al, hello)
-        elif plan is pairing.SyncPlan.RESYNC_WRITTEN:
-            # this node wrote since the secondary's last epoch: copy that, and what
-            # the secondary says it may hold differently (a discard-local resolve)
-            regions = pairing.peer_behind_regions(self.state.peer_bitmap, hello)
-        elif plan is pairing.SyncPlan.RESYNC_AL:
-            # same history: only what this node's activity log (a crash mid-epoch) and
-            # the secondary's marks say may differ
-            regions = pairing.peer_behind_regions(self.state.peer_bitmap, hello, own_al)
-        elif plan is pairing.SyncPlan.INITIAL_SYNC:
+    compare = decision.refused  # just-created without --initial-sync: the disks must be equal
+    regions: list[int] | None = None
+    if not compare and decision.direction is Direction.LOCAL_TO_PEER:
+        if decision.regions is ALL:
             regions = all_chunks(top.length)
+        elif self.al is None:
+            compare = True  # no activity log: its marks cannot be trusted, the bytes can
         else:
-            regions = None
-    except ValueError as e:
-        raise pairing.PairingRefused(f"{rule} refused: {e}") from None
+            regions = sorted(decision.regions)
+    elif not compare and self.al is None and self.state.history:
+        compare = True
+    if compare and self.cfg.assume_synced:
+        compare = False
     link = await pairing.open_link(hello)
     try:
-        if regions is not None:
-            await _background_resync(self, link, ch, regions, plan)
+        if regions:
+            await _background_resync(self, link, ch, regions, decision.rule is Rule.JUST_CREATED)
+            return
+        if not compare:
             return
         exp = self.consumer_export
         if exp is not None:
             await exp.quiesce()
         try:
-            if plan is pairing.SyncPlan.RESYNC_DIFFERING:
+            if self.state.history:
                 differ = await pairing.differing_chunks(top, link)
                 if differ:
                     self.error(
                         f"{len(differ)} MiB differed after an unfinished epoch; resynchronising them"
                     )
                     await _copy(self, link, differ, SyncKind.RESYNC)
-            elif plan is pairing.SyncPlan.VERIFY:
+            else:
+                self.last_handshake["rule"] = "verify"
                 await pairing.verify_identical(top, link)
         finally:
             if exp is not None:
@@ -219,7 +219,7 @@ async def _bring_in_sync(
 
 
 async def _background_resync(
-    self: Primary, link: Node, ch: channel.Client, regions: list[int], plan: pairing.SyncPlan
+    self: Primary, link: Node, ch: channel.Client, regions: list[int], whole: bool
 ) -> None:
     """Copy ``regions`` while the consumer writes: checksums first, rate-limited, new
     writes followed through a dirty bitmap; returns when little is left (the caller
@@ -230,10 +230,12 @@ async def _background_resync(
     # what this node wrote since the common epoch differs on the peer: no digests for it
     written = frozenset(self.state.peer_bitmap)
     self.state.mark_regions(regions)
-    await ch.call("sync-target", source=self.state.node_id)  # it is Inconsistent now (I3)
+    # it is Inconsistent now (I3), and knows from whom it resumes (the resume rule)
+    gen = str(self.state.current) if self.state.current else None
+    await ch.call("sync-target", source=self.state.node_id, generation=gen)
     dirty = DirtyBitmap(CHUNK, top.length)
     top.dirty_bitmaps.append(dirty)
-    what = SyncKind.INITIAL if plan is pairing.SyncPlan.INITIAL_SYNC else SyncKind.RESYNC
+    what = SyncKind.INITIAL if whole else SyncKind.RESYNC
 
     async def peer_digests(regs: list[int]) -> list[str]:
         r = await ch.call("digests", regions=regs, timeout=120)

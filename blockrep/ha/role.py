@@ -72,6 +72,7 @@ class Host:
     export: ConsumerGroup | None = None
     errors: list[str] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    was_clean: bool = True  # the node's last life ended in an orderly stop (state.start)
 
     @classmethod
     def load(cls, state_file: str) -> Host:
@@ -365,6 +366,10 @@ class BaseRole:
         for server in self.host.consumers:
             await server.close()
         await self.d.shutdown()
+        try:
+            self.state.stop()  # an orderly stop: the next handshake may trust it
+        except StateFileError as e:
+            log.warning("%s", e.message)
 
     async def release(self) -> None:
         """Give the host back for another role (node.py): this role's tasks stop, its

@@ -20,11 +20,12 @@ from ..replication.identity import disk_identity
 from . import buffers, channel, failover, pairing, qmp, watchdog
 from .activity_log import ActivityLogError, convert
 from .activity_log import load as load_al
-from .bitmap import REGION_SIZE
+from .bitmap import REGION_SIZE, RegionBitmap
 from .config import SecondaryConfig, default_buffer_dir
+from .node_state import ResyncPosition
 from .resync import digests_of
 from .role import BaseRole, Host, PeerStatus, al_path
-from .states import DiskState, EntryKind, HistoryEntry
+from .states import DiskState, EntryKind, HistoryEntry, ReplicationState
 from .states import Role as RoleName
 from .volumes import esc
 
@@ -101,7 +102,8 @@ class Secondary(BaseRole):
     async def setup(self) -> None:
         """``blockrep secondary``: build, serve the consumer and QMP, listen for the primary."""
         await self._build()
-        await self.start_consumer_export()
+        await self.start_consumer_export()  # refuses a state file of another disk
+        self.host.was_clean = self.state.start(self.role)  # clean-shutdown cleared
         qmp.register_secondary(self)
         qmp.register_resolve(self, lambda: self.peer_history)
         await self.start_qmp()
@@ -238,6 +240,12 @@ class Secondary(BaseRole):
             "failed-over": self.failed_over,
             # Outdated: `resolve --discard-local` gave up this node's writes (rule discard-local)
             "disk-state": self.state.disk_state.value,
+            # the rest of what the handshake's decision reads (handshake.Side)
+            "history-trimmed": self.state.history_trimmed,
+            "clean-shutdown": self.host.was_clean,
+            "last-role": self.state.last_role.value,
+            "fenced-peer": self.state.fenced_peer_at is not None,
+            "resync-source": self.state.resync.peer_node_id if self.state.resync else None,
         }
         if self.shared:
             hidden = self.d.graph.find("hidden_disk0")
@@ -274,9 +282,10 @@ class Secondary(BaseRole):
         if msg.get("history") is not None:
             self.state.adopt_history(pairing.parse_history(msg["history"]))
         self.common_epoch = str(self.state.current) if self.state.current else None
+        if self.state.resync is not None:
+            self.state.finish_resync(DiskState.CONSISTENT)  # the resync into it is complete
         if self.state.disk_state in (DiskState.OUTDATED, DiskState.INCONSISTENT):
-            # the primary copied what this node gave up (discard-local) or was missing
-            # (a resync it was the target of): level with it again
+            # the primary copied what this node gave up (discard-local): level with it again
             with self.state.update():
                 self.state.disk_state = DiskState.CONSISTENT
         await self.d.replication.start_all(ReplicationMode.SECONDARY)
@@ -308,8 +317,12 @@ class Secondary(BaseRole):
         """A resync into this disk begins: it is Inconsistent (never promoted, I3) until
         replication starts after the final pass."""
         self._refuse_if_failed_over("sync-target")
-        with self.state.update():
-            self.state.disk_state = DiskState.INCONSISTENT
+        gen = HistoryEntry.parse(str(msg.get("generation") or "epoch:unknown"))
+        pb = self.state.peer_bitmap
+        remaining = RegionBitmap(pb.region_size, pb.length)
+        self.state.begin_resync(  # Inconsistent, and from whom (the handshake's resume rule)
+            ResyncPosition(ReplicationState.SYNC_TARGET, gen, remaining, msg.get("source"))
+        )
         self.sync_target = True
         return {}
 

@@ -74,7 +74,8 @@ async def test_initial_sync_in_background_with_a_writing_consumer(ha) -> None:
     assert percents == sorted(percents) and all(0 <= p <= 100 for p in percents), percents
     s = await protected(a, 60)
     hs = s["last-handshake"]
-    assert hs["rule"] == "initial-sync" and hs["bytes"] >= SIZE - 4 * MiB, hs
+    # a fresh peer (no history) gets all of the promoted disk: rule full (CONTINUITY §5)
+    assert hs["rule"] == "full" and hs["bytes"] >= SIZE - 4 * MiB, hs
     assert b.status()["disk-state"] != "Inconsistent"
     await both_down_and_equal(ha, a, b)
     with open(a.disk, "rb") as f:
@@ -115,7 +116,7 @@ async def test_checksums_save_equal_regions_and_an_interrupted_resync_resumes(ha
     a3 = ha.up(res, "a")
     s = await protected(b, 60)
     hs = s["last-handshake"]
-    assert hs["rule"] == "failover-discard", hs
+    assert hs["rule"] == "resume", hs  # a is Inconsistent: the interrupted resync resumes
     # resumed: the remainder (and a's marks), never the 12 regions twice plus more
     assert hs["bytes"] <= 12 * REGION_SIZE, hs
     await both_down_and_equal(ha, b, a3)

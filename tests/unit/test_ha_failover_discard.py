@@ -1,7 +1,7 @@
 """Issue 11, Why 1 (silent divergence), the parts below the processes:
 
-* the pairing rule failover-discard (pairing.plan_sync) and its regions: the
-  survivor's bitmap ∪ the old primary's activity log ∪ its bitmap;
+* the hello's regions (its activity log and bitmap) refused when ill-formed (the rule
+  failover-discard itself: test_ha_pairing_decisions.py and the handshake's table);
 * the consumer export on a primary: a write's region is durably in the activity log
   before the write reaches the disk (I1), and a write waiting for room in a full log
   does not hold a checkpoint's drain (the ack that makes room comes after the drain).
@@ -15,41 +15,11 @@ import pytest
 
 from blockrep.block.graph import Graph
 from blockrep.ha.activity_log import ActivityLog, load
-from blockrep.ha.bitmap import REGION_SIZE, RegionBitmap
+from blockrep.ha.bitmap import REGION_SIZE
 from blockrep.ha.consumer import ConsumerExport
-from blockrep.ha.pairing import SyncPlan, failover_discard_regions, hello_regions, plan_sync
+from blockrep.ha.pairing import hello_regions
 
 R = REGION_SIZE
-
-
-@pytest.mark.parametrize(
-    ("failed_over", "lost_append", "plan"),
-    [
-        (True, False, SyncPlan.FAILOVER_DISCARD),
-        (False, False, SyncPlan.RESYNC_WRITTEN),  # degraded: peer-behind, as before
-        (True, True, SyncPlan.RESYNC_DIFFERING),  # a lost append: compare the disks
-    ],
-)
-def test_plan_sync_failover_discard(failed_over: bool, lost_append: bool, plan: SyncPlan) -> None:
-    got = plan_sync(
-        shared=False,
-        relation="peer-behind",
-        lost_append=lost_append,
-        alone=True,
-        failed_over=failed_over,
-        has_history=True,
-        initial_sync=False,
-        assume_synced=False,
-    )
-    assert got is plan
-
-
-def test_failover_discard_regions_are_the_union() -> None:
-    bm = RegionBitmap(R, 16 * R)
-    bm.mark_regions([1, 2])  # I2 marks and alone writes of the survivor
-    hello = {"al": [2, 7, 99], "written": [[9 * R + 5, R]]}  # 99: past the disk, ignored
-    assert failover_discard_regions(bm, [4], hello) == [1, 2, 4, 7, 9, 10]
-    assert failover_discard_regions(bm, (), {}) == [1, 2]  # an old secondary sends none
 
 
 @pytest.mark.parametrize(

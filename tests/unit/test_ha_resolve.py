@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from blockrep.ha import pairing
+from blockrep.ha.handshake import Decision, Direction, Rule
 from blockrep.ha.resolve import ResolveRefused, discard_point
 from blockrep.ha.states import EntryKind, HistoryEntry
 
@@ -28,10 +29,16 @@ def test_refused_without_a_split_brain():
         discard_point(_h("epoch:a", "failover:x"), None)
 
 
+def _decision(rule: Rule, refused: bool = False) -> Decision:
+    return Decision(rule, Direction.LOCAL_TO_PEER, "p", "s", frozenset({1}), "why", refused)
+
+
 def test_rule_name():
     out = {"disk-state": "Outdated"}
-    assert pairing.rule_name(pairing.SyncPlan.RESYNC_WRITTEN, out) == "discard-local"
-    assert pairing.rule_name(pairing.SyncPlan.FAILOVER_DISCARD, out) == "discard-local"
-    assert pairing.rule_name(pairing.SyncPlan.VERIFY, out) == "verify"
+    assert pairing.rule_name(_decision(Rule.PEER_BEHIND), out) == "discard-local"
+    assert pairing.rule_name(_decision(Rule.FAILOVER_DISCARD), out) == "discard-local"
+    assert pairing.rule_name(_decision(Rule.SPLIT_BRAIN), out) == "discard-local"
+    assert pairing.rule_name(_decision(Rule.SPLIT_BRAIN, refused=True), out) == "split-brain"
+    assert pairing.rule_name(_decision(Rule.FULL), out) == "full"
     ok = {"disk-state": "Consistent"}
-    assert pairing.rule_name(pairing.SyncPlan.RESYNC_WRITTEN, ok) == "peer-behind"
+    assert pairing.rule_name(_decision(Rule.PEER_BEHIND), ok) == "peer-behind"
