@@ -43,7 +43,7 @@ log = logging.getLogger("blockrep.ha")
 
 # seconds a resync keeps chasing new writes after its listed regions are done before it
 # pauses the consumer for the rest (a writer faster than the copy must not starve it)
-CONVERGE_FOR = 5.0
+CONVERGE_FOR = 2.0
 
 
 async def connect_and_replicate(self: Primary, first: bool) -> bool:
@@ -127,6 +127,7 @@ async def connect_and_replicate(self: Primary, first: bool) -> bool:
         self.track_alone_writes(EntryKind.DEGRADED)
         await ch.close()
         return False
+    self.peer = PeerStatus.CONNECTING  # paired, not replicating yet: status says SyncSource
     try:
         await _bring_in_sync(self, hello, decision, ch)
         # the consumer waits only for the switch into forwarding (I5): a write landing
@@ -251,7 +252,11 @@ async def _background_resync(
         link,
         regions,
         options=ResyncOptions(
-            rate=self.cfg.resync_rate, min_rate=self.cfg.resync_min_rate, batch=32, depth=8
+            rate=self.cfg.resync_rate,
+            min_rate=self.cfg.resync_min_rate,
+            batch=32,
+            depth=8,
+            final_threshold=32,  # at most ~32 MiB copied while the consumer waits
         ),
         progress=ResyncProgress(direction="local-to-peer"),
         peer_digests=peer_digests,

@@ -88,8 +88,10 @@ class ResyncProgress:
     paused: bool = False
 
     def update_percent(self) -> None:
+        """100 only when the engine says it is done: while new writes may still dirty
+        regions, done == total for a moment is not the end."""
         if self.total_bytes > 0:
-            p = min(100.0, math.floor(self.done_bytes * 1000 / self.total_bytes) / 10)
+            p = min(99.9, math.floor(self.done_bytes * 1000 / self.total_bytes) / 10)
             self.percent = max(self.percent, p)
 
     def as_dict(self) -> dict[str, Any]:
@@ -186,19 +188,23 @@ class Resync:
 
     async def run(self) -> None:
         """Copy the pending regions, then what new writes dirty, until at most
-        ``final_threshold`` regions are dirty; rate-limited and pausable."""
+        ``final_threshold`` regions are dirty — or the dirty set stops shrinking (the
+        consumer rewrites as fast as the copy goes: chasing it would only send the same
+        regions again); rate-limited and pausable."""
         async with self._lock:
+            before: int | None = None  # dirty regions when the last chase batch began
             while True:
                 if not self._queue:
                     left = self.dirty_regions()
                     p = self.progress
                     if left == 0 and p.total_bytes == p.done_bytes:
                         p.percent = 100.0  # (also when there was nothing to copy)
-                    pulled = (
-                        self._pull(self.options.batch)
-                        if left > self.options.final_threshold
-                        else []
-                    )
+                    if left <= self.options.final_threshold:
+                        return
+                    if before is not None and left >= before:
+                        return  # not converging: the caller's final pass takes the rest
+                    before = left
+                    pulled = self._pull(self.options.batch)
                     if not pulled:
                         return
                     self._enqueue(pulled)
