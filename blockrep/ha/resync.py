@@ -88,8 +88,7 @@ class ResyncProgress:
     paused: bool = False
 
     def update_percent(self) -> None:
-        """100 only when the engine says it is done: while new writes may still dirty
-        regions, done == total for a moment is not the end."""
+        """100 only when the engine says so: done == total between batches is not the end."""
         if self.total_bytes > 0:
             p = min(99.9, math.floor(self.done_bytes * 1000 / self.total_bytes) / 10)
             self.percent = max(self.percent, p)

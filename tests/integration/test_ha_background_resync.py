@@ -120,3 +120,64 @@ async def test_checksums_save_equal_regions_and_an_interrupted_resync_resumes(ha
     # resumed: the remainder (and a's marks), never the 12 regions twice plus more
     assert hs["bytes"] <= 12 * REGION_SIZE, hs
     await both_down_and_equal(ha, b, a3)
+
+
+async def test_the_source_killed_mid_resync_resumes_after_its_restart(ha) -> None:
+    """CONTINUITY §9: SIGKILL of the sync source mid-resync. The target stays
+    Inconsistent (never promoted); the source restarts, is promoted again and resumes
+    from its persisted remainder (rule resume) — the disks end identical."""
+    ha.make_disks(SIZE, names=("a.raw", "b.raw"))
+    res = ha.resource()
+    slow = ["--resync-rate", "2M"]
+    a, b = ha.up(res, "a", extra=slow), ha.up(res, "b")
+    await asyncio.gather(a.wait_ready(), b.wait_ready())
+    ok("promote", res, "--node", "a", "--force")
+    await protected(a, 60)
+    b.kill()  # b leaves; a writes alone into 10 regions
+    await a.wait_status(lambda s: s["peer"] != "connected", 10, "a lost b")
+    c = await ha.client(a)
+    for i in range(10):
+        await c.write((20 + i) * MiB, bytes([0x40 + i]) * 65536)
+    await c.flush()
+    b2 = ha.up(res, "b")
+    await a.wait_status(lambda s: s.get("resync", {}).get("done-bytes", 0) >= MiB, 30, "copying")
+    a.kill()  # the source dies mid-copy
+    await b2.wait_status(lambda s: s["disk-state"] == "Inconsistent", 10, "b Inconsistent")
+    r = cli("promote", res, "--node", "b")
+    assert r.returncode == 1 and "I3" in r.stderr, r.stderr  # never promote stale data
+    a2 = ha.up(res, "a")
+    await a2.wait_ready()
+    ok("promote", res, "--node", "a")
+    s = await protected(a2, 60)
+    hs = s["last-handshake"]
+    assert hs["rule"] == "resume" and hs["bytes"] <= 10 * REGION_SIZE, hs
+    await both_down_and_equal(ha, a2, b2)
+    with open(a2.disk, "rb") as f:
+        f.seek(29 * MiB)
+        assert f.read(65536) == bytes([0x49]) * 65536
+
+
+async def test_a_returning_node_with_an_unrelated_disk_is_refused(ha) -> None:
+    """A node whose disk has another lineage (no common epoch) is never overwritten:
+    the pairing is refused by the rule unrelated, both disks keep their bytes."""
+    a_data = ha.make_disks(SIZE, seed=5, names=("a.raw",))
+    b_data = ha.make_disks(SIZE, seed=6, names=("b.raw",))
+    from blockrep.ha.node_state import NodeState
+    from blockrep.ha.states import HistoryEntry
+
+    for name, gen in (("a", "epoch:aaaa"), ("b", "epoch:bbbb")):
+        st = NodeState(ha.disk(f"{name}.raw") + ".blockrep-state.json")
+        st.ensure_disk_id(SIZE)
+        st.append(HistoryEntry.parse(gen))  # each its own lineage
+    res = ha.resource()
+    a, b = ha.up(res, "a"), ha.up(res, "b")
+    await asyncio.gather(a.wait_ready(), b.wait_ready())
+    ok("promote", res, "--node", "a")
+    s = await a.wait_status(lambda s: s["peer"] == "refused", 20, "refused")
+    assert s["replication"] == "Unrelated", s
+    assert any("unrelated" in e for e in s["errors"]), s["errors"]
+    for n in (a, b):
+        ok("down", "--qmp", f"unix:{n.qmp}")
+        assert await n.wait_exit(30) == 0
+    with open(a.disk, "rb") as fa, open(b.disk, "rb") as fb:
+        assert fa.read() == a_data and fb.read() == b_data  # nothing copied either way
