@@ -93,12 +93,7 @@ class BlockExports:
             authz = obj
         srv = NBDServer({}, tls=tls, authz=authz, max_connections=max_conn)
         try:
-            if a.type == "unix":
-                if os.path.exists(a.path):
-                    os.unlink(a.path)
-                await srv.listen_unix(a.path)
-            else:
-                await srv.listen_tcp(a.host, int(a.port))
+            await srv.listen(a)
         except OSError as e:
             raise BlockError(
                 e.errno or errno.EIO, f"Failed to bind socket: {os.strerror(e.errno or errno.EIO)}"

@@ -63,11 +63,5 @@ async def serve(
     for address, exports in by_address.items():
         server = NBDServer(dict(exports))
         servers.append(server)
-        addr = SocketAddress.from_str(address)
-        if addr.type == "unix":
-            if os.path.exists(addr.path):
-                os.unlink(addr.path)
-            await server.listen_unix(addr.path)
-        else:
-            await server.listen_tcp(addr.host, int(addr.port))
+        await server.listen(SocketAddress.from_str(address))
     return ConsumerGroup(members), servers

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, cast
 
+from ..address import SocketAddress
 from ..errors import BlockError, ProtocolError
 from ..tls import peer_dn
 from . import proto as p
@@ -109,6 +111,14 @@ class NBDServer:
         srv = await asyncio.start_unix_server(self._accept, path, limit=STREAM_LIMIT)
         self.servers.append(srv)
         return srv
+
+    async def listen(self, a: SocketAddress) -> asyncio.AbstractServer:
+        """Listen on an inet or unix address (a stale socket file is replaced)."""
+        if a.type == "unix":
+            if os.path.exists(a.path):
+                os.unlink(a.path)
+            return await self.listen_unix(a.path)
+        return await self.listen_tcp(a.host, int(a.port))
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")

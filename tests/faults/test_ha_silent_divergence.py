@@ -18,13 +18,11 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
-import sys
 
 import pytest
 
 from blockrep.testing import MiB
-from tests.harness.ha import HA, REPO
+from tests.harness.ha import HA, failover_cli
 from tests.harness.models import random_writes
 from tests.harness.tools import sha, sha_file
 
@@ -45,17 +43,6 @@ class _Window:
 
     def write(self, off: int, data: bytes):
         return self.client.write(self.base + off, data)
-
-
-def _failover(node) -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "blockrep.cli", "failover", "--qmp", f"unix:{node.qmp}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert r.returncode == 0, r.stderr
 
 
 def _first_diff(a: bytes, b: bytes | bytearray) -> str:
@@ -101,7 +88,7 @@ async def _run(seed: int) -> None:
         assert sha_file(p.disk) != sha(ckpt), "P wrote nothing past the checkpoint: no test"
 
         # S fails over (rolls P's unfinished epoch back) and its consumer writes
-        await asyncio.to_thread(_failover, s)
+        await asyncio.to_thread(failover_cli, s)
         await s.wait_status(lambda x: x["peer"] == "failed-over", 15, "failover")
         sc = await ha.client(s)
         model = bytearray(ckpt)

@@ -100,6 +100,33 @@ def _same(got: bytes | bytearray, want: bytes | bytearray, what: str) -> None:
     assert got == want, f"{what}: {diff_summary(got, want)}"
 
 
+async def _survivor_cut(
+    ha, s, base_model: bytes, load, covered: int, size: int, where: str, extra: str = ""
+):
+    """After the failover the survivor's export holds exactly one checkpoint cut of the
+    old primary's write stream (at or after batch ``covered``): (client, cut, model)."""
+    sc = await ha.client(s)
+    got = bytes(await sc.read(0, size))
+    cut = checkpoint_cut(base_model, load.batches, got, covered)
+    assert cut is not None, (
+        f"{where}: after failover S holds no checkpoint cut of P's writes at or after "
+        f"batch {covered} of {len(load.batches)} ({load.acked} acknowledged): "
+        f"{diff_summary(got, base_model)} against the cycle's start\n{extra}\n{s.log_text()}"
+    )
+    return sc, cut, bytearray(got)
+
+
+async def _survivor_writes(sc, rnd, size: int, model: bytearray, where: str) -> set[int]:
+    """The survivor's consumer writes alone into 1-3 regions (acknowledged → model)."""
+    s_regions: set[int] = set()
+    for _ in range(rnd.randint(1, 3)):
+        r = rnd.randrange(0, size // REGION)
+        await region_writes(sc, rnd, r * REGION, REGION, rnd.randint(2, 6), model)
+        s_regions.add(r)
+    _same(bytes(await sc.read(0, size)), model, f"{where}: S's export after its writes")
+    return s_regions
+
+
 async def test_five_failovers_in_a_row_over_the_restart_path(ha: HA):
     t_start = time.monotonic()
     rnd = random.Random(SEED)
@@ -151,24 +178,10 @@ async def test_five_failovers_in_a_row_over_the_restart_path(ha: HA):
         # 3. failover: S serves exactly one checkpoint cut of P's write stream
         await asyncio.to_thread(failover_cli, s)
         await s.wait_status(lambda x: x["peer"] == "failed-over", 15, f"{where}: failover")
-        sc = await ha.client(s)
-        got = bytes(await sc.read(0, SIZE))
-        cut = checkpoint_cut(base_model, load.batches, got, covered)
-        assert cut is not None, (
-            f"{where}: after failover S holds no checkpoint cut of P's writes at or after "
-            f"batch {covered} of {len(load.batches)} ({load.acked} acknowledged): "
-            f"{diff_summary(got, base_model)} against the cycle's start\n{s.log_text()}"
-        )
-        b, took = cut
-        model = bytearray(got)
+        sc, (b, took), model = await _survivor_cut(ha, s, base_model, load, covered, SIZE, where)
 
         # 4. S's consumer writes alone, acknowledged → model
-        s_regions: set[int] = set()
-        for _ in range(rnd.randint(1, 3)):
-            r = rnd.randrange(0, SIZE // REGION)
-            await region_writes(sc, rnd, r * REGION, REGION, rnd.randint(2, 6), model)
-            s_regions.add(r)
-        _same(bytes(await sc.read(0, SIZE)), model, f"{where}: S's export after its writes")
+        s_regions = await _survivor_writes(sc, rnd, SIZE, model, where)
         st_s = await s.astatus()
         alone = regions_of(st_s["written-alone"], REGION)
         assert s_regions <= alone, (where, sorted(s_regions), st_s["written-alone"])
@@ -340,24 +353,12 @@ async def test_five_failovers_in_a_row_over_blockrep_up(ha: HA):
         # the status's `peer` shows yet)
         assert "primary" in await asyncio.to_thread(ok, "promote", res, "--node", s.name)
         st_s = await s.wait_status(lambda x: x["role"] == "primary", 15, f"{where}: promoted")
-        sc = await ha.client(s)
-        got = bytes(await sc.read(0, size))
-        cut = checkpoint_cut(base_model, load.batches, got, covered)
-        assert cut is not None, (
-            f"{where}: after the promote S holds no checkpoint cut of P's writes at or after "
-            f"batch {covered} of {len(load.batches)} ({load.acked} acknowledged): "
-            f"{diff_summary(got, base_model)} against the cycle's start\n{st_s}\n{s.log_text()}"
+        sc, (b, took), model = await _survivor_cut(
+            ha, s, base_model, load, covered, size, where, str(st_s)
         )
-        b, took = cut
-        model = bytearray(got)
 
         # 4. the survivor's consumer writes alone, acknowledged → model
-        s_regions: set[int] = set()
-        for _ in range(rnd.randint(1, 3)):
-            r = rnd.randrange(0, size // REGION)
-            await region_writes(sc, rnd, r * REGION, REGION, rnd.randint(2, 6), model)
-            s_regions.add(r)
-        _same(bytes(await sc.read(0, size)), model, f"{where}: S's export after its writes")
+        s_regions = await _survivor_writes(sc, rnd, size, model, where)
         st_s = await s.astatus()
         assert st_s["replication"] != "Protected", (where, st_s)
         alone = regions_of(st_s["written-alone"], REGION)
