@@ -2,47 +2,53 @@
 """Re-protect benchmark (bench/reprotect, not a test): blockrep vs QEMU's documented
 re-protect, same disks, same run.
 
-For each changed fraction (--pcts, default 1 and 10 % of the 1 MiB regions):
+For each disk fill (--fills, default "64,full": 64 = sparse, 64 MiB of seeded random data
+in scattered 1 MiB regions and holes elsewhere, QEMU's mirror's best case; full = random
+data in every region) and changed fraction (--pcts, default 1 and 10 % of the 1 MiB
+regions):
 
-blockrep (command lines and ``query-ha-status`` only, as a user would):
- 1. two raw disks of --size (default 4 GiB) with the same content, per --fills (default
-    "64,full"): 64 = sparse, 64 MiB of seeded pseudo-random data in scattered 1 MiB regions
-    and holes elsewhere (QEMU's mirror skips zeroes: its best case); full = seeded random
-    data in every region (a full disk);
-    ``blockrep secondary`` on B, ``blockrep primary --assume-synced --checkpoint-interval 0``
-    on A; wait until both say ready (Protected).
- 2. A's consumer writes 64 KiB into --pre-regions regions, ``blockrep checkpoint``, writes
-    64 KiB into --tail-regions more (past the checkpoint: rolled back by the failover),
-    then A is killed (SIGKILL); ``blockrep failover --qmp`` on B; B's consumer writes
-    1 MiB of new random data into each of the changed regions (pct of the disk's regions)
-    through B's NBD export. Idle consumer latency is measured on B (alone) here.
- 3. B is stopped (SIGTERM). Copies of both disks are taken for QEMU's side (sparse cp).
-    A restarts as ``blockrep secondary``, then B as ``blockrep primary`` (swapped roles):
-    time from B's start until its status says ``replication: Protected``; bytes from
-    ``last-handshake.bytes``. A qd1 consumer probe (4 KiB reads anywhere, 4 KiB writes
-    into already-changed regions) runs on B's export from the moment it accepts until
-    Protected. Then both stop (SIGTERM) and the two disks are compared with cmp: any
-    difference fails the benchmark.
+blockrep, in-process path (command lines and ``query-ha-status`` only, as a user would):
+ 1. two raw disks of --size (default 4 GiB) with the same content; one resource file
+    (blockrep.testing.HA.resource: unix sockets); ``blockrep up FILE --node a`` and
+    ``--node b``; ``blockrep promote FILE --node a --force`` (equal disks: digests only).
+ 2. a's consumer writes 64 KiB into --pre-regions regions, ``blockrep checkpoint``, writes
+    64 KiB into --tail-regions more (rolled back by the failover), a is killed (SIGKILL);
+    ``blockrep promote FILE --node b`` (it fails over); b's consumer writes 1 MiB of new
+    random data into each changed region through b's NBD export. Sparse copies of both
+    disks are taken here for QEMU's side.
+ 3. A qd1 consumer probe connects to b's export (4 KiB reads anywhere, alternating with
+    4 KiB writes into the changed regions) and stays connected: --idle-seconds idle, then
+    ``blockrep up FILE --node a`` again; time from that start until b's status says
+    ``replication: Protected`` with a new ``last-handshake``; bytes from
+    ``last-handshake.bytes`` / ``saved-by-checksums``; the probe's latency idle vs during
+    the resync vs after; ``resync`` status samples. Then ``blockrep down`` on b and a, and
+    cmp of the two disks: any difference fails the benchmark.
+ 4. Unless --no-reads-only-variant: the same again on fresh disks with a probe that only
+    reads during the resync (no region dirtied again while it runs).
+ 5. Unless --no-restart-path: the earlier restart path for reference (``blockrep
+    secondary``/``primary``, ``blockrep failover``, survivor restarted), on its own disks.
 
 QEMU 7.2 (REFERENCE-QEMU.md; docs/COLO-FT.txt "Primary resume replication"): the returning
-node is qemu-storage-daemon exporting its copy of A's disk over NBD (unix socket); the
-survivor is ``qemu-system-x86_64 -machine none`` with its copy of B's disk and a consumer
+node is qemu-storage-daemon exporting its copy of a's disk over NBD (unix socket); the
+survivor is ``qemu-system-x86_64 -machine none`` with its copy of b's disk and a consumer
 NBD export; ``drive-mirror sync=full mode=existing format=raw`` to the returning node's
 export; time from the command to BLOCK_JOB_READY, bytes = the job's ``len``; the same
 consumer probe (idle before, during the mirror); ``block-job-cancel`` after READY (as the
-doc does), then cmp. QEMU's survivor is already running: its time has no process start,
-blockrep's (restart path) does; both are shown.
+doc does), then cmp.
 
 Activity log cost: 4 KiB random writes, qd 16, --al-seconds (default 10) with fio's nbd
 engine against a replicating ``blockrep primary``'s export (default checkpoint interval),
-whole disk and a 512 MiB hot window; AL on, and off when ``blockrep primary --help`` offers
-``--no-activity-log``.
+whole disk and a 512 MiB hot window; AL on, and off (``--no-activity-log``).
+
+Every process runs on a snapshot copy of blockrep/ taken at the start (the lead edits it
+in parallel); the results name its digest and ``git rev-parse HEAD``.
 
 Results: bench/results/reprotect.json and bench/results/reprotect.md.
 
 Run: .venv/bin/python bench/reprotect.py [--size 4G] [--pcts 1,10] [--fills 64,full]
-     [--al-seconds 10]   (needs about 4 x --size free in --dir and /tmp; ~10 min at 4 GiB)
-Quick: .venv/bin/python bench/reprotect.py --size 256M --al-seconds 3 --out /tmp/rp/reprotect
+     [--al-seconds 10] [--up-args '--resync-rate 200M']
+     (needs about 4 x --size free in --dir and /tmp; ~15 min at 4 GiB)
+Quick: .venv/bin/python bench/reprotect.py --size 256M --al-seconds 2 --out /tmp/rp/reprotect
 """
 
 from __future__ import annotations
@@ -147,8 +153,11 @@ class Probe:
     """qd1 consumer: alternating 4 KiB reads (anywhere) and writes (in ``write_regions``),
     each timed. Runs until ``stop`` is set; connects as soon as ``sock`` accepts."""
 
-    def __init__(self, sock: str, size: int, write_regions: list[int], seed: int) -> None:
+    def __init__(
+        self, sock: str, size: int, write_regions: list[int], seed: int, writes: bool = True
+    ) -> None:
         self.sock, self.size, self.write_regions = sock, size, write_regions
+        self.writes = writes
         self.rnd = random.Random(seed)
         self.samples: list[tuple[float, str, float]] = []  # (start, kind, seconds)
         self.errors: list[str] = []
@@ -168,7 +177,7 @@ class Probe:
             while not self.stop.is_set() and time.monotonic() < deadline:
                 t = time.monotonic()
                 try:
-                    if i % 2:
+                    if i % 2 and self.writes:
                         r = self.rnd.choice(self.write_regions)
                         off = r * REGION + self.rnd.randrange(REGION // BS) * BS
                         await asyncio.wait_for(node.write(off, payload), 30)
@@ -187,6 +196,15 @@ class Probe:
         finally:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(g.close_all(), 5)
+
+    def longest_gap(self, t0: float, t1: float) -> float | None:
+        """The longest time in [t0, t1) the consumer waited: between one request's start
+        and the next's (a request still open at t1 counts up to t1)."""
+        ts = [t for (t, _, _) in self.samples if t0 <= t < t1]
+        if not ts:
+            return None
+        edges = [t0, *ts, t1]
+        return max(b - a for a, b in zip(edges, edges[1:], strict=False))
 
     def stats(self, t0: float = 0.0, t1: float = float("inf")) -> dict[str, Any]:
         lat = [d for (t, _, d) in self.samples if t0 <= t < t1]
@@ -227,7 +245,9 @@ def sigterm(node: HANode, timeout: float = 60) -> int:
     return rc
 
 
-async def status_until(node: HANode, pred, timeout: float, what: str) -> tuple[dict, float]:
+async def status_until(
+    node: HANode, pred, timeout: float, what: str, poll: float = 0.02
+) -> tuple[dict, float]:
     """Poll ``query-ha-status`` (the socket may not exist yet) until ``pred``."""
     deadline = time.monotonic() + timeout
     last: dict = {}
@@ -243,15 +263,223 @@ async def status_until(node: HANode, pred, timeout: float, what: str) -> tuple[d
                 return last, first_qmp
         except (OSError, ConnectionError, RuntimeError, ValueError):
             pass
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(poll)
     raise BenchError(f"{node.name}: timed out ({timeout} s) waiting for {what}; last {last}")
 
 
-async def blockrep_case(
+def is_protected(before: Any):
+    def pred(s: dict) -> bool:
+        return s.get("replication") == "Protected" and s.get("last-handshake") != before
+
+    return pred
+
+
+async def up_case(
+    a: argparse.Namespace,
+    size: int,
+    fill_b: int,
+    pct_: float,
+    seed: int,
+    probe_writes: bool = True,
+    copies: bool = True,
+) -> dict:
+    """The in-process path: two ``blockrep up`` nodes; the survivor is never restarted.
+    ``probe_writes``: the consumer probe also writes (into the changed regions) during
+    the resync; else it only reads. ``copies``: copy the disks for QEMU's side."""
+    ha = HA()
+    res: dict[str, Any] = {
+        "impl": "blockrep",
+        "path": "in-process",
+        "pct": pct_,
+        "probe_writes": probe_writes,
+    }
+    nreg = size // REGION
+    rnd = random.Random(seed)
+    try:
+        A, B = ha.disk("a.raw"), ha.disk("b.raw")
+        fill = make_disks([A, B], size, fill_b, seed)
+        res["fill_regions"] = len(fill)
+        rf = ha.resource(checkpoint_interval=a.checkpoint_interval)
+        up_extra = [*FAST, *a.up_args.split()]
+        # 1. both up (role none); promote --force on a (equal disks: digests, no data)
+        an, bn = ha.up(rf, "a", extra=up_extra), ha.up(rf, "b", extra=up_extra)
+        await asyncio.gather(an.wait_ready(STEP_TIMEOUT), bn.wait_ready(STEP_TIMEOUT))
+        t0 = time.monotonic()
+        cli("promote", rf, "--node", "a", "--force")
+        st, _ = await status_until(an, is_protected(None), SYNC_TIMEOUT, "Protected")
+        res["initial_promote_force_s"] = time.monotonic() - t0
+        res["initial_handshake"] = st.get("last-handshake")
+        await bn.wait_status(lambda s: s["role"] == "secondary", 30, "b secondary")
+        # 2. a writes and checkpoints, writes more, dies (SIGKILL)
+        g, ac = await nbd_client(an.export, "disk")
+        picks = rnd.sample(range(nreg), a.pre_regions + a.tail_regions)
+        pre, tail = picks[: a.pre_regions], picks[a.pre_regions :]
+        for r in pre:
+            await ac.write(r * REGION, rnd.randbytes(64 * 1024))
+        cli("checkpoint", "--qmp", f"unix:{an.qmp}")
+        ck0 = (await an.astatus())["checkpoints"]
+        for r in tail:
+            await ac.write(r * REGION + 128 * 1024, rnd.randbytes(64 * 1024))
+        sa = await an.astatus()
+        an.kill()
+        res["old_primary_al_before_kill"] = sa.get("al")
+        if sa["checkpoints"] != ck0:
+            res.setdefault("notes", []).append(
+                "a periodic checkpoint fell between the tail writes and the kill: the tail "
+                "was not rolled back"
+            )
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(g.close_all(), 5)
+        await bn.wait_status(lambda s: s["peer"] != "connected", 30, "b lost a")
+        t0 = time.monotonic()
+        cli("promote", rf, "--node", "b")
+        await bn.wait_status(lambda s: s["role"] == "primary", 30, "b primary")
+        res["promote_s"] = time.monotonic() - t0
+        # b's consumer changes pct % of the regions
+        changed = sorted(rnd.sample(range(nreg), max(1, round(nreg * pct_ / 100))))
+        g, bc = await nbd_client(bn.export, "disk")
+        t0 = time.monotonic()
+        for r in changed:
+            await bc.write(r * REGION, rnd.randbytes(REGION))
+        await bc.flush()
+        res["change_write_s"] = time.monotonic() - t0
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(g.close_all(), 5)
+        res["changed_regions"] = len(changed)
+        res["tail_regions"] = len(tail)
+        res["expected_bytes_min"] = len(changed) * REGION
+        res["expected_bytes_max"] = len(set(changed) | set(tail)) * REGION
+        res["expected_bytes_design"] = len(set(changed) | set(tail) | set(pre)) * REGION
+        res["old_primary_written_regions"] = len(set(pre) | set(tail))
+        st = await bn.astatus()
+        res["survivor_before"] = {
+            k: st.get(k)
+            for k in ("role", "replication", "peer", "out-of-sync-bytes", "written-alone")
+        }
+        res["survivor_out_of_sync_bytes"] = st.get("out-of-sync-bytes")
+        hs_before = st.get("last-handshake")
+        res["status_errors_before"] = st.get("errors")
+        # copies of both disks for QEMU's side (b is idle and flushed)
+        qa, qb = os.path.join(a.qemu_dir, "qa.raw"), os.path.join(a.qemu_dir, "qb.raw")
+        if copies:
+            run(["cp", "--sparse=always", A, qa], 600)
+            run(["cp", "--sparse=always", B, qb], 600)
+        # 3. one consumer on b's export from idle through the resync to Protected and after
+        probe = Probe(bn.export, size, changed, seed + 2, writes=probe_writes)
+        pt = asyncio.create_task(probe.run(time.monotonic() + SYNC_TIMEOUT))
+        while probe.connected_at is None and not pt.done():
+            await asyncio.sleep(0.01)
+        t_idle = time.monotonic()
+        await asyncio.sleep(a.idle_seconds)
+        samples: list[dict] = []
+        seen: set[str] = set()
+        transitions: list[tuple[float, str]] = []
+
+        def done(s: dict) -> bool:
+            state = f"{s.get('replication')}/{s.get('peer')}"
+            seen.add(state)
+            if not transitions or transitions[-1][1] != state:
+                transitions.append((round(time.monotonic() - t_start, 3), state))
+            if "resync" in s:
+                samples.append({"t": time.monotonic() - t_start, **s["resync"]})
+            return (
+                s.get("replication") == "Protected"
+                and s.get("role") == "primary"
+                and s.get("last-handshake") != hs_before
+            )
+
+        t_start = time.monotonic()
+        a2 = ha.up(rf, "a", extra=up_extra)
+        ready_log: list[float] = []
+        ready_qmp: list[float] = []
+
+        async def returning_ready() -> None:
+            """When the returning node is ready: its log line "ready (role none)" appears,
+            or its QMP answers, whichever comes first (polled every 5 ms; both kept)."""
+            deadline = time.monotonic() + SYNC_TIMEOUT
+            while time.monotonic() < deadline and not (ready_log and ready_qmp):
+                now = time.monotonic() - t_start
+                if not ready_log and " ready (role none)" in a2.log_text():
+                    ready_log.append(now)
+                if not ready_qmp and accepting(a2.qmp):
+                    with contextlib.suppress(OSError, ConnectionError, RuntimeError, ValueError):
+                        await asyncio.to_thread(qmp_call, a2.qmp, "query-ha-status", None, 5)
+                        ready_qmp.append(now)
+                if a2.proc.poll() is not None:
+                    return
+                await asyncio.sleep(0.005)
+
+        rt = asyncio.create_task(returning_ready())
+        try:
+            st, _ = await status_until(bn, done, SYNC_TIMEOUT, "Protected", a.poll_interval)
+            t_prot = time.monotonic()
+            await asyncio.sleep(a.idle_seconds)
+            t_after = time.monotonic()
+        finally:
+            probe.stop.set()
+            await asyncio.wait_for(pt, 60)
+        res["start_to_protected_s"] = t_prot - t_start
+        rt.cancel()
+        with contextlib.suppress(BaseException):
+            await rt
+        res["returning_ready_log_s"] = ready_log[0] if ready_log else None
+        res["returning_qmp_s"] = ready_qmp[0] if ready_qmp else None
+        readies = ready_log[:1] + ready_qmp[:1]
+        res["returning_ready_s"] = min(readies) if readies else None
+        res["ready_to_protected_s"] = (
+            res["start_to_protected_s"] - res["returning_ready_s"] if readies else None
+        )
+        res["states_seen"] = sorted(seen)
+        res["transitions"] = transitions
+        res["resync_samples"] = samples
+        hs = st.get("last-handshake") or {}
+        res["last_handshake"] = hs
+        res["bytes"] = hs.get("bytes")
+        res["saved_by_checksums"] = hs.get("saved-by-checksums")
+        res["status_errors"] = st.get("errors")
+        res["replication_error"] = st.get("replication-error")
+        res["probe_connected_before_start"] = probe.connected_at is not None
+        res["idle"] = probe.stats(t_idle, t_start)
+        res["during"] = probe.stats(t_start, t_prot)
+        res["protected_idle"] = probe.stats(t_prot, t_after)
+        res["probe_errors"] = probe.errors[:5]
+        res["consumer_outage_s"] = probe.longest_gap(t_start, t_prot)
+        res["survivor_pid_kept"] = bn.proc.poll() is None
+        s2 = await a2.astatus()
+        res["returning_after"] = {k: s2.get(k) for k in ("role", "disk-state", "replication")}
+        # 4. orderly stop (the primary first), then the disks must be identical
+        for n in (bn, a2):
+            r = subprocess.run(
+                blockrep_argv("down", "--qmp", f"unix:{n.qmp}"),
+                capture_output=True,
+                text=True,
+                timeout=STEP_TIMEOUT,
+            )
+            rc = await n.wait_exit(60)
+            if r.returncode or rc:
+                res.setdefault("notes", []).append(
+                    f"`blockrep down` on {n.name}: exit {r.returncode} {r.stderr.strip()[-200:]}"
+                    f"; process exit {rc}"
+                )
+        res["cmp_s"] = cmp_disks(A, B, f"blockrep in-process {pct_} %")
+        res["identical"] = True
+        res["qemu_disks"] = (qa, qb)
+        res["changed"] = changed
+        return res
+    except BaseException:
+        for n in ha.nodes:
+            print(f"--- {n.name} log:\n{n.log_text()[-4000:]}", file=sys.stderr)
+        raise
+    finally:
+        await ha.aclose()
+
+
+async def restart_case(
     a: argparse.Namespace, size: int, fill_b: int, pct_: float, seed: int
 ) -> dict:
+    """The restart path (``blockrep primary`` / ``blockrep secondary``), kept for reference."""
     ha = HA()
-    res: dict[str, Any] = {"impl": "blockrep", "pct": pct_}
+    res: dict[str, Any] = {"impl": "blockrep", "path": "restart", "pct": pct_}
     nreg = size // REGION
     rnd = random.Random(seed)
     try:
@@ -623,58 +851,108 @@ def label(c: dict, e: dict) -> str:
     return f"{c['pct']:g} %, {data}"
 
 
+def sync_seen(br: dict) -> float | None:
+    """Seconds from the returning node's start to the first status poll showing a sync."""
+    for t, state in br.get("transitions") or []:
+        if "Sync" in state:
+            return t
+    return None
+
+
+def ratio(x: Any, y: Any) -> float | None:
+    return x / y if x is not None and y else None
+
+
 def render(res: dict) -> str:
     e = res["env"]
     lines = [
         "# Re-protect benchmark (bench/reprotect.py)",
         "",
-        f"{e['date']}; blockrep code: {e.get('code', '?')}; {e['qemu']}; Python {e['python']}; {e['cpus']} CPUs; load average at start "
+        f"{e['date']}; blockrep code: {e.get('code', '?')}, HEAD {e.get('commit') or '?'}; {e['qemu']}; Python {e['python']}; "
+        f"{e['cpus']} CPUs; load average at start "
         f"{' '.join(f'{v:.2f}' for v in e['load_start'])}, at end "
         f"{' '.join(f'{v:.2f}' for v in e['load_end'])}. Both sides in the same run, same disks; "
-        "one run of each case, on a machine other test runs shared (see the load): expect "
+        "one run of each case, on a machine other test runs may share (see the load): expect "
         "±30 % noise on the timings.",
         "",
         f"Disks: {mib(e['size'])} raw files on {e['disk_fs']}, the same content on both: "
         '"sparse N MiB" = N MiB of seeded random data in scattered 1 MiB regions, holes '
         'elsewhere (QEMU\'s mirror skips zeroes: its best case); "dense" = seeded random data '
-        "in every region (a full disk: the usual case). "
-        f"The old primary wrote 64 KiB into {e['pre_regions']} regions, checkpointed, wrote 64 KiB "
-        f"into {e['tail_regions']} more and was killed (SIGKILL); `blockrep failover`; the survivor's "
-        "consumer then wrote 1 MiB of new random data into each changed region (pct of the "
-        "disk's 1 MiB regions). QEMU's side ran on sparse copies of the same two disks taken "
-        "at that moment. Both pairs were compared with `cmp` afterwards: identical.",
+        "in every region (a full disk: the usual case).",
         "",
-        "blockrep: restart path (survivor SIGTERM; old primary restarted as `blockrep "
-        "secondary`, survivor as `blockrep primary`); time = survivor's process start → "
-        "`query-ha-status` says `replication: Protected` (includes Python start and the "
-        "handshake). QEMU 7.2: `drive-mirror sync=full mode=existing` from the running "
-        "survivor (qemu-system-x86_64) to the returning node's qemu-storage-daemon NBD export "
-        "(unix socket); time = command → BLOCK_JOB_READY; bytes = the job's `len`.",
+        "blockrep, in-process path: two `blockrep up` nodes on one resource file (unix "
+        f"sockets, checkpoint-interval {e['checkpoint_interval']:g} s, `blockrep up` extra "
+        f"arguments: `{' '.join(e.get('up_args_all') or []) or 'none'}`); `blockrep promote "
+        "--force` on a (equal disks: digests only); a wrote 64 KiB into "
+        f"{e['pre_regions']} regions, `blockrep checkpoint`, 64 KiB into {e['tail_regions']} "
+        "more, and was killed (SIGKILL); `blockrep promote` on b (it fails over); b's consumer "
+        "wrote 1 MiB of new random data into each changed region (pct of the disk's 1 MiB "
+        "regions). Then `blockrep up` on a again: **time = that start → b's `query-ha-status` "
+        "says `replication: Protected` with a new `last-handshake`** (polled every "
+        f"{e.get('poll_interval', 0.05):g} s; includes a's Python start, pairing and the "
+        "background resync); **ready → Protected** = from the moment a is ready (its log line "
+        '"ready (role none)" appears or its QMP answers, whichever first; polled every 5 ms) '
+        "to the same Protected: without a's Python start-up, which QEMU's figure also "
+        "excludes (its processes are already running when drive-mirror is issued), so "
+        "**ready → Protected / QEMU is the like-for-like ratio**; the from-start one adds "
+        "a's process start. bytes = `last-handshake.bytes` (data sent) and "
+        "`saved-by-checksums` (regions whose digests matched). b is never restarted and its "
+        "consumer stays connected throughout. Afterwards `blockrep down` on b then a, and "
+        "`cmp` of the two disks: identical (the run fails loudly otherwise).",
         "",
-        "## Time and bytes to re-protect",
+        'QEMU 7.2 (REFERENCE-QEMU.md; docs/COLO-FT.txt "Primary resume replication"), on '
+        "sparse copies of the same two disks taken just before a's restart: `drive-mirror "
+        "sync=full mode=existing` from the running survivor (qemu-system-x86_64 -machine none) "
+        "to the returning node's qemu-storage-daemon NBD export (unix socket); time = command "
+        "→ BLOCK_JOB_READY; bytes = the job's `len`; `cmp` after `block-job-cancel`: identical.",
+        "",
+        "## Time and bytes to re-protect (in-process: the survivor keeps serving)",
         "",
         "| changed | changed bytes | needed: changed ∪ rolled-back tail | design bound: ∪ old "
-        "P's AL | blockrep bytes (`last-handshake`) | QEMU bytes (job `len`) | bytes blockrep / "
-        "QEMU | blockrep start → Protected (s) | of which start → QMP up (s) | QEMU command → "
-        "READY (s) | time blockrep / QEMU | same, from blockrep's QMP up | rule |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "P's AL | blockrep bytes sent (`last-handshake.bytes`) | saved by checksums | QEMU "
+        "bytes (job `len`) | bytes blockrep / QEMU | blockrep `up` → Protected (s) | QEMU "
+        "command → READY (s) | time from start / QEMU | of which `up` → a ready (s) | "
+        "blockrep a ready → Protected (s) | **ready → Protected / QEMU (like for like)** | "
+        "`up` → resync seen (s) | "
+        "resync rate mean / peak (MiB/s) | rule |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in res["cases"]:
         br, q = c["blockrep"], c["qemu"]
         qt = q["command_to_ready_s"]
-        tr = br["start_to_protected_s"] / qt
-        tr2 = (br["start_to_protected_s"] - br["start_to_qmp_s"]) / qt
-        brat = br["bytes"] / q["bytes"] if br.get("bytes") is not None and q["bytes"] else None
+        rates = [s.get("rate") for s in br.get("resync_samples", []) if s.get("rate")]
+        span = br["start_to_protected_s"]
+        mean = br["bytes"] / MiB / span if br.get("bytes") and span else None
+        peak = max(rates) / MiB if rates else None
         lines.append(
             f"| {label(c, e)} ({br['changed_regions']} regions) | {mib(br['expected_bytes_min'])} "
             f"| {mib(br['expected_bytes_max'])} | {mib(br['expected_bytes_design'])} | "
-            f"{mib(br['bytes'])} | {mib(q['bytes'])} | {fmt(brat, '.4f')} | "
-            f"{br['start_to_protected_s']:.2f} | {br['start_to_qmp_s']:.2f} | {qt:.2f} | "
-            f"{tr:.3f} | {tr2:.3f} | {br['last_handshake'].get('rule', '-')} |"
+            f"{mib(br['bytes'])} | {mib(br.get('saved_by_checksums'))} | {mib(q['bytes'])} | "
+            f"{fmt(ratio(br['bytes'], q['bytes']), '.4f')} | {span:.2f} | {qt:.2f} | "
+            f"{fmt(ratio(span, qt), '.3f')} | {fmt(br.get('returning_ready_s'), '.2f')} | "
+            f"{fmt(br.get('ready_to_protected_s'), '.2f')} | "
+            f"**{fmt(ratio(br.get('ready_to_protected_s'), qt), '.3f')}** | "
+            f"{fmt(sync_seen(br), '.2f')} | "
+            f"{fmt(mean, '.0f')} / {fmt(peak, '.0f')} | "
+            f"{br['last_handshake'].get('rule', '-')} |"
         )
+    runs = [r for c in res["cases"] for r in (c["blockrep"], c.get("reads_only")) if r]
+    gaps = [
+        r["returning_ready_log_s"] - r["returning_qmp_s"]
+        for r in runs
+        if r.get("returning_ready_log_s") is not None and r.get("returning_qmp_s") is not None
+    ]
+    if gaps:
+        first = sum(g > 0 for g in gaps)
+        lines += [
+            "",
+            f"a ready: its QMP answered before its log line in {first} of {len(gaps)} in-process "
+            f"runs (log line − first QMP answer: {min(gaps):.3f} … {max(gaps):.3f} s); the "
+            "earlier of the two is used.",
+        ]
     lines += [
         "",
-        "Targets: bytes proportional to the changed regions; time at 1 % ≤ 1/10 of QEMU's.",
+        "Targets (issue): bytes proportional to the changed regions; time at 1 % ≤ 1/10 of QEMU's.",
         "",
     ]
     for c in res["cases"]:
@@ -682,66 +960,145 @@ def render(res: dict) -> str:
         b = br["bytes"]
         within = b is not None and br["expected_bytes_min"] <= b <= br["expected_bytes_design"]
         minimal = b is not None and b <= br["expected_bytes_max"]
-        tr = br["start_to_protected_s"] / c["qemu"]["command_to_ready_s"]
-        lines.append(
-            f"* {label(c, e)}: bytes within [changed, design bound]: "
-            f"{'yes' if within else 'NO'}; no more than needed: {'yes' if minimal else 'no'}; "
-            f"time ratio {tr:.3f}"
-            + (f" ({'meets' if tr <= 0.1 else 'MISSES'} ≤ 0.1)" if c["pct"] == 1 else "")
+        qt = c["qemu"]["command_to_ready_s"]
+        tr = br["start_to_protected_s"] / qt
+        trr = ratio(br.get("ready_to_protected_s"), qt)
+
+        def verdict(t: float, one: bool = c["pct"] == 1) -> str:
+            return f" ({'meets' if t <= 0.1 else 'MISSES'} ≤ 0.1)" if one else ""
+
+        text = (
+            f"* {label(c, e)}, consumer writing during the resync: bytes within [changed, "
+            f"design bound]: {'yes' if within else 'NO'}; no more than needed: "
+            f"{'yes' if minimal else 'no'}; time ratio from start {tr:.3f}{verdict(tr)}, "
+            f"ready → Protected (like for like) {fmt(trr, '.3f')}"
+            f"{verdict(trr) if trr is not None else ''}"
         )
+        ro = c.get("reads_only")
+        if ro and ro.get("bytes") is not None:
+            rb = ro["bytes"]
+            rw = ro["expected_bytes_min"] <= rb <= ro["expected_bytes_design"]
+            rt = ro["start_to_protected_s"] / qt
+            rtr = ratio(ro.get("ready_to_protected_s"), qt)
+            text += (
+                f". Consumer only reading: bytes within: {'yes' if rw else 'NO'}; no more "
+                f"than needed: {'yes' if rb <= ro['expected_bytes_max'] else 'no'}; time ratio "
+                f"from start {rt:.3f}{verdict(rt)}, ready → Protected (like for like) "
+                f"{fmt(rtr, '.3f')}{verdict(rtr) if rtr is not None else ''}"
+            )
+        lines.append(text)
     lines += [
         "",
         "needed = the regions the survivor changed plus the old primary's writes past its last "
         "checkpoint (rolled back by the failover); design bound = the same ∪ every region of "
         "the old primary's durable activity log (README: survivor's bitmap ∪ old P's AL ∪ its "
-        "bitmap).",
+        "bitmap); bytes sent + saved by checksums = the regions compared. The mean rate is "
+        "bytes sent / (`up` → Protected); the peak is the highest `resync.rate` the survivor's "
+        "status showed.",
         "",
     ]
-    if any(
-        c["blockrep"]["bytes"] is not None
-        and c["blockrep"]["bytes"] > c["blockrep"]["expected_bytes_max"]
-        for c in res["cases"]
-    ):
-        lines[-1:-1] = [
-            "The AL keeps regions until evicted (an LRU, as DRBD's): regions a checkpoint "
-            "already covered are still in it and were copied again.",
+    if any(c.get("reads_only") for c in res["cases"]):
+        lines += [
+            "### The same, the survivor's consumer only reading during the resync",
+            "",
+            "A second in-process run of each case (its own disks, same seed and changed "
+            "regions): the probe only reads (4 KiB, qd1), so no region is dirtied again while "
+            "the resync runs. QEMU's time is the case's above.",
+            "",
+            "| changed | bytes sent | saved by checksums | `up` → Protected (s) | time from "
+            "start / QEMU | of which `up` → a ready / → resync seen (s) | a ready → Protected "
+            "(s) | **ready → Protected / QEMU (like for like)** | read p99 idle / during (ms) | "
+            "during p99 / idle p99 | rule |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in res["cases"]:
+            r = c.get("reads_only")
+            if not r:
+                continue
+            t = r["start_to_protected_s"]
+            i, du = r["idle"], r["during"]
+            lines.append(
+                f"| {label(c, e)} ({r['changed_regions']} regions) | {mib(r['bytes'])} | "
+                f"{mib(r.get('saved_by_checksums'))} | {t:.2f} | "
+                f"{fmt(ratio(t, c['qemu']['command_to_ready_s']), '.3f')} | "
+                f"{fmt(r.get('returning_ready_s'), '.2f')} / {fmt(sync_seen(r), '.2f')} | "
+                f"{fmt(r.get('ready_to_protected_s'), '.2f')} | "
+                f"**{fmt(ratio(r.get('ready_to_protected_s'), c['qemu']['command_to_ready_s']), '.3f')}** | "
+                f"{fmt(i['p99_ms'], '.2f')} / {fmt(du['p99_ms'], '.2f')} | "
+                f"{fmt(ratio(du['p99_ms'], i['p99_ms']), '.2f')} | "
+                f"{r['last_handshake'].get('rule', '-')} |"
+            )
+        lines.append("")
+    if not any(c.get("restart") for c in res["cases"]):
+        lines += [
+            "The restart path (`blockrep secondary`/`primary`, survivor restarted) was not run "
+            "this time (`--no-restart-path`); see an earlier reprotect.md in git for it.",
             "",
         ]
+    if any(c.get("restart") for c in res["cases"]):
+        lines += [
+            "### For reference: the restart path (same scenario, own disks)",
+            "",
+            "`blockrep secondary` + `blockrep primary --assume-synced`, `blockrep failover`; "
+            "the survivor is stopped (SIGTERM), a restarts as `blockrep secondary` and b as "
+            "`blockrep primary`; time = b's process start → Protected; the consumer is cut off "
+            "from the SIGTERM until the new export accepts. QEMU's time is the in-process "
+            "case's (same disk kind and changed fraction). Its clock starts later than the "
+            "in-process one: a was already started and listening (its start is not counted), "
+            "where the in-process time includes a's whole `blockrep up` start.",
+            "",
+            "| changed | restart: bytes | restart: b start → Protected (s) | of which start → "
+            "QMP up (s) | time / QEMU | consumer outage (s) | rule |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in res["cases"]:
+            r = c.get("restart")
+            if not r:
+                continue
+            lines.append(
+                f"| {label(c, e)} ({r['changed_regions']} regions) | {mib(r['bytes'])} | "
+                f"{r['start_to_protected_s']:.2f} | {r['start_to_qmp_s']:.2f} | "
+                f"{fmt(ratio(r['start_to_protected_s'], c['qemu']['command_to_ready_s']), '.3f')}"
+                f" | {fmt(r.get('consumer_outage_s'), '.2f')} | "
+                f"{r['last_handshake'].get('rule', '-')} |"
+            )
+        lines.append("")
     lines += [
-        "",
         "## Consumer latency on the survivor's export (qd1, 4 KiB reads anywhere and writes "
         "into changed regions, alternating)",
         "",
-        "| changed | impl | idle ops | idle p50 / p99 (ms) | during ops | during p50 / p99 / max (ms) "
-        "| during p99 / idle p99 | errors | consumer outage (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| changed | impl | idle ops | idle p50 / p99 (ms) | during ops | during p50 / p99 / "
+        "max (ms) | **during p99 / idle p99** | after (Protected) ops, p50 / p99 (ms) | errors "
+        "| longest wait (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in res["cases"]:
         for k in ("blockrep", "qemu"):
             r = c[k]
             i, du = r["idle"], r["during"]
-            ratio = du["p99_ms"] / i["p99_ms"] if du["p99_ms"] and i["p99_ms"] else None
-            unavail = fmt(r.get("consumer_outage_s"), ".2f") if k == "blockrep" else "0"
+            rr = ratio(du["p99_ms"], i["p99_ms"])
+            pi = r.get("protected_idle")
+            after = (
+                f"{pi['ops']}, {fmt(pi['p50_ms'], '.2f')} / {fmt(pi['p99_ms'], '.2f')}"
+                if pi
+                else ""
+            )
+            errs = i["errors"] + du["errors"] + (pi["errors"] if pi else 0)
+            gap = fmt(r.get("consumer_outage_s"), ".3f") if k == "blockrep" else "-"
             lines.append(
                 f"| {label(c, e)} | {k} | {i['ops']} | {fmt(i['p50_ms'], '.2f')} / "
                 f"{fmt(i['p99_ms'], '.2f')} | {du['ops']} | {fmt(du['p50_ms'], '.2f')} / "
-                f"{fmt(du['p99_ms'], '.2f')} / {fmt(du['max_ms'], '.2f')} | {fmt(ratio, '.2f')} | "
-                f"{i['errors'] + du['errors']} | {unavail} |"
-            )
-        pi = c["blockrep"].get("protected_idle")
-        if pi:
-            lines.append(
-                f"| {label(c, e)} | blockrep, Protected after re-protect (writes forwarded) | "
-                f"{pi['ops']} | {fmt(pi['p50_ms'], '.2f')} / {fmt(pi['p99_ms'], '.2f')} | | | | "
-                f"{pi['errors']} | |"
+                f"{fmt(du['p99_ms'], '.2f')} / {fmt(du['max_ms'], '.2f')} | **{fmt(rr, '.2f')}** "
+                f"| {after} | {errs} | {gap} |"
             )
     lines += [
         "",
-        "Idle = the survivor alone before the re-protect (blockrep: failed over; QEMU: before "
-        "drive-mirror). blockrep's restart path closes the survivor's export: outage = "
-        "SIGTERM → exit plus the new primary's start → its export accepting (the returning "
-        "node's start and the disk copies for QEMU's side left out). blockrep's \"during\" "
-        "samples run from the moment the new export accepts until Protected.",
+        "blockrep: one NBD connection to b's export from before a's restart until "
+        f"{e['idle_seconds']:g} s after Protected; idle = the {e['idle_seconds']:g} s before "
+        "`blockrep up` on a (b primary, alone), during = `up` → Protected (the background "
+        "resync), after = Protected, writes forwarded to a. Longest wait = the longest time "
+        "between two request starts during the resync (a consumer cut off would show here). "
+        "QEMU: idle = before drive-mirror, during = command → READY.",
         "",
         "## Activity log cost (fio nbd engine, 4 KiB random writes, qd 16)",
         "",
@@ -770,7 +1127,12 @@ def render(res: dict) -> str:
             "`blockrep primary --help` has no `--no-activity-log` option in this build: AL on "
             "only, the off column is missing.",
         ]
-    notes = [n for c in res["cases"] for n in c["blockrep"].get("notes", [])]
+    notes = [
+        f"{label(c, res['env'])} {k}: {n}"
+        for c in res["cases"]
+        for k in ("blockrep", "reads_only", "restart")
+        for n in (c.get(k) or {}).get("notes", [])
+    ]
     if notes or res.get("observations"):
         lines += ["", "## Observations", ""]
         lines += [f"* {n}" for n in (res.get("observations") or []) + notes]
@@ -778,75 +1140,121 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
+def byte_obs(name: str, br: dict) -> list[str]:
+    obs = []
+    b = br.get("bytes")
+    if b is None:
+        obs.append(f"{name}: status has no last-handshake.bytes: {br['last_handshake']}")
+    elif b > br["expected_bytes_design"]:
+        obs.append(
+            f"{name}: blockrep sent {b} bytes, more than the changed regions ∪ the old "
+            f"primary's AL ({br['expected_bytes_design']})"
+        )
+    elif b > br["expected_bytes_max"]:
+        al = br.get("old_primary_al_before_kill") or {}
+        obs.append(
+            f"{name}: blockrep sent {b // MiB} MiB where {br['expected_bytes_max'] // MiB} MiB "
+            f"(changed ∪ rolled-back tail) were needed: the old primary's activity log still "
+            f"held {al.get('regions')} regions at its death ({br['old_primary_written_regions']} "
+            f"written, {br['tail_regions']} past the last checkpoint)"
+        )
+    elif b < br["expected_bytes_min"]:
+        obs.append(
+            f"{name}: blockrep sent {b} bytes, fewer than the changed regions "
+            f"({br['expected_bytes_min']}) although the disks compare equal"
+        )
+    new = [
+        x for x in br.get("status_errors") or [] if x not in (br.get("status_errors_before") or [])
+    ]
+    if new:
+        obs.append(f"{name}: new status errors during the re-protect: {new}")
+    if br.get("replication_error"):
+        obs.append(f"{name}: replication-error: {br['replication_error']}")
+    return obs
+
+
 def observations(res: dict) -> list[str]:
     e = res["env"]
     obs = []
     for c in res["cases"]:
-        br = c["blockrep"]
-        if br["bytes"] is None:
-            obs.append(f"{label(c, e)}: status has no last-handshake.bytes: {br['last_handshake']}")
-        elif br["bytes"] > br["expected_bytes_design"]:
-            obs.append(
-                f"{label(c, e)}: blockrep copied {br['bytes']} bytes, more than the changed "
-                f"regions ∪ the old primary's AL ({br['expected_bytes_design']})"
-            )
-        elif br["bytes"] > br["expected_bytes_max"]:
-            al = br.get("old_primary_al_before_kill") or {}
-            obs.append(
-                f"{label(c, e)}: blockrep copied {br['bytes'] // MiB} MiB where "
-                f"{br['expected_bytes_max'] // MiB} MiB (changed ∪ rolled-back tail) were "
-                f"needed: the old primary's activity log still held {al.get('regions')} regions "
-                f"at its death ({br['old_primary_written_regions']} written, "
-                f"{br['tail_regions']} past the last checkpoint); regions a checkpoint covered "
-                "are copied again"
-            )
-        elif br["bytes"] < br["expected_bytes_min"]:
-            obs.append(
-                f"{label(c, e)}: blockrep copied {br['bytes']} bytes, fewer than the changed "
-                f"regions ({br['expected_bytes_min']}) although the disks compare equal"
-            )
-        if br.get("status_errors"):
-            obs.append(f"{label(c, e)}: status errors after re-protect: {br['status_errors']}")
-        if br.get("replication_error"):
-            obs.append(f"{label(c, e)}: replication-error: {br['replication_error']}")
+        br, q = c["blockrep"], c["qemu"]
+        obs += byte_obs(f"{label(c, e)} in-process", br)
+        if c.get("restart"):
+            obs += byte_obs(f"{label(c, e)} restart path", c["restart"])
+        if c.get("reads_only"):
+            obs += byte_obs(f"{label(c, e)} in-process, reads-only consumer", c["reads_only"])
         for k in ("blockrep", "qemu"):
-            for ph in ("idle", "during"):
-                if c[k][ph]["errors"]:
+            for ph in ("idle", "during", "protected_idle"):
+                if ph in c[k] and c[k][ph]["errors"]:
                     obs.append(
                         f"{label(c, e)} {k} {ph}: consumer errors {c[k][ph]['first_errors']}"
                     )
-        acc, prot = br.get("export_accepting_after_s"), br["start_to_protected_s"]
-        if acc is None or acc >= prot - 0.05:
+        ih = br.get("initial_handshake") or {}
+        if br.get("initial_promote_force_s") is not None:
             obs.append(
-                f"{label(c, e)} blockrep: the new primary's consumer export accepted "
-                f"{fmt(acc, '.2f')} s after its start, Protected at {prot:.2f} s: the export "
-                "opens only after the pairing and its copy, so on the restart path the "
-                f"consumer is cut off for the whole re-protect ({br['during']['ops']} requests "
-                "in the last moments, none during the copy)"
+                f"{label(c, e)}: `blockrep promote --force` on two equal disks took "
+                f"{br['initial_promote_force_s']:.1f} s to Protected (sent {mib(ih.get('bytes'))}, "
+                f"saved by checksums {mib(ih.get('saved-by-checksums'))}, rule {ih.get('rule')})"
             )
-        span = br["start_to_protected_s"] - br["start_to_qmp_s"]
-        if br["bytes"] and br["bytes"] >= 100 * MiB and span > 0:
+        ro = c.get("reads_only")
+        if br.get("bytes") and br["bytes"] > br["expected_bytes_max"] and ro and ro.get("bytes"):
+            extra = br["bytes"] - ro["bytes"]
+            writes = br["during"]["ops"] // 2
             obs.append(
-                f"{label(c, e)} blockrep: {br['bytes'] // MiB} MiB copied within {span:.2f} s "
-                f"of QMP up → Protected: at least {br['bytes'] / MiB / span:.0f} MiB/s (QEMU's "
-                f"mirror: {c['qemu']['bytes'] / MiB / c['qemu']['command_to_ready_s']:.0f} "
-                "MiB/s of job length)"
+                f"{label(c, e)} in-process: with the probe writing during the resync blockrep "
+                f"sent {br['bytes'] // MiB} MiB and took {br['start_to_protected_s']:.2f} s; "
+                f"with a reading probe {ro['bytes'] // MiB} MiB and "
+                f"{ro['start_to_protected_s']:.2f} s. The {extra // MiB} MiB more come from "
+                f"~{writes} 4 KiB consumer writes into {br['changed_regions']} regions during "
+                "the resync: each re-dirties a 1 MiB region that the chase copies again whole "
+                "until the final pass (≤ ~32 regions, consumer held; blockrep/ha/reprotect.py "
+                "final_threshold, CONVERGE_FOR)"
             )
-        odd = [x for x in br["states_seen"] if x.startswith("Sync") and x.endswith("/connecting")]
+        if not br.get("survivor_pid_kept", True):
+            obs.append(f"{label(c, e)}: the survivor's process was gone after the re-protect")
+        gap = br.get("consumer_outage_s")
+        if gap is not None and gap > 1.0:
+            obs.append(
+                f"{label(c, e)} in-process: the survivor's consumer waited {gap:.2f} s at once "
+                "during the resync"
+            )
+        if br["during"]["ops"] == 0:
+            obs.append(f"{label(c, e)} in-process: no consumer request completed during the resync")
+        ss = br.get("resync_samples") or []
+        if br.get("bytes") and br["bytes"] >= 64 * MiB and not ss:
+            obs.append(
+                f"{label(c, e)} in-process: {br['bytes'] // MiB} MiB resynced but the survivor's "
+                "status never showed a `resync` key in the polls"
+            )
+        pcts = [s.get("percent") for s in ss if s.get("percent") is not None]
+        if pcts and pcts != sorted(pcts):
+            obs.append(f"{label(c, e)} in-process: resync percent went backwards: {pcts}")
+        odd = [
+            x
+            for x in br["states_seen"]
+            if x.startswith("Sync") and x.split("/")[1] in ("connecting", "degraded")
+        ]
         if odd:
             obs.append(
-                f"{label(c, e)} blockrep: during the copy the primary's status said "
-                f"replication/peer = {', '.join(odd)} (peer `connecting` while it is the sync "
-                "source of a connected peer)"
+                f"{label(c, e)} in-process: during the resync the survivor's status said "
+                f"replication/peer = {', '.join(odd)} (the peer is connected and being synced)"
             )
-    for c in res["cases"]:
-        q = c["qemu"]
+        ahead = [
+            x
+            for x in ss
+            if x.get("percent") == 100.0 and x.get("done-bytes", 0) < x.get("total-bytes", 0)
+        ]
+        if ahead:
+            x = ahead[0]
+            obs.append(
+                f"{label(c, e)} in-process: `resync.percent` said 100.0 while done-bytes "
+                f"{x['done-bytes']} < total-bytes {x['total-bytes']} ({len(ahead)} polls)"
+            )
         if q["bytes"] and q["bytes"] > e["size"]:
             obs.append(
                 f"{label(c, e)} QEMU: the mirror's len ({q['bytes']}) exceeds the disk: it counts "
                 "the regions the consumer probe dirtied again during the copy"
             )
-            break
     for w in res["al"]:
         on, off = w.get("on"), w.get("off")
         if on and off and off["iops"] > 1.5 * on["iops"]:
@@ -907,6 +1315,14 @@ def reexec_on_snapshot() -> None:
     os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
 
 
+def git_head() -> str | None:
+    """The commit checked out in the work tree (`git rev-parse HEAD`, read only)."""
+    r = subprocess.run(
+        ["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
+    )
+    return r.stdout.strip() or None
+
+
 def write_results(res: dict, out: str) -> None:
     res["observations"] = observations(res)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -960,6 +1376,9 @@ async def main(a: argparse.Namespace) -> int:
             "pre_regions": a.pre_regions,
             "tail_regions": a.tail_regions,
             "checkpoint_interval": a.checkpoint_interval,
+            "poll_interval": a.poll_interval,
+            "up_args_all": [*FAST, *a.up_args.split()],
+            "commit": git_head(),
             "al_checkpoint_interval": a.al_checkpoint_interval,
             "al_seconds": a.al_seconds,
             "idle_seconds": a.idle_seconds,
@@ -978,7 +1397,7 @@ async def main(a: argparse.Namespace) -> int:
         for i, (fill, p) in enumerate(cases):
             seed = 100 + i
             fill_b = size if fill == "full" else min(size, int(fill) * MiB)
-            br = await blockrep_case(a, size, fill_b, p, seed)
+            br = await up_case(a, size, fill_b, p, seed)
             qa, qb = br.pop("qemu_disks")
             changed = br.pop("changed")  # the probe writes into the same regions
             try:
@@ -987,12 +1406,37 @@ async def main(a: argparse.Namespace) -> int:
                 for f in (qa, qb):
                     with contextlib.suppress(OSError):
                         os.unlink(f)
+            ro = None
+            if a.reads_only_variant:
+                ro = await up_case(a, size, fill_b, p, seed, probe_writes=False, copies=False)
+                ro.pop("changed")
+                ro.pop("qemu_disks")
+            rs = None
+            if a.restart_path:
+                rs = await restart_case(a, size, fill_b, p, seed)
+                rs.pop("changed")
+                for f in rs.pop("qemu_disks"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(f)
             print(
-                f"{p:g} %: blockrep {br['start_to_protected_s']:.2f} s {br['bytes']} B; "
-                f"QEMU {q['command_to_ready_s']:.2f} s {q['bytes']} B",
+                f"{p:g} % fill {fill}: blockrep {br['start_to_protected_s']:.2f} s "
+                f"(ready → Protected {fmt(br.get('ready_to_protected_s'), '.2f')} s) "
+                f"{br['bytes']} B (saved {br['saved_by_checksums']}); QEMU "
+                f"{q['command_to_ready_s']:.2f} s {q['bytes']} B"
+                + (f"; reads-only {ro['start_to_protected_s']:.2f} s {ro['bytes']} B" if ro else "")
+                + (f"; restart path {rs['start_to_protected_s']:.2f} s" if rs else ""),
                 flush=True,
             )
-            res["cases"].append({"pct": p, "fill": fill_b, "blockrep": br, "qemu": q})
+            res["cases"].append(
+                {
+                    "pct": p,
+                    "fill": fill_b,
+                    "blockrep": br,
+                    "qemu": q,
+                    "reads_only": ro,
+                    "restart": rs,
+                }
+            )
         windows = [size] + ([512 * MiB] if size > 512 * MiB else [])
         for w in windows:
             row: dict[str, Any] = {"window": w}
@@ -1028,6 +1472,22 @@ if __name__ == "__main__":
     ap.add_argument("--al-checkpoint-interval", type=float, default=2.0)
     ap.add_argument("--al-seconds", type=float, default=10.0)
     ap.add_argument("--idle-seconds", type=float, default=3.0)
+    ap.add_argument(
+        "--up-args", default="", help="extra `blockrep up` arguments (e.g. '--resync-rate 200M')"
+    )
+    ap.add_argument("--poll-interval", type=float, default=0.05, help="survivor status polls (s)")
+    ap.add_argument(
+        "--no-reads-only-variant",
+        dest="reads_only_variant",
+        action="store_false",
+        help="skip the second in-process run whose consumer only reads during the resync",
+    )
+    ap.add_argument(
+        "--no-restart-path",
+        dest="restart_path",
+        action="store_false",
+        help="skip the restart-path reference rows",
+    )
     ap.add_argument("--dir", default="/var/tmp", help="where QEMU's disk copies go")
     ap.add_argument("--out", default=None, help="results path without extension")
     ap.add_argument(

@@ -127,7 +127,7 @@ async def connect_and_replicate(self: Primary, first: bool) -> bool:
         self.track_alone_writes(EntryKind.DEGRADED)
         await ch.close()
         return False
-    self.peer = PeerStatus.CONNECTING  # paired, not replicating yet: status says SyncSource
+    self.peer = PeerStatus.SYNCING  # paired, not replicating yet
     try:
         await _bring_in_sync(self, hello, decision, ch)
         # the consumer waits only for the switch into forwarding (I5): a write landing

@@ -51,6 +51,7 @@ class PeerStatus(enum.StrEnum):
     """What this node knows of its peer: status's ``peer`` (README lists the values)."""
 
     CONNECTING = "connecting"  # not paired yet
+    SYNCING = "syncing"  # P: paired, bringing the peer level before replicating
     CONNECTED = "connected"  # replicating
     PEER_LOST = "peer-lost"  # S: no word from P for --failover-timeout
     DEGRADED = "degraded"  # P: serving alone after losing (or not finding) S

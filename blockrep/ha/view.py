@@ -16,6 +16,7 @@ from .states import DiskState, ReplicationState, Role
 
 # status's ``peer`` values (role.PeerStatus), by value: this module imports no role
 CONNECTING = "connecting"
+SYNCING = "syncing"
 CONNECTED = "connected"
 PEER_LOST = "peer-lost"
 DEGRADED = "degraded"
@@ -72,6 +73,8 @@ def _replication(f: Facts) -> ReplicationState:
         return ReplicationState.SPLIT_BRAIN
     if f.peer == REFUSED:  # the disks or their histories do not belong together
         return ReplicationState.UNRELATED
+    if f.peer == SYNCING:
+        return ReplicationState.ESTABLISHED  # paired; a sync, when there is one, is above
     if f.peer in (CONNECTING, PEER_LOST):
         return ReplicationState.CONNECTING
     if f.peer == DEGRADED and f.reconnect:
@@ -96,7 +99,7 @@ def view(f: Facts) -> View:
     rep = _replication(f)
     peer_role: Role | None = None
     peer_disk: DiskState | None = None
-    if f.peer == CONNECTED or f.sync is not None:
+    if f.peer in (CONNECTED, SYNCING) or f.sync is not None:
         peer_role = Role.SECONDARY if f.role is Role.PRIMARY else Role.PRIMARY
         if rep is ReplicationState.SYNC_SOURCE or (
             rep is ReplicationState.PAUSED_SYNC and f.sync == SYNC_SOURCE

@@ -118,6 +118,11 @@ async def run_fence(command: str, timeout: float = FENCE_TIMEOUT) -> tuple[int, 
         return -1, f"fence command failed (timed out after {timeout:.0f} s)"
 
 
+# a primary in these states pairs again with --reconnect (SYNCING: a pairing that ended
+# in an error nobody foresaw; the next attempt starts over)
+_RETRY = (PeerStatus.DEGRADED, PeerStatus.CONNECTING, PeerStatus.SPLIT_BRAIN, PeerStatus.SYNCING)
+
+
 async def heartbeat_loop(p: Primary) -> None:
     """P: call S every heartbeat interval; while degraded, pair again with --reconnect."""
     cfg = p.cfg
@@ -129,9 +134,7 @@ async def heartbeat_loop(p: Primary) -> None:
                 await p.ch.call("heartbeat", timeout=cfg.heartbeat_timeout)
             except channel.ChannelError as e:
                 await p.degrade(f"secondary lost: {e}", e)
-        elif p.peer in (PeerStatus.DEGRADED, PeerStatus.CONNECTING, PeerStatus.SPLIT_BRAIN) and (
-            cfg.reconnect
-        ):
+        elif p.peer in _RETRY and (cfg.reconnect):
             # split brain: try again every 2 s (a `resolve --discard-local` ends it)
             if p.peer is PeerStatus.SPLIT_BRAIN and time.monotonic() - last_split < 2.0:
                 continue

@@ -19,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # README "The HA manager": `blockrep status --json` keys and their types
 PEER_STATES = {
     "connecting",
+    "syncing",
     "connected",
     "peer-lost",
     "degraded",

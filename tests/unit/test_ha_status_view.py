@@ -33,6 +33,25 @@ ROWS = [
         R.SYNC_SOURCE,
         3 * MiB,
     ),
+    # P paired and syncing: the peer is known (secondary, Inconsistent); paused → PausedSync
+    (
+        Facts(P, "syncing", "none", sync="source", sync_left=2 * MiB),
+        UP,
+        S,
+        INC,
+        R.SYNC_SOURCE,
+        2 * MiB,
+    ),
+    (
+        Facts(P, "syncing", "none", sync="source", sync_left=MiB, sync_paused=True),
+        UP,
+        S,
+        INC,
+        R.PAUSED_SYNC,
+        MiB,
+    ),
+    # paired, the handshake done, nothing to copy yet: Established
+    (Facts(P, "syncing", "none"), UP, S, None, R.ESTABLISHED, 0),
     # a sync target mid-copy is Inconsistent, whatever it persisted
     (Facts(S, "connecting", "none", sync="target", sync_left=MiB), INC, P, UP, R.SYNC_TARGET, MiB),
     # paired and checkpointing: Protected, nothing out of sync (the bitmap is the past's)
