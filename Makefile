@@ -55,6 +55,7 @@ bench: venv debs
 	$(PY) bench/jobs.py
 	$(PY) bench/replication.py --buffer-dir /dev/shm --shared
 	$(PY) bench/ha.py
+	$(PY) bench/reprotect.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
