@@ -97,19 +97,6 @@ class ConsumerExport(Export):
         finally:
             del self.in_flight[key]
 
-    @property
-    def size(self) -> int:
-        return self.node.length if self.length is None else self.length
-
-    def read(self, offset: int, nbytes: int) -> Awaitable[bytes]:
-        return Export.read(self, self.base + offset, nbytes)
-
-    async def block_status(self, offset: int, nbytes: int) -> list[Extent]:
-        out = await Export.block_status(self, self.base + offset, nbytes)
-        if self.base:
-            out = [dataclasses.replace(e, start=e.start - self.base) for e in out]
-        return out
-
     def write(self, offset: int, data: bytes | memoryview, fua: bool) -> Awaitable[None]:
         at = self.base + offset
         return self._guarded(offset, len(data), lambda: Export.write(self, at, data, fua))
@@ -123,6 +110,23 @@ class ConsumerExport(Export):
     def discard(self, offset: int, nbytes: int) -> Awaitable[None]:
         at = self.base + offset
         return self._guarded(offset, nbytes, lambda: Export.discard(self, at, nbytes))
+
+
+class VolumeExport(ConsumerExport):
+    """One volume of a resource of several: the slice [base, base + length) of the
+    replicated device (volumes.py). Reads and block status are shifted too; a resource
+    of one volume uses ConsumerExport itself and pays no extra frame per read."""
+
+    @property
+    def size(self) -> int:
+        return self.node.length if self.length is None else self.length
+
+    def read(self, offset: int, nbytes: int) -> Awaitable[bytes]:
+        return Export.read(self, self.base + offset, nbytes)
+
+    async def block_status(self, offset: int, nbytes: int) -> list[Extent]:
+        out = await Export.block_status(self, self.base + offset, nbytes)
+        return [dataclasses.replace(e, start=e.start - self.base) for e in out]
 
 
 class ConsumerGroup:

@@ -17,7 +17,7 @@ from ..address import SocketAddress
 from ..block.node import Node
 from ..nbd.server import NBDServer
 from .config import VolumeSpec
-from .consumer import ConsumerExport, ConsumerGroup
+from .consumer import ConsumerExport, ConsumerGroup, VolumeExport
 
 
 def esc(value: str) -> str:
@@ -56,7 +56,11 @@ async def serve(
     members = []
     whole = len(vols) == 1
     for v, base, size in vols:
-        exp = ConsumerExport(top, guard, v.export_name, base, None if whole else size)
+        exp = (
+            ConsumerExport(top, guard, v.export_name)
+            if whole
+            else VolumeExport(top, guard, v.export_name, base, size)
+        )
         members.append(exp)
         by_address.setdefault(v.export, {})[v.export_name] = exp
     servers = []
