@@ -95,7 +95,7 @@ async def serve(
                 on_message()
             try:
                 msg = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser
                 continue
             if not isinstance(msg, dict):
                 continue
@@ -150,7 +150,13 @@ class Client:
                 fut = self.pending.pop(msg.get("id"), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
-        except (ConnectionError, ValueError, ssl.SSLError, asyncio.IncompleteReadError):
+        except (
+            ConnectionError,
+            ValueError,
+            RecursionError,
+            ssl.SSLError,
+            asyncio.IncompleteReadError,
+        ):
             pass
         finally:
             self.closed = True

@@ -98,7 +98,9 @@ class QMPSession:
         self.reader = reader
         self.writer = writer
         self.negotiated = False
-        self.decoder = json.JSONDecoder()
+        # an integer too long for Python's int() (4,300 digits) is read as a number, as
+        # QEMU reads any integer that does not fit its int64 (a double)
+        self.decoder = json.JSONDecoder(parse_int=_parse_int)
         self.task: asyncio.Task | None = None
 
     def send_nowait(self, msg: dict[str, Any]) -> None:
@@ -123,11 +125,15 @@ class QMPSession:
             }
         )
         buf = ""
+        skipping = False  # after an error, the rest of its line is dropped (it may be long)
         while True:
             chunk = await self.reader.read(65536)
             if not chunk:
                 return
             buf += chunk.decode(errors="replace")
+            if skipping:
+                nl = buf.find("\n")
+                buf, skipping = ("", True) if nl < 0 else (buf[nl + 1 :], False)
             if len(buf) > MAX_INPUT:
                 return
             while True:
@@ -137,14 +143,18 @@ class QMPSession:
                     break
                 try:
                     obj, end = self.decoder.raw_decode(stripped)
-                except json.JSONDecodeError as e:
-                    if e.pos >= len(stripped) - 1 and _incomplete(stripped):
+                except (json.JSONDecodeError, RecursionError) as e:
+                    if isinstance(e, RecursionError):
+                        # QEMU's parser limit (json-streamer.c MAX_NESTING), same words
+                        await self.send(_error("JSON nesting depth limit exceeded"))
+                    elif e.pos >= len(stripped) - 1 and _incomplete(stripped):
                         buf = stripped
                         break  # wait for the rest of the object
-                    await self.send(_error(f"JSON parse error, {e.msg}"))
+                    else:
+                        await self.send(_error(f"JSON parse error, {e.msg}"))
                     # resynchronise at the next line, as QEMU's lexer resets on errors
                     nl = stripped.find("\n")
-                    buf = stripped[nl + 1 :] if nl >= 0 else ""
+                    buf, skipping = ("", True) if nl < 0 else (stripped[nl + 1 :], False)
                     continue
                 buf = stripped[end:]
                 await self.dispatch(obj)
@@ -228,6 +238,13 @@ class QMPSession:
             await self.send({**_error(f"Internal error: {e}"), **reply_extra})
             return
         await self.send({"return": {} if result is None else result, **reply_extra})
+
+
+def _parse_int(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _error(desc: str, cls: str = "GenericError") -> dict[str, Any]:

@@ -142,6 +142,32 @@ def test_qmp_protocol_errors_keep_the_connection(tmp_path):
     assert r[9]["id"] == 7 and r[9]["return"]["package"].startswith("blockrep")
 
 
+def test_qmp_hostile_json_is_answered_and_the_connection_kept(tmp_path):
+    """Issue 12, Why 6: JSON nested 100,000 deep and numbers of more than 4,300 digits
+    dropped the connection with a traceback; QEMU answers its limits with an error."""
+    with daemon(tmp_path) as d:
+        r = _raw_qmp(
+            d.qmp_sock,
+            [
+                b'{"execute": "qmp_capabilities"}',
+                b'{"execute": "query-version", "id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+                b'{"execute": "query-version", "id": ' + b"9" * 5000 + b"}\n",
+                b'{"execute": "query-version", "id": "after"}',
+            ],
+            4,
+        )
+        log = d.output()
+    assert r[0] == {"return": {}}
+    assert r[1]["error"] == {
+        "class": "GenericError",
+        "desc": "JSON nesting depth limit exceeded",
+    }, r[1]
+    # a number too long for an integer is a (rounded) number, as QEMU reads it
+    assert "return" in r[2] and isinstance(r[2]["id"], float), r[2]
+    assert r[3]["id"] == "after" and "return" in r[3]
+    assert "Traceback" not in log
+
+
 def test_blockdev_add_del_and_queries(tmp_path, raw_disk):
     async def go(sock):
         c = await client(sock)

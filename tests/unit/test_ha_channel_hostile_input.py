@@ -1,0 +1,33 @@
+"""The control channel under hostile input (issue 12, Why 6, first part): a line nested
+past the JSON parser or an over-long number is dropped; the connection keeps answering
+the next request (it used to die with a traceback)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from blockrep.ha import channel
+
+
+async def test_deep_and_huge_lines_are_dropped_and_the_channel_answers(tmp_path) -> None:
+    path = str(tmp_path / "c.sock")
+
+    async def ping(msg: dict) -> dict:
+        return {"pong": msg.get("n")}
+
+    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await channel.serve(r, w, {"ping": ping})
+
+    server = await channel.listen(f"unix:{path}", on_conn)
+    try:
+        reader, writer = await asyncio.open_unix_connection(path, limit=channel.MAX_LINE)
+        writer.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+        writer.write(b'{"id": 1, "op": "ping", "n": ' + b"7" * 5000 + b"}\n")
+        writer.write(b'{"id": 2, "op": "ping", "n": 3}\n')
+        await writer.drain()
+        reply = json.loads(await asyncio.wait_for(reader.readline(), 10))
+        assert reply == {"id": 2, "ok": True, "pong": 3}, reply
+        writer.close()
+    finally:
+        server.close()
