@@ -67,7 +67,9 @@ async def serve(
     handlers: dict[str, Handler],
     on_message: Callable[[], None] | None = None,
 ) -> None:
-    """Answer requests on one connection until it closes."""
+    """Answer requests on one connection until it closes. ``on_message`` runs for each
+    request a handler answered (an empty or malformed line, an unknown or refused verb
+    does not count as hearing from the peer)."""
     lock = asyncio.Lock()
 
     async def answer(msg: dict[str, Any]) -> None:
@@ -77,6 +79,8 @@ async def serve(
             if h is None:
                 raise ChannelError(f"unknown operation {msg.get('op')!r}")
             reply = {"id": rid, "ok": True, **await h(msg)}
+            if on_message is not None:
+                on_message()  # a verb answered: the peer is alive (an empty line is not)
         except Exception as e:  # every failure is an answer, never a dead channel
             reply = {"id": rid, "ok": False, "error": str(getattr(e, "message", e))}
             if isinstance(code := getattr(e, "code", None), str):
@@ -91,8 +95,6 @@ async def serve(
             line = await reader.readline()
             if not line:
                 return
-            if on_message is not None:
-                on_message()
             try:
                 msg = json.loads(line)
             except (ValueError, RecursionError):  # not JSON, or nested past the parser
