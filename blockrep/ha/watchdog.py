@@ -131,9 +131,18 @@ async def heartbeat_loop(p: Primary) -> None:
         await asyncio.sleep(cfg.heartbeat_interval)
         if p.replicating and p.ch is not None:
             try:
-                await p.ch.call("heartbeat", timeout=cfg.heartbeat_timeout)
+                reply = await p.ch.call("heartbeat", timeout=cfg.heartbeat_timeout)
             except channel.ChannelError as e:
                 await p.degrade(f"secondary lost: {e}", e)
+                continue
+            if reply.get("error"):
+                # SPEC §6 cases 3-4: S's copy-before-write or its disk failed; its copy
+                # is not the primary's any more: stop claiming protection now, not at
+                # the next checkpoint (there may be none: --checkpoint-interval 0)
+                await p.degrade(
+                    "the secondary reports a replication error (stage "
+                    f"{reply.get('stage')}): its disk or buffers failed; not replicating"
+                )
         elif p.peer in _RETRY and (cfg.reconnect):
             # split brain: try again every 2 s (a `resolve --discard-local` ends it)
             if p.peer is PeerStatus.SPLIT_BRAIN and time.monotonic() - last_split < 2.0:
