@@ -227,6 +227,30 @@ class Probe:
         }
 
 
+async def change_regions(
+    export: str, rnd: random.Random, nreg: int, pct: float, res: dict, tail: list[int],
+    pre: list[int],
+) -> list[int]:  # fmt: skip
+    """The survivor's consumer rewrites pct % of the regions; ``res`` gets the counts and
+    the byte bounds a re-protect should stay within."""
+    changed = sorted(rnd.sample(range(nreg), max(1, round(nreg * pct / 100))))
+    g, bc = await nbd_client(export, "disk")
+    t0 = time.monotonic()
+    for r in changed:
+        await bc.write(r * REGION, rnd.randbytes(REGION))
+    await bc.flush()
+    res["change_write_s"] = time.monotonic() - t0
+    with contextlib.suppress(BaseException):
+        await asyncio.wait_for(g.close_all(), 5)
+    res["changed_regions"] = len(changed)
+    res["tail_regions"] = len(tail)
+    res["expected_bytes_min"] = len(changed) * REGION
+    res["expected_bytes_max"] = len(set(changed) | set(tail)) * REGION
+    res["expected_bytes_design"] = len(set(changed) | set(tail) | set(pre)) * REGION
+    res["old_primary_written_regions"] = len(set(pre) | set(tail))
+    return changed
+
+
 async def probe_for(sock: str, size: int, regions: list[int], seconds: float, seed: int):
     p = Probe(sock, size, regions, seed)
     await p.run(time.monotonic() + seconds)
@@ -336,21 +360,7 @@ async def up_case(
         await bn.wait_status(lambda s: s["role"] == "primary", 30, "b primary")
         res["promote_s"] = time.monotonic() - t0
         # b's consumer changes pct % of the regions
-        changed = sorted(rnd.sample(range(nreg), max(1, round(nreg * pct_ / 100))))
-        g, bc = await nbd_client(bn.export, "disk")
-        t0 = time.monotonic()
-        for r in changed:
-            await bc.write(r * REGION, rnd.randbytes(REGION))
-        await bc.flush()
-        res["change_write_s"] = time.monotonic() - t0
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(g.close_all(), 5)
-        res["changed_regions"] = len(changed)
-        res["tail_regions"] = len(tail)
-        res["expected_bytes_min"] = len(changed) * REGION
-        res["expected_bytes_max"] = len(set(changed) | set(tail)) * REGION
-        res["expected_bytes_design"] = len(set(changed) | set(tail) | set(pre)) * REGION
-        res["old_primary_written_regions"] = len(set(pre) | set(tail))
+        changed = await change_regions(bn.export, rnd, nreg, pct_, res, tail, pre)
         st = await bn.astatus()
         res["survivor_before"] = {
             k: st.get(k)
@@ -509,21 +519,7 @@ async def restart_case(
         cli("failover", "--qmp", f"unix:{b.qmp}")
         await b.wait_status(lambda s: s["peer"] == "failed-over", 60, "failed-over")
         # B's consumer changes pct % of the regions
-        changed = sorted(rnd.sample(range(nreg), max(1, round(nreg * pct_ / 100))))
-        g, bc = await nbd_client(b.export, "disk")
-        t0 = time.monotonic()
-        for r in changed:
-            await bc.write(r * REGION, rnd.randbytes(REGION))
-        await bc.flush()
-        res["change_write_s"] = time.monotonic() - t0
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(g.close_all(), 5)
-        res["changed_regions"] = len(changed)
-        res["tail_regions"] = len(tail)
-        res["expected_bytes_min"] = len(changed) * REGION
-        res["expected_bytes_max"] = len(set(changed) | set(tail)) * REGION
-        res["expected_bytes_design"] = len(set(changed) | set(tail) | set(pre)) * REGION
-        res["old_primary_written_regions"] = len(set(pre) | set(tail))
+        changed = await change_regions(b.export, rnd, nreg, pct_, res, tail, pre)
         st = await b.astatus()
         res["survivor_out_of_sync_bytes"] = st.get("out-of-sync-bytes")
         res["idle"] = await probe_for(b.export, size, changed, a.idle_seconds, seed + 1)
