@@ -43,6 +43,7 @@ NBD_SERVER_OPTIONS: dict[str, Any] = {
     "tls-creds": "str",
     "tls-authz": "str",
     "max-connections": "int",
+    "handshake-max-seconds": "int",
 }
 # QAPI BlockExportOptions for type nbd (block-export-add); --export takes a subset
 BLOCK_EXPORT_OPTIONS: dict[str, Any] = {
@@ -72,7 +73,12 @@ class BlockExports:
         self.legacy_exports: set[str] = set()  # ids created by nbd-server-add
 
     async def nbd_server_start(
-        self, addr: Any, tls_creds: str | None, tls_authz: str | None, max_conn: int
+        self,
+        addr: Any,
+        tls_creds: str | None,
+        tls_authz: str | None,
+        max_conn: int,
+        handshake_timeout: float = 10.0,
     ) -> None:
         if self.nbd is not None:
             raise BlockError(errno.EBUSY, "NBD server already running")
@@ -91,7 +97,9 @@ class BlockExports:
             if not isinstance(obj, AuthzSimple):
                 raise BlockError(errno.ENOENT, f"No authorization object with id '{tls_authz}'")
             authz = obj
-        srv = NBDServer({}, tls=tls, authz=authz, max_connections=max_conn)
+        srv = NBDServer(
+            {}, tls=tls, authz=authz, max_connections=max_conn, handshake_timeout=handshake_timeout
+        )
         try:
             await srv.listen(a)
         except OSError as e:
@@ -104,7 +112,11 @@ class BlockExports:
     async def nbd_server_start_options(self, o: dict[str, Any]) -> None:
         """nbd-server-start from checked NbdServerOptions."""
         await self.nbd_server_start(
-            o["addr"], o.get("tls-creds"), o.get("tls-authz"), o.get("max-connections", 0)
+            o["addr"],
+            o.get("tls-creds"),
+            o.get("tls-authz"),
+            o.get("max-connections", 0),
+            o.get("handshake-max-seconds", 10),
         )
 
     async def nbd_server_stop(self) -> None:

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import limits
 from .block import Graph
 from .block.options import check, parse_keyval, parse_options
 from .blockdev import (
@@ -121,7 +122,7 @@ USAGE = """usage: blockrep daemon [options]
   -object authz-simple,id=ID,identity=DN
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off   (repeatable)
   --chardev socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off --monitor chardev=ID
-  --nbd-server addr.type=inet|unix,addr.host=..,addr.port=..|addr.path=..[,tls-creds=ID][,tls-authz=ID][,max-connections=N]
+  --nbd-server addr.type=inet|unix,addr.host=..,addr.port=..|addr.path=..[,tls-creds=ID][,tls-authz=ID][,max-connections=N][,handshake-max-seconds=N]
   --export type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on][,description=TEXT]
   --pidfile PATH   --daemonize
 """
@@ -245,6 +246,7 @@ class Daemon:
 async def run_daemon(cfg: DaemonConfig, ready_fd: int | None = None) -> int:
     d = Daemon()
     loop = asyncio.get_running_loop()
+    limits.install_accept_error_filter(loop)  # EMFILE: one line a minute, not a flood
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, d.request_shutdown, "host-signal")
     try:

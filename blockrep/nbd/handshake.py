@@ -85,11 +85,16 @@ class ServerHandshake(Generic[E]):
 
     ``exports`` is consulted at each option, so exports added or removed while a
     client negotiates are seen as they are then. With ``tls`` the server requires
-    TLS: every option but STARTTLS and ABORT is refused until the upgrade.
+    TLS: every option but STARTTLS and ABORT is refused until the upgrade. A
+    ``private`` server's export names are secrets: NBD_OPT_LIST is refused
+    (NBD_REP_ERR_POLICY) and there is no default export.
     """
 
-    def __init__(self, exports: Mapping[str, E], *, tls: bool = False) -> None:
+    def __init__(
+        self, exports: Mapping[str, E], *, tls: bool = False, private: bool = False
+    ) -> None:
         self.exports = exports
+        self.private = private
         self.tls_required = tls
         self.tls_done = False
         self.no_zeroes = False
@@ -165,7 +170,7 @@ class ServerHandshake(Generic[E]):
 
     def _lookup(self, name: str) -> E | None:
         # the default export ("") is the only one when there is only one
-        if name == "" and len(self.exports) == 1:
+        if name == "" and len(self.exports) == 1 and not self.private:
             return next(iter(self.exports.values()))
         return self.exports.get(name)
 
@@ -184,7 +189,10 @@ class ServerHandshake(Generic[E]):
             self._out.append(p.pack_export_name_reply(exp.size, flags, self.no_zeroes))
             return ExportChosen(exp)
         if opt == p.OPT_LIST:
-            self._list(opt, data)
+            if self.private:
+                self._error(opt, p.REP_ERR_POLICY, "this server lists no exports")
+            else:
+                self._list(opt, data)
             return None
         if opt == p.OPT_STARTTLS:
             return self._starttls(opt, data)

@@ -7,6 +7,13 @@ in one turn of the event loop leave in one send. A client that breaks the
 protocol loses its own connection and nothing else: every length is bounded
 before anything is allocated, and data reaches the export only through
 well-formed writes.
+
+A client cannot hold the others either: a request is in flight on its export
+(``enter``..``leave``, what a checkpoint's quiesce waits for) only while its
+result is computed, never while its reply waits for the client to read; a
+client whose replies do not drain for ``send_timeout`` seconds, or that does
+not finish the handshake in ``handshake_timeout`` seconds, is dropped; and a
+connection over the process's descriptor budget (``limits``) is closed at once.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, cast
 
+from .. import limits
 from ..address import SocketAddress
 from ..errors import BlockError, ProtocolError
 from ..tls import peer_dn
@@ -32,6 +40,12 @@ log = logging.getLogger("blockrep.nbd.server")
 STREAM_LIMIT = 16 << 20
 BIG_REPLY = 64 << 10  # read replies at least this large are sent without joining
 REPLY_HIGH_WATER = 8 << 20  # queued reply bytes before a request waits for the socket
+SEND_TIMEOUT = 30.0  # seconds a client may leave its replies unread before it is dropped
+HANDSHAKE_TIMEOUT = 10.0  # QEMU 9.1's nbd-server-start handshake-max-seconds default
+CLOSE_GRACE = 5.0  # seconds close() lets replies drain before it aborts their clients
+
+# A reply: the parts that go on the wire, in order. A read's payload is the last part.
+Reply = tuple[bytes, ...]
 
 # the flags a request may carry, by command; any other bit is EINVAL
 _ALLOWED_FLAGS = {
@@ -92,11 +106,21 @@ class NBDServer:
         tls: ssl.SSLContext | None = None,
         authz: Callable[[str], bool] | None = None,
         max_connections: int = 0,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        send_timeout: float = SEND_TIMEOUT,
     ) -> None:
+        """``max_connections``, ``handshake_timeout`` and ``send_timeout``: 0 is no bound."""
         self.exports = exports
         self.tls = tls
         self.authz = authz
         self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.send_timeout = send_timeout
+        self.refused = 0  # connections closed at accept (max_connections or descriptors)
+        # export names are secrets (a replication link): nothing listed, no default export
+        self.private = False
+        # None: anyone; else a TCP client's host must pass it (a link admits its peer only)
+        self.admit_peer: Callable[[str], bool] | None = None
         self.clients: set[NBDClientConn] = set()
         self.servers: list[asyncio.AbstractServer] = []
 
@@ -124,8 +148,23 @@ class NBDServer:
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = writer.get_extra_info("peername")
+        if self.admit_peer is not None and not (
+            isinstance(peer, tuple) and self.admit_peer(str(peer[0]))
+        ):
+            self.refused += 1
+            log.debug("connection refused: %s is not the peer", peer)
+            writer.transport.abort()
+            return
         if self.max_connections and len(self.clients) >= self.max_connections:
-            writer.close()
+            self.refused += 1
+            log.debug("connection refused: max-connections %d reached", self.max_connections)
+            writer.transport.abort()
+            return
+        if not limits.admit_connection(limits.Share.DATA):
+            self.refused += 1
+            log.debug("connection refused: descriptor reserve reached")
+            writer.transport.abort()
             return
         conn = NBDClientConn(self, reader, writer)
         conn.task = asyncio.current_task()
@@ -134,9 +173,12 @@ class NBDServer:
             await conn.run()
         except (ConnectionError, asyncio.IncompleteReadError, ProtocolError, ssl.SSLError) as e:
             log.debug("client dropped: %s", e)
+        except TimeoutError:
+            log.debug("client dropped: no handshake in %s s", self.handshake_timeout)
         except Exception:  # a bug must cost one connection, never the daemon
             log.exception("NBD client handler failed")
         finally:
+            limits.release_connection()
             self.clients.discard(conn)
             if conn.export is not None:
                 conn.export.clients.discard(conn)
@@ -151,9 +193,16 @@ class NBDServer:
             await s.wait_closed()
         self.servers.clear()
         clients = list(self.clients)
+        running = [t for c in clients for t in c.tasks]
+        if running:
+            # a request's work on the export ends on its own; only a reply the client
+            # does not read can wait longer, and that client is aborted below
+            await asyncio.wait(running, timeout=CLOSE_GRACE)
         for c in clients:
-            await c.drain()
-            c.writer.close()
+            if c.tasks:
+                c.writer.transport.abort()
+            else:
+                c.writer.close()
         tasks = [c.task for c in clients if c.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
@@ -181,7 +230,8 @@ class NBDClientConn:
         self.requests: RequestReader | None = None
 
     async def run(self) -> None:
-        export = await self._negotiate()
+        async with asyncio.timeout(self.server.handshake_timeout or None):
+            export = await self._negotiate()
         if export is None:
             return
         self.export = export
@@ -193,9 +243,12 @@ class NBDClientConn:
     async def _negotiate(self) -> NBDExport | None:
         """Drive the handshake: its replies out, exactly the bytes it asks for in."""
         srv = self.server
-        hs = ServerHandshake(srv.exports, tls=srv.tls is not None)
+        hs = ServerHandshake(srv.exports, tls=srv.tls is not None, private=srv.private)
         while True:
             event = hs.next_event()
+            if isinstance(event, StartTLS):
+                # nothing more is read in plaintext: what the socket holds is for TLS
+                self.writer.transport.pause_reading()  # type: ignore[attr-defined]
             out = hs.data_to_send()
             if out:
                 self.writer.write(out)
@@ -204,6 +257,13 @@ class NBDClientConn:
                 hs.receive_data(await self.reader.readexactly(event.nbytes))
             elif isinstance(event, StartTLS):
                 assert srv.tls is not None
+                # Bytes that came before the upgrade are plaintext a third party may
+                # have injected; read after the upgrade they would pass for the client's
+                # (CVE-2011-0411's kind). nbd-server and qemu-nbd drop such a client.
+                if self.reader._buffer:  # type: ignore[attr-defined]
+                    raise ProtocolError("data after NBD_OPT_STARTTLS before the TLS handshake")
+                # reading has been paused since the ACK was queued, so nothing can join
+                # the buffer between this check and start_tls taking over the socket
                 await self.writer.start_tls(srv.tls)
                 if srv.authz is not None and not srv.authz(self._peer_dn()):
                     raise ProtocolError("client certificate not authorized")
@@ -231,7 +291,9 @@ class NBDClientConn:
         buffered: bytearray = self.reader._buffer  # type: ignore[attr-defined]
         leftover = bytes(buffered)
         buffered.clear()
-        reader = RequestReader(transport, old, self._dispatch, self.drain)
+        reader = RequestReader(
+            transport, old, self._dispatch, self.drain, send_timeout=self.server.send_timeout
+        )
         self.requests = reader
         transport.set_protocol(reader)
         reader.feed(leftover)
@@ -268,10 +330,18 @@ class NBDClientConn:
 
     # -- transmission: replies out -------------------------------------------------------
 
-    async def _reply(self, *parts: bytes) -> None:
-        """Queue a reply; all replies made in one turn of the event loop leave in
-        one send (one syscall for many 4 KiB replies)."""
-        self.outq.extend(parts)
+    async def _send(self, reply: Reply) -> None:
+        """Send one reply: small ones are queued and all replies made in one turn of
+        the event loop leave in one send (one syscall for many 4 KiB replies); a large
+        read payload is written without joining (no copy)."""
+        if len(reply) == 2 and len(reply[1]) >= BIG_REPLY:
+            async with self.wlock:
+                self._flush_replies()  # replies queued earlier leave first
+                self.writer.write(reply[0])
+                self.writer.write(reply[1])
+                await self.writer.drain()
+            return
+        self.outq.extend(reply)
         if not self.out_scheduled:
             self.out_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_replies)
@@ -286,22 +356,10 @@ class NBDClientConn:
                 self.writer.write(b"".join(self.outq))
             self.outq.clear()
 
-    async def _send_two(self, head: bytes, body: bytes) -> None:
-        """A header and a body; a large body is written without joining (no copy)."""
-        if len(body) < BIG_REPLY:
-            await self._reply(head, body)
-            return
-        async with self.wlock:
-            self._flush_replies()  # replies queued earlier leave first
-            self.writer.write(head)
-            self.writer.write(body)
-            await self.writer.drain()
-
-    async def _error(self, req: p.Request, err: int, msg: str = "") -> None:
+    def _error(self, req: p.Request, err: int, msg: str = "") -> Reply:
         if self.structured and (req.type in (p.CMD_READ, p.CMD_BLOCK_STATUS)):
-            await self._reply(p.pack_error_chunk(req.handle, err, msg))
-        else:
-            await self._reply(p.pack_simple_reply(req.handle, err))
+            return (p.pack_error_chunk(req.handle, err, msg),)
+        return (p.pack_simple_reply(req.handle, err),)
 
     # -- transmission: commands ----------------------------------------------------------
 
@@ -327,31 +385,36 @@ class NBDClientConn:
     async def _handle(self, req: p.Request, payload: bytes | memoryview) -> None:
         exp = self.export
         assert exp is not None
+        if self.writer.transport.get_write_buffer_size() > REPLY_HIGH_WATER:
+            # results wait in the socket's buffer: compute no more until it drains, so
+            # a client that reads slowly bounds what its replies hold in memory
+            async with self.wlock:
+                await self.writer.drain()
+        # In flight on the export (what a checkpoint's quiesce waits for) only while
+        # the result is computed: a client that does not read its replies must not
+        # hold the export, and so every other client of it, through the send.
         await exp.enter()
         try:
-            await self._handle_admitted(req, payload, exp)
+            reply = await self._execute(req, payload, exp)
         finally:
             exp.leave()
+        await self._send(reply)
 
-    async def _handle_admitted(
-        self, req: p.Request, payload: bytes | memoryview, exp: NBDExport
-    ) -> None:
+    async def _execute(self, req: p.Request, payload: bytes | memoryview, exp: NBDExport) -> Reply:
+        """Run one request on the export; the reply to send."""
         err = self._check(req, exp)
         if err:
-            await self._error(req, err, "invalid request")
-            return
+            return self._error(req, err, "invalid request")
         fua = bool(req.flags & p.CMD_FLAG_FUA)
         try:
             if req.type == p.CMD_READ:
                 data = await exp.read(req.offset, req.length) if req.length else b""
                 if not self.structured:
-                    await self._send_two(p.pack_simple_reply(req.handle), data)
-                elif req.length:
+                    return (p.pack_simple_reply(req.handle), data)
+                if req.length:
                     head = p.pack_offset_data_header(req.handle, req.offset, len(data))
-                    await self._send_two(head, data)
-                else:
-                    await self._reply(p.pack_chunk(req.handle, p.REPLY_TYPE_NONE))
-                return
+                    return (head, data)
+                return (p.pack_chunk(req.handle, p.REPLY_TYPE_NONE),)
             if req.type == p.CMD_WRITE:
                 await exp.write(req.offset, payload, fua)
             elif req.type == p.CMD_FLUSH:
@@ -366,14 +429,12 @@ class NBDClientConn:
             elif req.type == p.CMD_CACHE:
                 pass  # advisory; the page cache already holds what was read
             elif req.type == p.CMD_BLOCK_STATUS:
-                await self._block_status(req, exp)
-                return
+                return await self._block_status(req, exp)
         except BlockError as e:
-            await self._error(req, p.errno_to_nbd(e.errno), e.message)
-            return
-        await self._reply(p.pack_simple_reply(req.handle))
+            return self._error(req, p.errno_to_nbd(e.errno), e.message)
+        return (p.pack_simple_reply(req.handle),)
 
-    async def _block_status(self, req: p.Request, exp: NBDExport) -> None:
+    async def _block_status(self, req: p.Request, exp: NBDExport) -> Reply:
         extents = await exp.block_status(req.offset, req.length) if req.length else []
         # adjacent extents with the same flags are one descriptor on the wire
         descs: list[list[int]] = []
@@ -388,4 +449,4 @@ class NBDClientConn:
         if req.flags & p.CMD_FLAG_REQ_ONE:
             descs = descs[:1]
         descs = descs[: 1 << 16]
-        await self._reply(p.pack_block_status(req.handle, 0, [(n, f) for n, f in descs]))
+        return (p.pack_block_status(req.handle, 0, [(n, f) for n, f in descs]),)

@@ -30,7 +30,10 @@ class RequestReader(asyncio.BufferedProtocol):
     Flow control: with MAX_IN_FLIGHT requests running, reading pauses until one
     finishes (``request_done``). Write-side flow control and connection loss are
     passed on to the stream protocol the handshake used, which the StreamWriter
-    the replies go through still relies on.
+    the replies go through still relies on. A client that leaves the socket's write
+    side paused (it does not read its replies) for ``send_timeout`` seconds is
+    aborted: its queued replies are dropped and every request waiting to send one
+    sees the connection lost.
     """
 
     STAGING = 256 << 10
@@ -42,11 +45,14 @@ class RequestReader(asyncio.BufferedProtocol):
         old: asyncio.BaseProtocol,
         dispatch: Dispatch,
         drain: Callable[[], Awaitable[None]],
+        send_timeout: float = 0.0,
     ) -> None:
         self.transport = transport
         self.old = old
         self.dispatch = dispatch
         self.drain = drain
+        self.send_timeout = send_timeout
+        self.stall: asyncio.TimerHandle | None = None
         self.buf = bytearray(self.STAGING)
         self.start = 0
         self.end = 0
@@ -58,9 +64,13 @@ class RequestReader(asyncio.BufferedProtocol):
         self.paused = False
         self.done = False
         self.closed = asyncio.get_running_loop().create_future()
+        # the handshake's replies may have filled the socket already
+        if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+            self._arm_stall()
 
     def _finish(self) -> None:
         self.done = True
+        self._disarm_stall()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -191,6 +201,24 @@ class RequestReader(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.old.pause_writing()
+        self._arm_stall()
 
     def resume_writing(self) -> None:
+        self._disarm_stall()
         self.old.resume_writing()
+
+    def _arm_stall(self) -> None:
+        if self.send_timeout > 0 and self.stall is None:
+            loop = asyncio.get_running_loop()
+            self.stall = loop.call_later(self.send_timeout, self._stalled)
+
+    def _disarm_stall(self) -> None:
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
+
+    def _stalled(self) -> None:
+        self.stall = None
+        log.debug("client dropped: replies not read for %s s", self.send_timeout)
+        self.done = True
+        self.transport.abort()  # queued replies are discarded; connection_lost follows
