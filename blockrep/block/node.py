@@ -392,6 +392,19 @@ class Node:
             raise BlockError(errno.EPERM, f"Node '{self.node_name}' is read-only")
         await self._co_make_empty()
 
+    def prepare_make_empty(self) -> PreparedEmpty:
+        """make_empty in steps, so that several nodes are emptied all or nothing.
+
+        See ``PreparedEmpty``: replication empties its active and hidden disks at
+        every checkpoint, and a failure half-way must leave both as they were.
+        """
+        if self.read_only:
+            raise BlockError(errno.EPERM, f"Node '{self.node_name}' is read-only")
+        return self._prepare_make_empty()
+
+    def _prepare_make_empty(self) -> PreparedEmpty:
+        return PreparedEmpty(self)
+
     async def close(self) -> None:
         """Release what this node holds (not its children: the graph closes those)."""
         self.closed = True
@@ -454,3 +467,35 @@ class Node:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.node_name!r} len={self.length}>"
+
+
+class PreparedEmpty:
+    """One node's make_empty, split so that a set of nodes empties all or nothing.
+
+    ``commit`` empties the node in one step that either succeeds or leaves the node
+    reading as before. To empty several nodes atomically, ``stage`` every node but
+    the last (the part that may fail for want of descriptors, space or I/O: after
+    it the node still reads as before, ``undo`` takes it back, and ``finish`` can
+    no longer fail to empty it), then ``commit`` the last, then ``finish`` the
+    staged ones — or ``undo`` them if the commit raised.
+
+    This default cannot undo (``undoable`` is false): ``stage`` does nothing and
+    ``finish`` is a plain make_empty, which may fail after the others committed.
+    """
+
+    undoable: ClassVar[bool] = False
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def commit(self) -> None:
+        await self.node._co_make_empty()
+
+    async def stage(self) -> None:
+        return None
+
+    async def undo(self) -> None:
+        return None
+
+    async def finish(self) -> None:
+        await self.node._co_make_empty()

@@ -36,7 +36,7 @@ from .format import (
     entry_kind,
     parse_header,
 )
-from .make_empty import make_empty
+from .make_empty import Qcow2PreparedEmpty, make_empty
 
 
 @register
@@ -496,6 +496,21 @@ class Qcow2Node(Node):
                 # what another make_empty would write (checkpoints of an idle buffer)
                 return
             self.tables = await make_empty(self._file, self.tables, self.swap_on_empty)
+
+    def _prepare_make_empty(self) -> Qcow2PreparedEmpty:
+        return Qcow2PreparedEmpty(self)
+
+    async def reload_metadata(self) -> None:
+        """Read header and tables again, dropping what memory holds (the caller
+        holds the lock): after an emptying that failed half-way on disk."""
+        f = self._file
+        head = await f.read(0, min(f.length, 2 << 20))
+        try:
+            h = parse_header(head, f.length)
+        except FormatError as e:
+            raise BlockError(errno.EIO, f"qcow2: cannot re-read the header: {e}") from None
+        self.h = h
+        await self._load_tables()
 
     async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
         """Rewrite the header's backing file name and format (after a commit)."""

@@ -8,24 +8,52 @@ replace its contents; anything else is unmapped cluster by cluster.
 
 from __future__ import annotations
 
+import copy
+import logging
 import struct
+from typing import TYPE_CHECKING
 
-from ..block.node import Node
+from ..block.node import Node, PreparedEmpty
+from ..errors import BlockError
 from .cluster import ClusterMap
 from .format import INCOMPAT_DIRTY, L1E_OFFSET_MASK
 from .refcount import Refcounts, rc_get, rc_set
 
+if TYPE_CHECKING:
+    from .driver import Qcow2Node
 
-async def make_empty(file: Node, t: ClusterMap, swap: bool) -> ClusterMap:
+log = logging.getLogger("blockrep.qcow2")
+
+
+def _fresh_layout_fits(t: ClusterMap) -> bool:
+    """QEMU's make_completely_empty applies: v3, and the L1 fits refcount block 0."""
+    h = t.h
+    l1_clusters = -(-h.l1_size * 8 // h.cluster_size)
+    return h.version >= 3 and 3 + l1_clusters <= t.rc.block_entries
+
+
+def _can_swap(file: Node, t: ClusterMap, swap: bool) -> bool:
+    return (
+        swap and _fresh_layout_fits(t) and file.supports_replace_contents() and not t.h.nb_snapshots
+    )
+
+
+async def make_empty(file: Node, t: ClusterMap, swap: bool, staged: bool = False) -> ClusterMap:
     """Empty the image in ``file``; returns the mapping to use from now on.
 
     ``swap``: the node's owner has no interest in the old contents (the node's
     ``swap_on_empty``), so a file that can replace its contents gets a fresh one.
+    ``staged``: the L1 table on disk is already zero (``Qcow2PreparedEmpty.stage``),
+    so nothing may keep the in-memory L1 pointing at L2 tables (the fallback drops
+    them), and a swap that fails goes on in place instead of failing.
     """
     h = t.h
     cs = h.cluster_size
     l1_clusters = -(-h.l1_size * 8 // cs)
-    if h.version < 3 or 3 + l1_clusters > t.rc.block_entries:
+    if not _fresh_layout_fits(t) and staged:
+        await _drop_all_l2_tables(t)
+        return t
+    if not _fresh_layout_fits(t):
         # Fallback, as QEMU: discard every cluster (O(data)); only slots that
         # have an L2 table can hold anything.
         nclusters = -(-h.size // cs)
@@ -40,8 +68,15 @@ async def make_empty(file: Node, t: ClusterMap, swap: bool) -> ClusterMap:
                     t.release(e)
         await t.flush()
         return t
-    if swap and file.supports_replace_contents() and not h.nb_snapshots:
-        return await _make_empty_by_swap(file, t, l1_clusters)
+    if _can_swap(file, t, swap):
+        try:
+            return await _make_empty_by_swap(file, t, l1_clusters)
+        except BlockError as e:
+            if not staged:
+                raise
+            # the swap changed nothing (replace_contents is all or nothing); the
+            # in-place rewrite needs no new descriptor and no new file
+            log.warning("%s: swapping in a fresh image failed (%s); emptying in place", file, e)
     # The fresh layout (reftable in cluster 1, refcount block 0 in cluster 2,
     # L1 from cluster 3) is reachable in place when L1 and block 0 already sit
     # there and cluster 1 is no refcount block; the reftable itself may have
@@ -107,11 +142,14 @@ async def _make_empty_by_swap(file: Node, t: ClusterMap, l1_clusters: int) -> Cl
     h = t.h
     cs = h.cluster_size
     header = bytearray(await file.read(0, cs))
-    h.incompatible_features &= ~INCOMPAT_DIRTY
-    h.l1_table_offset = 3 * cs
-    h.refcount_table_offset = cs
-    h.refcount_table_clusters = 1
-    fixed = h.pack_fixed()
+    # The header object is the open image's: it changes only once the new file is
+    # in place, so a failed swap leaves the node exactly as it was.
+    fresh = copy.copy(h)
+    fresh.incompatible_features &= ~INCOMPAT_DIRTY
+    fresh.l1_table_offset = 3 * cs
+    fresh.refcount_table_offset = cs
+    fresh.refcount_table_clusters = 1
+    fixed = fresh.pack_fixed()
     header[: len(fixed)] = fixed
     nclusters = 3 + l1_clusters
     content = bytearray(nclusters * cs)
@@ -119,6 +157,10 @@ async def _make_empty_by_swap(file: Node, t: ClusterMap, l1_clusters: int) -> Cl
     content[cs : cs + 8] = (2 * cs).to_bytes(8, "big")
     content[2 * cs : 3 * cs] = _fresh_refblock(t, nclusters)
     await file.replace_contents(bytes(content))
+    h.incompatible_features = fresh.incompatible_features
+    h.l1_table_offset = fresh.l1_table_offset
+    h.refcount_table_offset = fresh.refcount_table_offset
+    h.refcount_table_clusters = fresh.refcount_table_clusters
     return _fresh_tables(file, t, nclusters)
 
 
@@ -161,3 +203,113 @@ async def _drop_all_l2_tables(t: ClusterMap) -> None:
         t.l2cache.drop(off)
         t.rc.defer_free(off)
     await t.flush()
+
+
+class Qcow2PreparedEmpty(PreparedEmpty):
+    """make_empty of a qcow2 node in steps (see ``PreparedEmpty``).
+
+    ``stage`` zeroes the L1 table on disk and nothing else: the image is then
+    logically empty on disk, every old cluster a leak, while the node keeps its
+    in-memory mapping and so still reads as before. ``undo`` writes the old L1
+    back. ``finish`` completes the emptying (a fresh file, or the in-place
+    rewrite, or unmapping) and, if that fails, re-reads the mapping from disk: an
+    empty image with leaked clusters, which the next make_empty drops. The node's
+    metadata lock is held from ``stage`` to ``undo``/``finish``, so no request
+    changes the mapping in between. Nothing here flushes the old file: either L1
+    is a valid image after a crash, and the buffers' old contents do not matter.
+    """
+
+    undoable = True
+
+    def __init__(self, node: Qcow2Node) -> None:
+        super().__init__(node)
+        self.q = node
+        self._old_l1: bytes | None = None
+        self._held = False
+        self._nothing_to_do = False
+
+    async def commit(self) -> None:
+        q = self.q
+        async with q.lock:
+            t = q.tables
+            if t.pristine:
+                return
+            if _can_swap(q._file, t, q.swap_on_empty):
+                # one step: replace_contents either puts the fresh file in place
+                # or leaves the old one, and the header changes only after it
+                l1_clusters = -(-t.h.l1_size * 8 // t.h.cluster_size)
+                q.tables = await _make_empty_by_swap(q._file, t, l1_clusters)
+                return
+            await self._zero_l1(t)
+            await self._finish_locked(t)
+
+    async def stage(self) -> None:
+        q = self.q
+        await q.lock.acquire()
+        try:
+            t = q.tables
+            if t.pristine:
+                self._nothing_to_do = True
+            else:
+                await self._zero_l1(t)
+        except BaseException:
+            q.lock.release()
+            raise
+        self._held = True
+
+    async def undo(self) -> None:
+        if not self._held:
+            return
+        try:
+            if self._old_l1 is not None:
+                await self.q._file.write(self.q.tables.h.l1_table_offset, self._old_l1)
+                self._old_l1 = None
+        finally:
+            self._release()
+
+    async def finish(self) -> None:
+        if not self._held:
+            return
+        try:
+            if not self._nothing_to_do:
+                await self._finish_locked(self.q.tables)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._held = False
+        self.q.lock.release()
+
+    async def _zero_l1(self, t: ClusterMap) -> None:
+        file = self.q._file
+        h = t.h
+        nbytes = h.l1_size * 8
+        if not nbytes:
+            return
+        old = await file.read(h.l1_table_offset, nbytes)
+        try:
+            await file.write(h.l1_table_offset, bytes(nbytes))
+        except BlockError:
+            # a write that failed half-way must not leave half an L1 on disk
+            try:
+                await file.write(h.l1_table_offset, old)
+            except BlockError as e:
+                log.error("%s: could not restore the L1 table: %s", self.q.node_name, e.message)
+            raise
+        self._old_l1 = old
+
+    async def _finish_locked(self, t: ClusterMap) -> None:
+        q = self.q
+        try:
+            q.tables = await make_empty(q._file, t, q.swap_on_empty, staged=True)
+        except BlockError as e:
+            # L1 on disk is zero: the image is empty, with leaks; the mapping in
+            # memory may not match what reached the disk, so read it again
+            log.warning(
+                "%s: emptying after the L1 table was cleared failed (%s); "
+                "the image keeps leaked clusters until its next make_empty",
+                q.node_name,
+                e.message,
+            )
+            await q.reload_metadata()
+        self._old_l1 = None

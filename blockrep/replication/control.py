@@ -16,10 +16,11 @@ from typing import Any
 
 from ..block.graph import Graph
 from ..block.node import Node
-from ..errors import BlockError, ReplicationError
+from ..errors import ReplicationError
 from ..jobs import launch
 from ..jobs.backup import BackupJob
 from ..jobs.base import Job, JobManager
+from .buffers import EmptyFailed, empty_buffers
 from .filter import ReplicationMode, ReplicationNode, ReplicationStage
 from .identity import disk_identity
 
@@ -271,18 +272,25 @@ class ReplicationControl:
         active, hidden = s.file, s.child_node("hidden")
         assert active is not None and hidden is not None
         # No request may be half-way while the buffers are emptied: a copy landing
-        # in hidden after the re-arm would be a pre-image from the wrong epoch. The
-        # job drains its filter last, right before the re-arm.
+        # in hidden after the empty would be a pre-image from the wrong epoch. So
+        # the job's filter is drained first; it is re-armed only once both buffers
+        # are empty (draining again, right before the re-arm), because a checkpoint
+        # that fails keeps the old epoch: its copies must not be taken again.
         await active.drain()
         await hidden.drain()
+        if job is not None and job.cbw is not None:
+            await job.cbw.drain()
+        try:
+            await empty_buffers(active, hidden)
+        except EmptyFailed as f:
+            st.record_error(
+                f.error
+            )  # the checkpoint failed: reported to the HA manager (SPEC §6.6)
+            raise ReplicationError(
+                f"Failed to empty the {f.buffer} disk: {f.error.message}{f.detail}"
+            ) from None
         if job is not None:
             await job.checkpoint()
-        for name, disk in (("active", active), ("hidden", hidden)):
-            try:
-                await disk.make_empty()
-            except BlockError as e:
-                st.record_error(e)  # the checkpoint failed: reported to the HA manager (SPEC §6.6)
-                raise ReplicationError(f"Failed to empty the {name} disk: {e.message}") from None
         st.epoch += 1
 
     # -- get_error -------------------------------------------------------------------------------
