@@ -23,6 +23,7 @@ commands:
   demo        start a pair on loopback, run a workload, fail over, prove the result
   daemon      the block daemon: QEMU-style -drive/-blockdev, QMP, NBD server and exports
   img         image utility (qemu-img forms): create, info, check, map, compare, convert
+  tls-init    write a CA plus server and client certificates (QEMU's x509 layout)
 """
 
 
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         from .img import main as img_main
 
         return img_main(rest)
+    if cmd == "tls-init":
+        from .tls_init import main as tls_init_main
+
+        return tls_init_main(rest)
     if cmd in ("--version", "version"):
         from .. import __version__
 

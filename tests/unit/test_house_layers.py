@@ -36,7 +36,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "blockrep.qcow2.make_empty",
         ),
     ),
-    ("codecs", ("blockrep.nbd", "blockrep.qcow2", "blockrep.address", "blockrep.tls")),
+    (
+        "codecs",
+        ("blockrep.nbd", "blockrep.qcow2", "blockrep.address", "blockrep.tls", "blockrep.tls_init"),
+    ),
     ("errors", ("blockrep.errors", "blockrep")),
 ]
 
