@@ -9,6 +9,8 @@ command-line form raises ValueError, which the HA command reports as a usage err
 
 from __future__ import annotations
 
+import os
+import socket
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -106,3 +108,21 @@ class SocketAddress:
 
     def describe(self) -> str:
         return self.path if self.type == "unix" else f"{self.host}:{self.port}"
+
+
+def bind_unix_private(path: str) -> socket.socket:
+    """A unix stream socket bound at ``path`` (a stale one replaced) that only its
+    owner may connect to: created 0600 (the umask is set around bind, so there is no
+    moment when it is open to others)."""
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    return sock

@@ -398,6 +398,23 @@ class HA:
         self.nodes.append(n)
         return n
 
+    def psk_file(self) -> str:
+        """The pair's shared secret (one per HA dir, mode 0600)."""
+        path = self.path("pair.psk")
+        if not os.path.exists(path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(os.urandom(32).hex() + "\n")
+        return path
+
+    def _secure(self, address: str, extra: Sequence[str]) -> list[str]:
+        """A pair on TCP must authenticate: the dir's psk-file unless the test chose
+        (--psk-file, --tls-dir or --insecure in ``extra``)."""
+        chosen = {"--psk-file", "--tls-dir", "--insecure"} & set(extra)
+        if address.startswith("unix:") or chosen:
+            return []
+        return ["--psk-file", self.psk_file()]
+
     def secondary(
         self,
         name: str = "s",
@@ -407,7 +424,9 @@ class HA:
     ) -> HANode:
         buffers = "/dev/shm" if os.path.isdir("/dev/shm") else self.dir
         listen = listen or f"unix:{self.path(name + '.ctl')}"
-        args = ["--listen", listen, "--buffer-dir", buffers]
+        args = ["--listen", listen, "--buffer-dir", buffers, *self._secure(listen, extra)]
+        if not listen.startswith("unix:") and "--link-port" not in extra:
+            args += ["--link-port", str(free_port())]  # the default (port + 1) may be taken
         return self._node("secondary", name, disk or self.disk("s.raw"), args, extra)
 
     def primary(
@@ -418,6 +437,7 @@ class HA:
         extra: Sequence[str] = (),
     ) -> HANode:
         args = ["--secondary", secondary, "--connect-timeout", "20"]
+        args += self._secure(secondary, extra)
         return self._node("primary", name, disk or self.disk("p.raw"), args, extra)
 
     def resource(

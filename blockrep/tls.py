@@ -87,3 +87,32 @@ def peer_dn(cert: dict[str, Any] | None) -> str:
         for rdn in cert.get("subject", ())
     ]
     return ",".join(rdns)
+
+
+def cert_file_dn(path: str) -> str:
+    """The subject of the PEM certificate in ``path``, in peer_dn()'s format: what
+    the other end sees when this certificate is presented."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    short = {
+        NameOID.COUNTRY_NAME: "C",
+        NameOID.STATE_OR_PROVINCE_NAME: "ST",
+        NameOID.LOCALITY_NAME: "L",
+        NameOID.ORGANIZATION_NAME: "O",
+        NameOID.ORGANIZATIONAL_UNIT_NAME: "OU",
+        NameOID.COMMON_NAME: "CN",
+        NameOID.DOMAIN_COMPONENT: "DC",
+        NameOID.EMAIL_ADDRESS: "EMAIL",
+        NameOID.STREET_ADDRESS: "STREET",
+        NameOID.USER_ID: "UID",
+    }
+    try:
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the certificate {path}: {e}") from None
+    return ",".join(
+        "+".join(f"{short.get(a.oid, a.oid._name)}={_dn_escape(str(a.value))}" for a in rdn)
+        for rdn in cert.subject.rdns
+    )

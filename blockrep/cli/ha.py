@@ -23,7 +23,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--qmp", help="QMP socket (unix:PATH) for status, checkpoint and failover")
     p.add_argument("--metrics", help="serve Prometheus metrics on HOST:PORT")
-    p.add_argument("--tls-dir", help="x509 certificates (QEMU layout) for the control channel")
+    p.add_argument(
+        "--tls-dir",
+        help="x509 certificates (QEMU layout, see 'blockrep tls-init'): the control channel "
+        "and the replication link on TLS, the peer's certificate checked",
+    )
+    p.add_argument(
+        "--psk-file",
+        help="a shared secret (both nodes the same file, mode 0600): the peer must prove it",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run a pair on TCP without authentication (anyone reaching the ports is the peer)",
+    )
+    p.add_argument(
+        "--export-tls-dir", help="x509 certificates (QEMU layout): the consumer export on TLS"
+    )
     p.add_argument("--state-file", help="generation state file (default: DISK.blockrep-state.json)")
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
     p.add_argument("--heartbeat-timeout", type=float, default=3.0)
@@ -113,11 +129,17 @@ def secondary_parser() -> argparse.ArgumentParser:
         "--fence-command",
         help="command that makes sure the primary is dead; must exit 0 before an automatic failover",
     )
+    p.add_argument(
+        "--link-port",
+        type=int,
+        default=0,
+        help="TCP port of the replication link (default: the --listen port + 1)",
+    )
     return p
 
 
 def run_role(kind: str, argv: list[str]) -> int:
-    from ..errors import BlockError
+    from ..errors import BlockError, OptionError
     from ..ha.config import PrimaryConfig, SecondaryConfig
     from ..ha.node_state import StateFileError
     from ..ha.primary import Primary
@@ -128,6 +150,9 @@ def run_role(kind: str, argv: list[str]) -> int:
     logging.basicConfig(level=args.log.upper(), format=f"blockrep {kind}: %(message)s")
 
     async def main() -> int:
+        from .. import limits
+
+        limits.install_accept_error_filter(asyncio.get_running_loop())
         # the Namespace stops here: the roles take a typed, frozen config
         try:  # a state file that cannot be read is one line naming it, never a traceback
             node: BaseRole = (
@@ -135,7 +160,7 @@ def run_role(kind: str, argv: list[str]) -> int:
                 if kind == "primary"
                 else Secondary(SecondaryConfig.from_args(args))
             )
-        except StateFileError as e:
+        except (StateFileError, OptionError) as e:
             print(f"blockrep {kind}: {e.message}", file=sys.stderr)
             return 1
         try:

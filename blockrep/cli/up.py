@@ -84,6 +84,9 @@ def cmd_up(argv: list[str]) -> int:
     )
 
     async def main() -> int:
+        from .. import limits
+
+        limits.install_accept_error_filter(asyncio.get_running_loop())
         try:
             node = HANode(res, name, opts)
             await node.start()

@@ -13,15 +13,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..address import SocketAddress
-from ..tls import X509Credentials
+from .. import limits
+from ..address import SocketAddress, bind_unix_private
+from .auth import HANDSHAKE_TIMEOUT, AuthError, Security
+
+log = logging.getLogger("blockrep.ha.channel")
 
 MAX_LINE = 16 << 20
+MAX_IN_FLIGHT = 16  # requests of one connection being answered at once
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -37,27 +41,88 @@ class ChannelError(Exception):
         self.code = code
 
 
-def tls_contexts(tls_dir: str | None) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
-    """(server, client) contexts from a directory in QEMU's x509 layout; both ends of
-    the channel prove who they are, so the client certificate is required."""
-    if not tls_dir:
-        return None, None
-    creds = X509Credentials(tls_dir)
-    return creds.server_context(), creds.client_context(require_cert=True)
+class Gate:
+    """A listener's door: each connection proves itself (auth.Security) within
+    HANDSHAKE_TIMEOUT or is dropped; at most ``max_pending`` may be proving themselves
+    at once (a new one pushes out the oldest, so idle strangers cannot lock the peer
+    out) and at most ``max_peers`` proven ones are served."""
+
+    def __init__(
+        self,
+        security: Security,
+        on_peer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        max_pending: int = 16,
+        max_peers: int = 8,
+    ) -> None:
+        self.security = security
+        self.on_peer = on_peer
+        self.max_pending = max_pending
+        self.max_peers = max_peers
+        self.pending: list[asyncio.StreamWriter] = []
+        self.peers = 0
+        self.refused = 0  # connections dropped before or at authentication
+        self.log = limits.RateLimitedLog(log, interval=10.0)  # strangers cannot flood it
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with limits.connection_slot(limits.Share.DATA) as ok:
+            if not ok:
+                self.refused += 1
+                writer.close()
+                return
+            await self._admitted(reader, writer)
+
+    async def _admitted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.pending.append(writer)
+        if len(self.pending) > self.max_pending:
+            self.pending.pop(0).close()  # the oldest stranger makes room
+        try:
+            await asyncio.wait_for(self.security.accept(reader, writer), HANDSHAKE_TIMEOUT)
+        except (AuthError, TimeoutError, ConnectionError, ssl.SSLError, OSError) as e:
+            self.refused += 1
+            peer = writer.get_extra_info("peername")
+            self.log("control channel: refused %s: %s", peer or "a client", _why(e))
+            writer.close()
+            return
+        except asyncio.IncompleteReadError:
+            writer.close()
+            return
+        finally:
+            if writer in self.pending:
+                self.pending.remove(writer)
+        if self.peers >= self.max_peers:
+            self.refused += 1
+            self.log("control channel: %d peers connected already", self.peers)
+            writer.close()
+            return
+        self.peers += 1
+        try:
+            await self.on_peer(reader, writer)
+        finally:
+            self.peers -= 1
 
 
-async def listen(
-    addr: str,
-    on_conn: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-    tls: ssl.SSLContext | None = None,
-) -> asyncio.AbstractServer:
+def _why(e: BaseException) -> str:
+    return "no authentication within the deadline" if isinstance(e, TimeoutError) else str(e)
+
+
+async def listen(addr: str, gate: Gate) -> asyncio.AbstractServer:
+    """Serve the control channel on ``addr`` (a unix socket is made 0600)."""
+    tls, _ = gate.security.contexts()
     a = SocketAddress.from_str(addr)
+    timeout = HANDSHAKE_TIMEOUT if tls is not None else None
     if a.type == "unix":
-        if os.path.exists(a.path):
-            os.unlink(a.path)
-        return await asyncio.start_unix_server(on_conn, a.path, ssl=tls, limit=MAX_LINE)
+        sock = bind_unix_private(a.path)
+        return await asyncio.start_unix_server(
+            gate, sock=sock, ssl=tls, limit=MAX_LINE, ssl_handshake_timeout=timeout
+        )
     return await asyncio.start_server(
-        on_conn, a.host, int(a.port), ssl=tls, reuse_address=True, limit=MAX_LINE
+        gate,
+        a.host,
+        int(a.port),
+        ssl=tls,
+        reuse_address=True,
+        limit=MAX_LINE,
+        ssl_handshake_timeout=timeout,
     )
 
 
@@ -90,20 +155,24 @@ async def serve(
             await writer.drain()
 
     tasks: set[asyncio.Task] = set()
+    slots = asyncio.Semaphore(MAX_IN_FLIGHT)  # the next line is read only when one is free
     try:
         while True:
+            await slots.acquire()
             line = await reader.readline()
             if not line:
                 return
             try:
                 msg = json.loads(line)
             except (ValueError, RecursionError):  # not JSON, or nested past the parser
-                continue
+                msg = None
             if not isinstance(msg, dict):
+                slots.release()
                 continue
             t = asyncio.create_task(answer(msg))
             tasks.add(t)
             t.add_done_callback(tasks.discard)
+            t.add_done_callback(lambda _t: slots.release())
     except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
         return
     finally:
@@ -123,9 +192,9 @@ class Client:
         self.task: asyncio.Task | None = None
         self.closed = True
 
-    async def connect(
-        self, addr: str, tls: ssl.SSLContext | None = None, timeout: float = 5.0
-    ) -> None:
+    async def connect(self, addr: str, security: Security, timeout: float = 5.0) -> None:
+        """Connect and prove this node to the peer (and the peer to it)."""
+        _, tls = security.contexts()
         a = SocketAddress.from_str(addr)
         if a.type == "unix":
             # asyncio wants a server name with TLS; the client context does not check it
@@ -137,7 +206,13 @@ class Client:
             )
         else:
             coro = asyncio.open_connection(a.host, int(a.port), ssl=tls, limit=MAX_LINE)
-        self.reader, self.writer = await asyncio.wait_for(coro, timeout)
+        reader, writer = await asyncio.wait_for(coro, timeout)
+        try:
+            await asyncio.wait_for(security.connect(reader, writer), timeout)
+        except (AuthError, TimeoutError, ConnectionError, OSError) as e:
+            writer.close()
+            raise ChannelError(f"control channel: {_why(e)}") from None
+        self.reader, self.writer = reader, writer
         self.closed = False
         self.task = asyncio.create_task(self._read())
 

@@ -63,6 +63,9 @@ class _Common(TypedDict):
     qmp: str | None
     metrics: str | None
     tls_dir: str | None
+    psk_file: str | None
+    insecure: bool
+    export_tls_dir: str | None
     state_file: str
     heartbeat_interval: float
     heartbeat_timeout: float
@@ -77,7 +80,10 @@ class RoleConfig:
     export: str  # consumer NBD address: HOST:PORT or unix:PATH
     qmp: str | None  # QMP socket (unix:PATH), or None for none
     metrics: str | None  # Prometheus HOST:PORT, or None
-    tls_dir: str | None  # x509 directory for the control channel, or None
+    tls_dir: str | None  # x509 directory: channel and link on TLS, peer certificate checked
+    psk_file: str | None  # a shared secret: the channel's challenge-response (auth.py)
+    insecure: bool  # TCP without authentication, on request only
+    export_tls_dir: str | None  # x509 directory: the consumer export on TLS
     state_file: str
     heartbeat_interval: float
     heartbeat_timeout: float
@@ -89,6 +95,11 @@ class RoleConfig:
     @property
     def shared(self) -> bool:
         return self.mode is Mode.SHARED
+
+    @property
+    def pair_address(self) -> str:
+        """Where the control channel is (the secondary's address)."""
+        raise NotImplementedError
 
     def volume_specs(self) -> tuple[VolumeSpec, ...]:
         return self.volumes or (VolumeSpec(self.disk, self.export, self.export_name),)
@@ -103,6 +114,9 @@ class RoleConfig:
             "qmp": ns.qmp or None,
             "metrics": getattr(ns, "metrics", None) or None,
             "tls_dir": getattr(ns, "tls_dir", None) or None,
+            "psk_file": getattr(ns, "psk_file", None) or None,
+            "insecure": bool(getattr(ns, "insecure", False)),
+            "export_tls_dir": getattr(ns, "export_tls_dir", None) or None,
             "state_file": ns.state_file or default_state_file(disk),
             "heartbeat_interval": float(ns.heartbeat_interval),
             "heartbeat_timeout": float(ns.heartbeat_timeout),
@@ -121,6 +135,10 @@ class PrimaryConfig(RoleConfig):
     activity_log: bool = True  # False: --no-activity-log (unsafe: a crash copies nothing it wrote)
     resync_rate: int = 0  # bytes/s ceiling of a background resync (0: unlimited)
     resync_min_rate: int = 0  # bytes/s it keeps even while the consumer is busy
+
+    @property
+    def pair_address(self) -> str:
+        return self.secondary
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> PrimaryConfig:
@@ -146,6 +164,11 @@ class SecondaryConfig(RoleConfig):
     auto_failover: bool
     failover_timeout: float
     fence_command: str | None
+    link_port: int = 0  # TCP: the replication link's port (0: the control port + 1)
+
+    @property
+    def pair_address(self) -> str:
+        return self.listen
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> SecondaryConfig:
@@ -156,4 +179,5 @@ class SecondaryConfig(RoleConfig):
             auto_failover=bool(ns.auto_failover),
             failover_timeout=float(ns.failover_timeout),
             fence_command=ns.fence_command or None,
+            link_port=int(getattr(ns, "link_port", 0) or 0),
         )

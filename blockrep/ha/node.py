@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import QMPError
-from . import channel, metrics, qmp
+from . import auth, channel, metrics, qmp
 from .config import Mode, PrimaryConfig, SecondaryConfig, VolumeSpec, default_state_file
 from .primary import Primary
 from .resource import Resource
@@ -64,6 +64,10 @@ class HANode:
                 f"resource {res.name}: {res.volume_count} volumes in shared mode; several "
                 "volumes are replicated as one group in separate mode only so far"
             )
+        sec, where = res.security, f"resource {res.name}"  # refused now, not at a role change
+        auth.for_pair(
+            self.me.address, sec.psk_file, sec.tls_dir, sec.insecure, where, auth.RESOURCE_KEYS
+        )
         self.vol = self.me.volumes[0]  # its disk names the state file and activity log
         self.host = Host.load(default_state_file(self.vol.disk))
         self.role: BaseRole | None = None
@@ -87,6 +91,9 @@ class HANode:
             "qmp": None,  # the node serves QMP itself, across role changes
             "metrics": None,
             "tls_dir": self.res.security.tls_dir,
+            "psk_file": self.res.security.psk_file,
+            "insecure": self.res.security.insecure,
+            "export_tls_dir": self.me.export_tls_dir,
             "state_file": default_state_file(disk),
             "heartbeat_interval": self.opts.heartbeat_interval,
             "heartbeat_timeout": self.opts.heartbeat_timeout,
@@ -119,6 +126,7 @@ class HANode:
             auto_failover=False,  # a person or a cluster manager promotes (node.py's doc)
             failover_timeout=self.opts.failover_timeout,
             fence_command=None,
+            link_port=self.me.link_port,
         )
 
     # -- life ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from ..block.graph import Graph
 from ..block.node import Node
 from ..errors import BlockError
 from ..replication.identity import disk_identity
+from . import link
 from .bitmap import REGION_SIZE as CHUNK
 from .handshake import Comparison, Decision, Direction, Relation, Rule, Side, compare_histories
 from .node_state import NodeState
@@ -239,11 +240,12 @@ async def check_shared_identity(top: Node, hello: dict[str, Any]) -> None:
             raise PairingRefused("the secondary's hidden disk does not back onto this shared disk")
 
 
-async def open_link(hello: dict[str, Any]) -> Node:
+async def open_link(hello: dict[str, Any], tls_dir: str | None) -> Node:
     """The secondary's disk through its NBD link, in a graph of its own (close_all when done)."""
     g = Graph()
     server = SocketAddress.from_str(hello["link"]).to_qapi()
-    return await g.add({"driver": "nbd", "server": server, "export": hello["export"]})
+    tls = link.client_options(tls_dir, g.objects)
+    return await g.add({"driver": "nbd", "server": server, "export": hello["export"], **tls})
 
 
 async def verify_identical(top: Node, link: Node) -> None:

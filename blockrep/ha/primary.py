@@ -51,6 +51,7 @@ class Primary(BaseRole):
         self.resync: Resync | None = None
         self.resync_dirty: DirtyBitmap | None = None
         self.resync_link: Node | None = None
+        self.ckpt_wait: tuple[str, float] | None = None  # a checkpoint waits on: what, since
         self.resync_bar: Any = None  # a tqdm bar with --progress
 
     async def _build(self) -> None:
@@ -169,19 +170,24 @@ class Primary(BaseRole):
             exp = self.consumer_export
             t0 = time.perf_counter()
             if exp is not None:
+                n = sum(m.active for m in exp.members)
+                self.ckpt_wait = (f"consumer requests in flight ({n})", time.monotonic())
                 await exp.quiesce()  # in flight done ⇒ every forwarded write acknowledged
             mark = self.al.checkpoint_mark() if self.al is not None else 0
             try:
                 self.d.replication.get_error_all()
                 gen = str(uuid.uuid4())
+                self.ckpt_wait = ("the secondary's answer", time.monotonic())
                 await self.ch.call(
                     "checkpoint", gen=gen, timeout=max(5.0, self.cfg.heartbeat_timeout)
                 )
+                self.ckpt_wait = ("the replication filter", time.monotonic())
                 await self.d.replication.do_checkpoint_all()
             except (channel.ChannelError, ReplicationError) as e:
                 await self.degrade(f"checkpoint failed: {e}", e)
                 raise
             finally:
+                self.ckpt_wait = None
                 if exp is not None and resume:
                     exp.resume()
                 pause = (time.perf_counter() - t0) * 1000
@@ -291,6 +297,8 @@ class Primary(BaseRole):
             p = self.resync.progress
             self.sync_progress.total, self.sync_progress.current = p.total_bytes, p.done_bytes
         s = await super().status()
+        if (wait := self.ckpt_wait) is not None:  # what a checkpoint is waiting on, how long
+            s["checkpoint-wait"] = {"on": wait[0], "seconds": round(time.monotonic() - wait[1], 3)}
         if self.last_handshake is not None:
             s["last-handshake"] = dict(self.last_handshake)
         if self.al is not None:

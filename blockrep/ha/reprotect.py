@@ -19,7 +19,7 @@ from ..address import SocketAddress
 from ..block.node import DirtyBitmap, Node
 from ..errors import BlockError, ReplicationError
 from ..replication.filter import ReplicationMode
-from . import channel, pairing
+from . import channel, link, pairing
 from .bitmap import REGION_SIZE as CHUNK
 from .handshake import ALL, Decision, Direction, Rule, compare_histories, decide
 from .node_state import StateFileError
@@ -60,7 +60,7 @@ async def connect_and_replicate(self: Primary, first: bool) -> bool:
     assert self.top is not None
     while True:
         try:
-            await ch.connect(cfg.secondary, self.tls_client)
+            await ch.connect(cfg.secondary, self.security)
             hello = await ch.call(
                 "hello",
                 size=self.top.length,
@@ -188,7 +188,7 @@ async def _bring_in_sync(
         compare = True
     if compare and self.cfg.assume_synced:
         compare = False
-    link = await pairing.open_link(hello)
+    link = await pairing.open_link(hello, self.cfg.tls_dir)
     try:
         if regions:
             await _background_resync(self, link, ch, regions, decision.rule is Rule.JUST_CREATED)
@@ -358,7 +358,12 @@ async def _start_replication(self: Primary, hello: dict[str, Any], ch: channel.C
         "driver": "replication",
         "node-name": "replication0",
         "mode": "primary",
-        "file": {"driver": "nbd", "export": hello["export"], "server": server},
+        "file": {
+            "driver": "nbd",
+            "export": hello["export"],
+            "server": server,
+            **link.client_options(self.cfg.tls_dir, d.graph.objects),
+        },
     }
     if self.shared:
         opts.update({"shared-disk": True, "shared-disk-id": "primary_disk0"})

@@ -9,13 +9,14 @@ checkpoint and fail over together. The file (exactly two ``[nodes.NAME]`` tables
     checkpoint-interval = 2.0      # seconds, > 0 (default 2.0, as `blockrep primary`)
     region-size = 1048576          # bytes, a power of two >= 4096 (default 1 MiB)
     failover-point = "checkpoint"  # or "latest" (CONTINUITY.md §6)
-    [security]                     # optional
-    psk-file = "/etc/blockrep/r0.psk"
-    tls-dir = "/etc/blockrep/tls"
+    [security]                     # one of these for a pair on TCP (auth.py)
+    psk-file = "/etc/blockrep/r0.psk"  # or tls-dir = "/etc/blockrep/tls", or insecure = true
     [nodes.alpha]                  # the table's name is the node's name
     address = "10.0.0.1:7789"      # control address: HOST:PORT, [v6]:PORT or unix:PATH
     qmp = "unix:/run/blockrep/r0.qmp"
     buffer-dir = "/dev/shm"        # optional (the manager's default when absent)
+    link-port = 7790               # optional: the replication link (default address's + 1)
+    export-tls-dir = "/etc/blockrep/export-tls"  # optional: the consumer exports on TLS
     disks = ["/srv/r0-root.raw", "/srv/r0-data.raw"]             # one per volume
     exports = ["127.0.0.1:10809", "nbd://127.0.0.1:10810/data"]  # one per volume
 
@@ -23,9 +24,8 @@ An export is an address (its export is then named ``disk``, as ``blockrep primar
 is) or an NBD URI naming it (``nbd://HOST:PORT/NAME``, ``nbd+unix:///NAME?socket=PATH``),
 so several volumes can share one NBD server. Paths are kept as written.
 
-Reserved keys: ``[security]`` (``psk-file``, ``tls-dir``) belongs to issue #10 and
-``failover-point`` to issue #11's failover semantics. They are accepted and type-checked
-so that files written for those features load today; nothing here acts on them.
+Reserved key: ``failover-point`` (issue #13's failover semantics) is accepted and
+type-checked so that files written for it load today; nothing acts on it yet.
 
 Every refusal is an OptionError starting ``resource file SOURCE:`` that names the key and
 its table: a typo must never fall back silently to a default.
@@ -90,6 +90,8 @@ class NodeConfig:
     qmp: str  # a unix socket path ("unix:" stripped)
     buffer_dir: str | None
     volumes: tuple[Volume, ...]
+    link_port: int = 0  # 0: the address's port + 1
+    export_tls_dir: str | None = None
 
     @property
     def disks(self) -> tuple[str, ...]:
@@ -102,10 +104,11 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class Security:
-    """Reserved for issue #10: parsed and type-checked, not acted on yet."""
+    """How the nodes know each other (auth.py): a secret, certificates, or nothing."""
 
     psk_file: str | None = None
     tls_dir: str | None = None
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,8 +164,8 @@ class Resource:
 # -- parsing --------------------------------------------------------------------------------
 
 _RESOURCE_KEYS = ("name", "mode", "checkpoint-interval", "region-size", "failover-point")
-_SECURITY_KEYS = ("psk-file", "tls-dir")
-_NODE_KEYS = ("address", "qmp", "buffer-dir", "disks", "exports")
+_SECURITY_KEYS = ("psk-file", "tls-dir", "insecure")
+_NODE_KEYS = ("address", "qmp", "buffer-dir", "disks", "exports", "link-port", "export-tls-dir")
 _TOP_KEYS = ("resource", "security", "nodes")
 _REQUIRED: Any = object()
 _NAME_RULE = "a name of letters, digits, '.', '-' and '_' (starting with a letter or digit)"
@@ -315,7 +318,9 @@ def _parse_node(name: str, t: _Table) -> NodeConfig:
             )
         exports.append(spec)
     volumes = tuple(Volume(i, d, e) for i, (d, e) in enumerate(zip(disks, exports, strict=True)))
-    return NodeConfig(name, address, qmp, buffer_dir, volumes)
+    port = t.get("link-port", lambda v: v if type(v) is int and 0 < v < 65536 else None,
+                 "a TCP port (1-65535)", 0)  # fmt: skip
+    return NodeConfig(name, address, qmp, buffer_dir, volumes, port, t.string("export-tls-dir"))
 
 
 def _syntax_error(e: tomllib.TOMLDecodeError, text: str, source: str) -> OptionError:
@@ -352,12 +357,12 @@ def parse_resource(text: str, source: str) -> Resource:
     interval = res.get("checkpoint-interval", *_SECONDS, DEFAULT_CHECKPOINT_INTERVAL)
     region_size = res.get("region-size", *_REGION_SIZE, DEFAULT_REGION_SIZE)
     failover_point = res.get("failover-point", *_enum(FailoverPoint), FailoverPoint.CHECKPOINT)
-
     security = Security()
     if "security" in top.data:
         sec = top.table("security", "[security]")
         sec.refuse_unknown(_SECURITY_KEYS)
-        security = Security(psk_file=sec.string("psk-file"), tls_dir=sec.string("tls-dir"))
+        insecure = sec.get("insecure", lambda v: v if type(v) is bool else None, "a boolean", False)
+        security = Security(sec.string("psk-file"), sec.string("tls-dir"), insecure)
 
     nodes_t = top.table("nodes", "[nodes]")
     nodes: list[NodeConfig] = []

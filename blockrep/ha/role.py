@@ -1,8 +1,7 @@
 """What both roles share: the daemon, the state file, the consumer export, status, tracking.
 
-Each role (``Primary``, ``Secondary``) runs a Daemon (graph, QMP, jobs, replication
-registry) in its own process and builds SPEC §2/§3's graph itself; this base class
-holds what does not depend on which side of the pair a node is.
+Each role (``Primary``, ``Secondary``) runs a Daemon and builds SPEC §2/§3's graph
+itself; this base class holds what does not depend on which side a node is.
 
 The durable state is node_state.NodeState (checksummed; a corrupt file is an error,
 never reset). A node writing alone marks the peer bitmap before each write reaches its
@@ -23,12 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..address import SocketAddress
 from ..block.node import DirtyBitmap, Node
 from ..daemon import Daemon
 from ..errors import BlockError
 from ..nbd.server import NBDServer
 from ..replication.filter import ReplicationNode
-from . import channel, metrics, qmp, view, volumes
+from . import auth, metrics, qmp, view, volumes
 from .activity_log import ActivityLog
 from .bitmap import REGION_SIZE
 from .config import RoleConfig, VolumeSpec
@@ -104,7 +104,9 @@ class BaseRole:
         self.common_epoch: str | None = None  # status's history.common: met the peer there
         self.stopping = self.host.stopping
         self.tasks: list[asyncio.Task] = []
-        self.tls_server, self.tls_client = channel.tls_contexts(cfg.tls_dir)
+        self.state_error: str | None = None  # the last save of the state file failed
+        pair, where = SocketAddress.from_str(cfg.pair_address), f"blockrep {self.role.value}"
+        self.security = auth.for_pair(pair, cfg.psk_file, cfg.tls_dir, cfg.insecure, where)
 
     @property
     def shown_role(self) -> RoleName:
@@ -150,7 +152,7 @@ class BaseRole:
             self.host.export.attach(self.top, self._mark_before_write, None)
             return
         self.host.export, self.host.consumers = await volumes.serve(
-            self.top, self.volume_bases(), self._mark_before_write
+            self.top, self.volume_bases(), self._mark_before_write, self.cfg.export_tls_dir
         )
 
     def start_metrics(self) -> None:
@@ -170,20 +172,21 @@ class BaseRole:
             self.alone_bitmap = bm
 
     def save_state(self) -> None:
-        """Save the state file; a failure is reported (status ``errors``), not raised."""
+        """Save the state file; a failure is reported (status ``errors`` and
+        ``state-file-error`` until a save succeeds: each epoch retries), not raised."""
         try:
             self.state.save()
+            self.state_error = None
         except StateFileError as e:
+            self.state_error = e.message
             self.error(e.message)
 
     def agreed_epoch(self, gen: str) -> None:
         """Both nodes hold the same data now: a new epoch, nothing written since.
 
-        The state file is written in the next turn of the event loop: after the
-        checkpoint's reply went out (S) and after the consumer was let go (P), so
-        its fsyncs are not part of the consumer's pause. A crash in between leaves
-        one node one epoch ahead, which the histories' comparison by content
-        (handshake.compare_histories) treats as a lost append, never as split brain.
+        The state file is written in the next turn of the event loop (its fsyncs are
+        not part of the consumer's pause). A crash in between leaves one node one
+        epoch ahead: a lost append to handshake.compare_histories, never split brain.
         """
         self.state.new_epoch(gen, save=False)
         asyncio.get_running_loop().call_soon(self.save_state)
@@ -276,6 +279,7 @@ class BaseRole:
         out: dict[str, Any] = {
             "role": self.shown_role.value,
             "mode": self.cfg.mode.value,
+            "security": self.security.method.value,
             "stage": rs.get("stage", "none"),
             "peer": self.peer.value,
             "epoch": len(self.state.history),
@@ -287,6 +291,7 @@ class BaseRole:
             **self.stats.summary(),
             "replication-error": rs.get("error"),
             "errors": list(self.errors),
+            "state-file-error": self.state_error,
             "auto-failover": self.auto_failover_status(),
             "alone-since": str(alone) if (alone := self.state.alone_since) else None,
             "history": {

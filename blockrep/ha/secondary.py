@@ -14,10 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..address import SocketAddress
 from ..replication.filter import ReplicationMode
 from ..replication.identity import disk_identity
-from . import buffers, channel, failover, pairing, qmp, watchdog
+from . import buffers, channel, failover, link, pairing, qmp, watchdog
 from .activity_log import ActivityLogError, convert
 from .activity_log import load as load_al
 from .bitmap import REGION_SIZE, RegionBitmap
@@ -51,6 +50,7 @@ class Secondary(BaseRole):
         self.fence = watchdog.FenceState()
         self.failover_lock = asyncio.Lock()
         self.server: asyncio.AbstractServer | None = None
+        self.gate: channel.Gate | None = None  # the control channel's door (auth, caps)
         self.peer_history: list[HistoryEntry] | None = None  # a split-brain hello's (resolve.py)
 
     @property
@@ -76,6 +76,7 @@ class Secondary(BaseRole):
         out = await super().status()
         if self.cfg.auto_failover and self.cfg.fence_command:
             out["fence"] = self.fence.as_dict()  # attempts since the primary went silent
+        out["link"] = self.link_addr or None  # where the replication link listens for the peer
         return out
 
     async def shutdown(self) -> None:
@@ -93,10 +94,11 @@ class Secondary(BaseRole):
         watchdog.check_fence_command(self)
         await self._build_graph()
         if not self.failed_over:
-            await self._serve_link()
+            await link.start_if_unix(self)
 
     async def _listen(self) -> None:
-        self.server = await channel.listen(self.cfg.listen, self._on_conn, self.tls_server)
+        self.gate = channel.Gate(self.security, self._on_conn)
+        self.server = await channel.listen(self.cfg.listen, self.gate)
         self.tasks.append(asyncio.create_task(watchdog.watch_primary(self)))
 
     async def setup(self) -> None:
@@ -157,26 +159,6 @@ class Secondary(BaseRole):
             self.top_device = "active-disk0"
             self.link_export = "hidden_disk0"
 
-    async def _serve_link(self) -> None:
-        """The replication link: an NBD server next to the control address."""
-        d = self.d
-        addr = SocketAddress.from_str(self.cfg.listen)
-        if addr.type == "unix":
-            link = addr.path + ".nbd"
-            await d.block_exports.nbd_server_start({"type": "unix", "path": link}, None, None, 0)
-            self.link_addr = f"unix:{link}"
-        else:
-            await d.block_exports.nbd_server_start(
-                SocketAddress.inet(addr.host, 0).to_qapi(), None, None, 0
-            )
-            nbd = d.block_exports.nbd
-            assert nbd is not None and isinstance(nbd.servers[0], asyncio.Server)
-            real_port = nbd.servers[0].sockets[0].getsockname()[1]
-            self.link_addr = f"{addr.host}:{real_port}"
-        await d.block_exports.export_add(
-            self.link_export, self.link_export, self.link_export, True, "replication link"
-        )
-
     # -- control channel ---------------------------------------------------------------------
 
     async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -189,7 +171,7 @@ class Secondary(BaseRole):
                 reader,
                 writer,
                 {
-                    "hello": self._hello,
+                    "hello": lambda msg: self._hello(msg, writer),
                     "start": self._start,
                     "checkpoint": self._checkpoint,
                     "heartbeat": self._heartbeat,
@@ -207,7 +189,7 @@ class Secondary(BaseRole):
                 self.peer = PeerStatus.PEER_LOST
                 self.error("peer-lost: the primary closed the control connection")
 
-    async def _hello(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _hello(self, msg: dict[str, Any], writer: asyncio.StreamWriter) -> dict[str, Any]:
         assert self.top is not None
         if msg.get("size") != self.top.length:
             raise RuntimeError(
@@ -227,6 +209,10 @@ class Secondary(BaseRole):
             self.peer = PeerStatus.SPLIT_BRAIN
             self.peer_history = pairing.parse_history(msg.get("history"))
             self.error(split)
+        if self.failed_over:
+            address, name = "", ""  # nothing to write into: it goes on alone
+        else:
+            address, name = await link.open_for_peer(self, writer)
         reply: dict[str, Any] = {
             "node-id": self.state.node_id,
             "history": [str(e) for e in self.state.history],
@@ -234,8 +220,8 @@ class Secondary(BaseRole):
             "written": self.state.peer_bitmap.ranges(),
             # what this node may have written as a primary past the common epoch
             "al": self._stale_al(),
-            "link": self.link_addr,
-            "export": self.link_export,
+            "link": address,
+            "export": name,  # the link's secret export name, new at every hello
             "stage": (await self.status())["stage"],
             "failed-over": self.failed_over,
             # Outdated: `resolve --discard-local` gave up this node's writes (rule discard-local)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from ..address import SocketAddress
 from ..block.node import Node
 from ..nbd.server import NBDServer
+from ..tls import X509Credentials
 from .config import VolumeSpec
 from .consumer import ConsumerExport, ConsumerGroup, VolumeExport
 
@@ -48,10 +49,15 @@ def base_keyval(specs: tuple[VolumeSpec, ...], prefix: str) -> str:
 
 
 async def serve(
-    top: Node, vols: list[tuple[VolumeSpec, int, int]], guard: Callable[[int, int], None]
+    top: Node,
+    vols: list[tuple[VolumeSpec, int, int]],
+    guard: Callable[[int, int], None],
+    tls_dir: str | None = None,
 ) -> tuple[ConsumerGroup, list[NBDServer]]:
     """The consumer's exports of ``top``, each volume its slice; one NBD server per
-    address (volumes may share one)."""
+    address (volumes may share one); TLS from ``tls_dir`` (QEMU's x509 layout, the
+    client's certificate required) when given."""
+    tls = X509Credentials(tls_dir).server_context() if tls_dir else None
     by_address: dict[str, dict[str, ConsumerExport]] = {}
     members = []
     whole = len(vols) == 1
@@ -65,7 +71,7 @@ async def serve(
         by_address.setdefault(v.export, {})[v.export_name] = exp
     servers = []
     for address, exports in by_address.items():
-        server = NBDServer(dict(exports))
+        server = NBDServer(dict(exports), tls=tls)
         servers.append(server)
         await server.listen(SocketAddress.from_str(address))
     return ConsumerGroup(members), servers

@@ -8,6 +8,9 @@ import asyncio
 import json
 
 from blockrep.ha import channel
+from blockrep.ha.auth import Method, Security
+
+OPEN = Security(Method.INSECURE)  # a unix socket: no authentication on top
 
 
 async def test_deep_and_huge_lines_are_dropped_and_the_channel_answers(tmp_path) -> None:
@@ -19,9 +22,10 @@ async def test_deep_and_huge_lines_are_dropped_and_the_channel_answers(tmp_path)
     async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await channel.serve(r, w, {"ping": ping})
 
-    server = await channel.listen(f"unix:{path}", on_conn)
+    server = await channel.listen(f"unix:{path}", channel.Gate(OPEN, on_conn))
     try:
         reader, writer = await asyncio.open_unix_connection(path, limit=channel.MAX_LINE)
+        assert json.loads(await reader.readline())["auth"] == "insecure"  # the greeting
         writer.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
         writer.write(b'{"id": 1, "op": "ping", "n": ' + b"7" * 5000 + b"}\n")
         writer.write(b'{"id": 2, "op": "ping", "n": 3}\n')
@@ -48,9 +52,10 @@ async def test_only_answered_verbs_count_as_hearing_from_the_peer(tmp_path) -> N
     async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await channel.serve(r, w, {"ping": ping, "refuse": refuse}, lambda: heard.append(1))
 
-    server = await channel.listen(f"unix:{path}", on_conn)
+    server = await channel.listen(f"unix:{path}", channel.Gate(OPEN, on_conn))
     try:
         reader, writer = await asyncio.open_unix_connection(path)
+        assert json.loads(await reader.readline())["auth"] == "insecure"  # the greeting
         writer.write(b"\n\n  \nnot json\n[1]\n")
         writer.write(b'{"id": 1, "op": "nosuch"}\n{"id": 2, "op": "refuse"}\n')
         await writer.drain()

@@ -232,7 +232,7 @@ def test_host_not_in_the_file_is_refused_naming_the_nodes(monkeypatch: pytest.Mo
 
 P = "resource file r0.toml: "
 RES_KNOWN = "(known: name, mode, checkpoint-interval, region-size, failover-point)"
-NODE_KNOWN = "(known: address, qmp, buffer-dir, disks, exports)"
+NODE_KNOWN = "(known: address, qmp, buffer-dir, disks, exports, link-port, export-tls-dir)"
 
 REFUSALS: list[tuple[str, str, str, str]] = [
     # (id, old, new, message) applied to FULL
@@ -252,7 +252,7 @@ REFUSALS: list[tuple[str, str, str, str]] = [
         "unknown-security-key",
         'tls-dir = "/etc/blockrep/tls"',
         'tls-creds = "x"',
-        "unknown key 'tls-creds' in [security] (known: psk-file, tls-dir)",
+        "unknown key 'tls-creds' in [security] (known: psk-file, tls-dir, insecure)",
     ),
     (
         "unknown-top-key",
