@@ -175,6 +175,9 @@ async def serve(
             t.add_done_callback(lambda _t: slots.release())
     except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
         return
+    except ValueError:  # a line over MAX_LINE: no peer sends one; the connection ends
+        log.warning("control channel: a line over %d bytes; connection dropped", MAX_LINE)
+        return
     finally:
         for t in tasks:
             t.cancel()

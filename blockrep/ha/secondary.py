@@ -16,7 +16,7 @@ from typing import Any
 
 from ..replication.filter import ReplicationMode
 from ..replication.identity import disk_identity
-from . import buffers, channel, failover, link, pairing, qmp, watchdog
+from . import buffers, channel, failover, link, pairing, qmp, verbs, watchdog
 from .activity_log import ActivityLogError, convert
 from .activity_log import load as load_al
 from .bitmap import REGION_SIZE, RegionBitmap
@@ -191,11 +191,10 @@ class Secondary(BaseRole):
 
     async def _hello(self, msg: dict[str, Any], writer: asyncio.StreamWriter) -> dict[str, Any]:
         assert self.top is not None
-        if msg.get("size") != self.top.length:
-            raise RuntimeError(
-                f"disk sizes differ: primary {msg.get('size')}, secondary {self.top.length}"
-            )
-        if bool(msg.get("shared")) != self.shared:
+        h = verbs.hello(msg)
+        if h.size != self.top.length:
+            raise RuntimeError(f"disk sizes differ: primary {h.size}, secondary {self.top.length}")
+        if h.shared != self.shared:
             raise RuntimeError("one side runs shared-disk mode and the other does not")
         self.flush_alone_writes()
         split = pairing.secondary_split_brain(
@@ -265,8 +264,9 @@ class Secondary(BaseRole):
 
     async def _start(self, msg: dict[str, Any]) -> dict[str, Any]:
         self._refuse_if_failed_over("start")
-        if msg.get("history") is not None:
-            self.state.adopt_history(pairing.parse_history(msg["history"]))
+        history = verbs.start(msg)
+        if history is not None:
+            self.state.adopt_history(history)
         self.common_epoch = str(self.state.current) if self.state.current else None
         if self.state.resync is not None:
             self.state.finish_resync(DiskState.CONSISTENT)  # the resync into it is complete
@@ -283,10 +283,11 @@ class Secondary(BaseRole):
 
     async def _checkpoint(self, msg: dict[str, Any]) -> dict[str, Any]:
         self._refuse_if_failed_over("checkpoint")
+        gen = verbs.checkpoint(msg)  # checked before the buffers are touched
         self.d.replication.get_error_all()
         await self.d.replication.do_checkpoint_all()
         self._refuse_if_failed_over("checkpoint")  # a failover began meanwhile: no epoch
-        self.agreed_epoch(str(msg["gen"]))
+        self.agreed_epoch(gen)
         self.stats.checkpoints += 1
         return {"epoch": len(self.state.history)}
 
@@ -303,11 +304,11 @@ class Secondary(BaseRole):
         """A resync into this disk begins: it is Inconsistent (never promoted, I3) until
         replication starts after the final pass."""
         self._refuse_if_failed_over("sync-target")
-        gen = HistoryEntry.parse(str(msg.get("generation") or "epoch:unknown"))
+        gen, source = verbs.sync_target(msg)
         pb = self.state.peer_bitmap
         remaining = RegionBitmap(pb.region_size, pb.length)
         self.state.begin_resync(  # Inconsistent, and from whom (the handshake's resume rule)
-            ResyncPosition(ReplicationState.SYNC_TARGET, gen, remaining, msg.get("source"))
+            ResyncPosition(ReplicationState.SYNC_TARGET, gen, remaining, source)
         )
         self.sync_target = True
         return {}
@@ -315,11 +316,8 @@ class Secondary(BaseRole):
     async def _digests(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Checksum-first resync: the digests of regions of this disk (resync.py)."""
         self._refuse_if_failed_over("digests")
-        regions = msg.get("regions")
-        if not isinstance(regions, list) or not all(
-            isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in regions
-        ):
-            raise channel.ChannelError(f"digests: not a list of regions: {str(regions)[:60]}")
+        assert self.top is not None
+        regions = verbs.digests(msg, -(-self.top.length // REGION_SIZE))
         node = self.d.graph.find(self.link_export)
         if node is None:
             raise channel.ChannelError("digests: this node has no replication link")
@@ -330,6 +328,7 @@ class Secondary(BaseRole):
         down): ``promote`` true: this node becomes primary. The change runs after the
         reply (it closes this channel)."""
         self._refuse_if_failed_over("handover")
+        promote = verbs.handover(msg)
         if self.on_handover is None:
             raise channel.ChannelError(
                 "handover refused: this node runs as `blockrep secondary` and cannot "
@@ -337,7 +336,7 @@ class Secondary(BaseRole):
             )
         self.started = False  # the primary leaves on purpose: not a lost peer
         self.peer = PeerStatus.CONNECTING
-        self.on_handover(bool(msg.get("promote")))
+        self.on_handover(promote)
         return {}
 
     # -- losing the primary --------------------------------------------------------------------

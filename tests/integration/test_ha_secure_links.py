@@ -265,3 +265,41 @@ async def test_unix_sockets_of_a_pair_are_private(ha):
     await random_writes(pc, random.Random(29), SIZE, 8, model=model)
     await p.qmp_async("replication-checkpoint")
     await _stop_and_compare(ha, model, s, p)
+
+
+async def test_a_resource_on_tcp_pairs_with_its_security_and_link_ports(ha):
+    """``blockrep up`` on TCP: [security] psk-file, each node's link-port; a stranger's
+    wrong secret is refused while the pair protects; the disks end equal."""
+    base = ha.make_disks(SIZE, 35, names=("a.raw", "b.raw"))
+    ports = {n: (free_port(), free_port()) for n in ("a", "b")}
+    lines = ['[resource]\nname = "r0"\nmode = "separate"\ncheckpoint-interval = 0.5']
+    lines.append(f'[security]\npsk-file = "{ha.psk_file()}"')
+    for n, (port, lport) in ports.items():
+        lines.append(
+            f'[nodes.{n}]\naddress = "127.0.0.1:{port}"\nlink-port = {lport}\n'
+            f'qmp = "unix:{ha.path(n + ".qmp")}"\ndisks = ["{ha.disk(n + ".raw")}"]\n'
+            f'exports = ["unix:{ha.path(n + ".nbd")}"]'
+        )
+    res = ha.path("tcp.toml")
+    with open(res, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    a, b = ha.up(res, "a"), ha.up(res, "b")
+    await asyncio.gather(a.wait_ready(), b.wait_ready())
+    r = _run("promote", res, "--node", "a")
+    assert r.returncode == 0, r.stderr
+    st = await a.wait_status(lambda x: x["replication"] == "Protected", 30, "Protected")
+    assert st["security"] == "psk"
+    sb = await b.wait_status(lambda x: x["role"] == "secondary", 10, "b secondary")
+    assert sb["link"] == f"127.0.0.1:{ports['b'][1]}", sb
+    await _stranger_verbs(ports["b"][0], "psk")
+    pc = await ha.client(a)
+    model = bytearray(base)
+    await random_writes(pc, random.Random(35), SIZE, 24, model=model)
+    await a.qmp_async("replication-checkpoint")
+    for g in ha.graphs:
+        await g.close_all()
+    ha.graphs.clear()
+    for n in (a, b):  # the primary first: a clean handover
+        assert _run("down", "--qmp", f"unix:{n.qmp}").returncode == 0
+        assert await n.wait_exit(30) == 0, n.log_text()
+    assert sha_file(a.disk) == sha_file(b.disk) == sha(bytes(model))
