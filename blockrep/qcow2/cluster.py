@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from array import array
 from dataclasses import dataclass
 
 from ..errors import BlockError
@@ -149,6 +150,19 @@ class ClusterMap:
         i = cluster % l2e
         table[i * 8 : i * 8 + 8] = entry.to_bytes(8, "big")
         self.l2cache.dirty.add(self.l1[l1i] & L1E_OFFSET_MASK)
+
+    async def allocated_bytes(self, length: int) -> int:
+        """Bytes this layer maps itself (data or zero clusters; never its backing),
+        counted from the L2 tables alone: what a status poll can afford every turn."""
+        cs, l2e = self.h.cluster_size, self.h.l2_entries
+        clusters = 0
+        for i, e in enumerate(self.l1):
+            if not e & L1E_OFFSET_MASK:
+                continue
+            table = await self.l2(i, alloc=False)
+            if table is not None:
+                clusters += l2e - array("Q", table).count(0)  # 0: unallocated here
+        return min(clusters * cs, length)
 
     async def map(self, offset: int, nbytes: int) -> list[Segment]:
         """Resolve guest bytes to runs of storage, merging contiguous clusters."""

@@ -407,6 +407,11 @@ class Qcow2Node(Node):
 
     # -- block status -------------------------------------------------------------
 
+    async def allocated_in_layer(self) -> int:
+        """Bytes this image holds in its own layer (replication's buffer sizes)."""
+        async with self.lock:
+            return await self.tables.allocated_bytes(self.length)
+
     async def _co_block_status(self, offset: int, nbytes: int) -> list[Extent]:
         async with self.lock:
             segs = await self.tables.map(offset, nbytes)

@@ -43,6 +43,9 @@ async def _allocated_bytes(node: Node | None) -> int:
     """Bytes an overlay holds in its own layer (depth 0), not in its backing chain."""
     if node is None or node.closed or node.length == 0:
         return 0
+    own = getattr(node, "allocated_in_layer", None)  # qcow2: from its tables, no seeking
+    if own is not None:
+        return int(await own())
     return sum(
         e.length for e in await node.block_status(0, node.length) if e.present and e.depth == 0
     )
