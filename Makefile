@@ -56,6 +56,7 @@ bench: venv debs
 	$(PY) bench/replication.py --buffer-dir /dev/shm --shared
 	$(PY) bench/ha.py
 	$(PY) bench/reprotect.py
+	$(PY) bench/security.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
