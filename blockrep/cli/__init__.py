@@ -9,10 +9,13 @@ USAGE = """usage: blockrep COMMAND [ARGS...]
 commands:
   up          run a node of a resource file (role none until promoted or paired)
   promote     make a node primary (fails over if its primary is gone)
+  outdate     mark a secondary Outdated: it refuses promotion and failover (a fence hook)
   demote      make a primary a secondary after a final checkpoint
   switchover  the primary and its secondary swap roles, no data copied
   down        stop a node cleanly (a primary hands over first)
-  resync      pause | resume the primary's background resync
+  resync      pause | resume the primary's background resync; --out-of-sync: repair
+              what verify found
+  verify      compare the two disks by digests while Protected (--wait: exit 0/1/2)
   primary     run the Primary of a replicated disk (HA manager)
   secondary   run the Secondary of a replicated disk (HA manager)
   checkpoint  take a checkpoint now (on the primary's QMP socket)
@@ -41,11 +44,19 @@ def main(argv: list[str] | None = None) -> int:
         from .up import cmd_up
 
         return cmd_up(rest)
+    if cmd == "resync" and "--out-of-sync" in rest:
+        from .verify import cmd_resync_out_of_sync
+
+        return cmd_resync_out_of_sync(rest)
+    if cmd == "verify":
+        from .verify import cmd_verify
+
+        return cmd_verify(rest)
     if cmd == "resync":
         from .up import cmd_resync
 
         return cmd_resync(rest)
-    if cmd in ("promote", "demote", "switchover", "down"):
+    if cmd in ("promote", "demote", "switchover", "down", "outdate"):
         from .up import cmd_verb
 
         return cmd_verb(cmd, rest)

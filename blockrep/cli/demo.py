@@ -49,6 +49,7 @@ async def _workload(
     p_writes: bool,
     s_model: bytearray | None,
     on_tick=None,
+    s_writes: bool = True,
 ) -> tuple[int, int]:
     """Random writes on P (and S) for ``seconds``; returns bytes written on (P, S)."""
     pb = sb = 0
@@ -60,7 +61,7 @@ async def _workload(
             off = rnd.randrange(0, size - 65536)
             n = rnd.choice([4096, 16384, 65536, 1000, 513])
             data = rnd.randbytes(n)
-            if p_writes and rnd.random() < 0.7:
+            if p_writes and (rnd.random() < 0.7 or not s_writes):
                 batch.append(p.write(off, data))
                 pb += n
             else:
@@ -75,15 +76,20 @@ async def _workload(
     return pb, sb
 
 
-async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
+async def run_demo(
+    mode: str, size_mib: int, keep: bool, seed: int, point: str = "checkpoint"
+) -> tuple[bool, int]:
+    """One pair, its workload, the failover: (proof holds, bytes of P's acknowledged
+    writes the survivor does not have)."""
     shared = mode == "shared"
+    latest = point == "latest"
     d = tempfile.mkdtemp(prefix="blockrep-demo-")
     procs: list[Process] = []
     rnd = random.Random(seed)
     size = size_mib * MiB
-    report: dict[str, Any] = {"mode": mode, "disk-mib": size_mib}
+    report: dict[str, Any] = {"mode": mode, "disk-mib": size_mib, "failover-point": point}
     try:
-        print(f"blockrep demo ({mode} disks) in {d}")
+        print(f"blockrep demo ({mode} disks, failover-point {point}) in {d}")
         base = rnd.randbytes(size)
         p_disk = os.path.join(d, "primary.raw")
         s_disk = p_disk if shared else os.path.join(d, "secondary.raw")
@@ -106,6 +112,8 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
                 f"unix:{sock('s.qmp')}",
                 "--state-file",
                 sock("s.state"),
+                "--failover-point",
+                point,
                 *common,
             ],
             sock("secondary.log"),
@@ -144,13 +152,15 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
             )
 
         t0 = time.monotonic()
-        pb, sb = await _workload(p, s, rnd, size, 3.0, True, None, on_tick=checkpoint)
+        pb, sb = await _workload(
+            p, s, rnd, size, 3.0, True, None, on_tick=checkpoint, s_writes=not latest
+        )
         dt = time.monotonic() - t0
         report["workload-p-mib-s"] = round(pb / MiB / dt, 2)
         report["workload-s-mib-s"] = round(sb / MiB / dt, 2)
         print(
-            f"2. mixed workload for {dt:.1f} s: P wrote {pb / MiB:.1f} MiB, S wrote {sb / MiB:.1f} MiB (speculative), "
-            "checkpoints every 0.3 s"
+            f"2. workload for {dt:.1f} s: P wrote {pb / MiB:.1f} MiB, S wrote {sb / MiB:.1f} MiB "
+            "(speculative; none with latest: S's export is read-only), checkpoints every 0.3 s"
         )
 
         await checkpoint()
@@ -158,10 +168,11 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
         print(f"3. last checkpoint taken: P's disk sha256 {sha(checkpoint_state)[:16]}…")
 
         s_after = bytearray(checkpoint_state)
-        pb2, sb2 = await _workload(p, s, rnd, size, 1.0, True, s_after)
+        pb2, sb2 = await _workload(p, s, rnd, size, 1.0, True, s_after, s_writes=not latest)
+        p_final = bytes(await p.read(0, size))  # every write the consumer saw acknowledged
         print(
-            f"4. after the checkpoint: P wrote {pb2 / MiB:.1f} MiB (to be rolled back), "
-            f"S wrote {sb2 / MiB:.1f} MiB (to be kept)"
+            f"4. after the checkpoint: P wrote {pb2 / MiB:.1f} MiB (acknowledged: "
+            f"{'kept' if latest else 'to be rolled back'}), S wrote {sb2 / MiB:.1f} MiB"
         )
         await gp.close_all()
 
@@ -184,15 +195,24 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
         sec.proc.wait(30)
         with open(s_disk, "rb") as disk_file:
             on_disk = disk_file.read()
-        expect = sha(s_after)
+        expect = sha(p_final) if latest else sha(s_after)
         ok = sha(got) == expect and sha(on_disk) == expect
+        # bytes P's acknowledged writes changed after the last checkpoint that the
+        # survivor does not hold (S's own writes there do not count as P's lost)
+        lost = sum(
+            1
+            for a, c, b in zip(p_final, checkpoint_state, on_disk, strict=True)
+            if a != c and b != a
+        )
+        report["acknowledged-bytes-lost"] = lost
+        if latest:
+            s_after = bytearray(p_final)
         print("6. proof (sha256):")
-        print(f"   last checkpoint + S's writes : {expect}")
+        what = "every acknowledged write  " if latest else "last checkpoint + S's writes"
+        print(f"   {what} : {expect}")
         print(f"   secondary, read through NBD  : {sha(got)}")
         print(f"   secondary disk file          : {sha(on_disk)}")
-        print(
-            f"   P's writes after the checkpoint rolled back: {sha(on_disk) != sha(checkpoint_state) or sb2 == 0}"
-        )
+        print(f"   bytes the consumer saw acknowledged that the survivor lacks: {lost}")
         if not ok:
             i = next((i for i in range(size) if on_disk[i] != s_after[i]), -1)
             print(
@@ -200,13 +220,11 @@ async def run_demo(mode: str, size_mib: int, keep: bool, seed: int) -> int:
                 f"checkpoint {checkpoint_state[i : i + 8].hex()} base {base[i : i + 8].hex()}"
             )
         print("report:", json.dumps(report))
-        print(
-            "RESULT:",
-            "PASS — the secondary holds exactly the last checkpoint plus its own writes"
-            if ok
-            else "FAIL",
+        holds = (
+            "every write P acknowledged" if latest else "the last checkpoint plus its own writes"
         )
-        return 0 if ok else 1
+        print("RESULT:", f"PASS — the secondary holds exactly {holds}" if ok else "FAIL")
+        return ok, lost
     finally:
         for pr in procs:
             pr.stop(signal.SIGKILL, 10)
@@ -222,5 +240,21 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--size-mib", type=int, default=32)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument(
+        "--failover-point",
+        choices=("checkpoint", "latest"),
+        default="checkpoint",
+        help="latest: run the default and latest side by side and show what each lost",
+    )
     a = ap.parse_args(argv)
-    return asyncio.run(run_demo(a.mode, a.size_mib, a.keep, a.seed))
+    if a.failover_point == "checkpoint":
+        ok, _ = asyncio.run(run_demo(a.mode, a.size_mib, a.keep, a.seed))
+        return 0 if ok else 1
+    results = {
+        point: asyncio.run(run_demo(a.mode, a.size_mib, a.keep, a.seed, point))
+        for point in ("checkpoint", "latest")
+    }
+    print("\nwhat the consumer lost at failover (bytes it had seen acknowledged):")
+    for point, (ok, lost) in results.items():
+        print(f"  failover-point {point:<10} {lost:>10} bytes  {'PASS' if ok else 'FAIL'}")
+    return 0 if all(ok for ok, _ in results.values()) else 1

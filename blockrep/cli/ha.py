@@ -40,6 +40,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--export-tls-dir", help="x509 certificates (QEMU layout): the consumer export on TLS"
     )
+    p.add_argument(
+        "--failover-point",
+        choices=("checkpoint", "latest"),
+        default="checkpoint",
+        help="what a failover keeps: 'checkpoint' (COLO: the last checkpoint + the "
+        "secondary's own writes) or 'latest' (every write the primary acknowledged; the "
+        "secondary's export is read-only until it fails over)",
+    )
     p.add_argument("--state-file", help="generation state file (default: DISK.blockrep-state.json)")
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
     p.add_argument("--heartbeat-timeout", type=float, default=3.0)
@@ -97,6 +105,18 @@ def primary_parser() -> argparse.ArgumentParser:
         type=parse_rate,
         default=0,
         help="what a resync keeps even while the consumer writes (bytes/s)",
+    )
+    p.add_argument(
+        "--outdate-peer-command",
+        help="failover-point latest: a command that makes a lost secondary Outdated (a "
+        "cluster constraint, a fence of the secondary); writes are held until it exits 0",
+    )
+    p.add_argument(
+        "--on-outdate-failure",
+        choices=("freeze", "continue"),
+        default="freeze",
+        help="when the lost secondary cannot be outdated: keep holding writes (freeze) or "
+        "go on alone, giving up the promise (continue)",
     )
     p.add_argument(
         "--no-activity-log",

@@ -105,6 +105,7 @@ VERBS = {
     "demote": ("ha-demote", "this node is secondary"),
     "switchover": ("ha-switchover", "switched over: the peer is primary, this node secondary"),
     "down": ("ha-down", "the node stopped cleanly"),
+    "outdate": ("ha-outdate", "Outdated: it refuses promotion and failover until it pairs again"),
 }
 
 

@@ -21,6 +21,20 @@ class Mode(enum.StrEnum):
     SHARED = "shared"  # both see one disk; S buffers only its own writes
 
 
+class FailoverPoint(enum.StrEnum):
+    """Which writes survive a failover (CONTINUITY.md §6); status shows the value."""
+
+    CHECKPOINT = "checkpoint"  # COLO: the last checkpoint plus the secondary's own writes
+    LATEST = "latest"  # every write the primary acknowledged (DRBD protocol C)
+
+
+class OutdateFailure(enum.StrEnum):
+    """What a primary with failover-point latest does when it cannot outdate a lost peer."""
+
+    FREEZE = "freeze"  # acknowledge no write until the peer is outdated or back (the promise)
+    CONTINUE = "continue"  # go on alone, giving up the promise (status says so)
+
+
 def default_state_file(disk: str) -> str:
     return os.path.abspath(disk) + ".blockrep-state.json"
 
@@ -66,6 +80,7 @@ class _Common(TypedDict):
     psk_file: str | None
     insecure: bool
     export_tls_dir: str | None
+    failover_point: FailoverPoint
     state_file: str
     heartbeat_interval: float
     heartbeat_timeout: float
@@ -85,6 +100,8 @@ class RoleConfig:
     insecure: bool  # TCP without authentication, on request only
     export_tls_dir: str | None  # x509 directory: the consumer export on TLS
     state_file: str
+    # a secondary: what its failover keeps; a primary: its own promise once it is one
+    failover_point: FailoverPoint = FailoverPoint.CHECKPOINT
     heartbeat_interval: float
     heartbeat_timeout: float
     export_name: str = "disk"  # the consumer export's NBD name
@@ -117,6 +134,7 @@ class RoleConfig:
             "psk_file": getattr(ns, "psk_file", None) or None,
             "insecure": bool(getattr(ns, "insecure", False)),
             "export_tls_dir": getattr(ns, "export_tls_dir", None) or None,
+            "failover_point": FailoverPoint(getattr(ns, "failover_point", None) or "checkpoint"),
             "state_file": ns.state_file or default_state_file(disk),
             "heartbeat_interval": float(ns.heartbeat_interval),
             "heartbeat_timeout": float(ns.heartbeat_timeout),
@@ -135,6 +153,8 @@ class PrimaryConfig(RoleConfig):
     activity_log: bool = True  # False: --no-activity-log (unsafe: a crash copies nothing it wrote)
     resync_rate: int = 0  # bytes/s ceiling of a background resync (0: unlimited)
     resync_min_rate: int = 0  # bytes/s it keeps even while the consumer is busy
+    outdate_peer_command: str | None = None  # failover-point latest: makes a lost peer Outdated
+    on_outdate_failure: OutdateFailure = OutdateFailure.FREEZE
 
     @property
     def pair_address(self) -> str:
@@ -154,6 +174,8 @@ class PrimaryConfig(RoleConfig):
             activity_log=not getattr(ns, "no_activity_log", False),
             resync_rate=int(ns.resync_rate),
             resync_min_rate=int(ns.resync_min_rate),
+            outdate_peer_command=getattr(ns, "outdate_peer_command", None) or None,
+            on_outdate_failure=OutdateFailure(getattr(ns, "on_outdate_failure", "freeze")),
         )
 
 

@@ -8,6 +8,7 @@ a node going alone can mark them too. ``Stats`` keeps what each checkpoint cost 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import statistics
 from collections.abc import Awaitable, Callable
@@ -62,6 +63,9 @@ class ConsumerExport(Export):
         self.base = base
         self.length = length
         self.activity_log: ActivityLog | None = None
+        # failover-point latest (primary.py): cleared while the peer may be promoted
+        # without a write it lacks; a write's acknowledgement waits for it
+        self.ack_gate: asyncio.Event | None = None
         self.in_flight: dict[int, tuple[int, int]] = {}
         self.written_bytes = 0  # bytes written, zeroed or discarded (a resync's floor logic)
         self._seq = 0
@@ -94,6 +98,16 @@ class ConsumerExport(Export):
             finally:
                 if al is not None and nbytes > 0:
                     al.end_write(offset, nbytes)
+            ack = self.ack_gate
+            if ack is not None and not ack.is_set():
+                # done here, maybe not on the peer: no acknowledgement until the peer is
+                # outdated or back; not in flight meanwhile (a pairing's drain goes on)
+                self.leave()
+                try:
+                    await ack.wait()
+                finally:
+                    self.active += 1  # in again, balanced with the server's leave()
+                    self.idle.clear()
         finally:
             del self.in_flight[key]
 
@@ -167,6 +181,10 @@ class ConsumerGroup:
     def set_activity_log(self, al: ActivityLog | None) -> None:
         for m in self.members:
             m.activity_log = al
+
+    def set_ack_gate(self, gate: asyncio.Event | None) -> None:
+        for m in self.members:
+            m.ack_gate = gate
 
     def detach(self) -> None:
         for m in self.members:

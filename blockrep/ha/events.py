@@ -1,7 +1,8 @@
 """The event stream of a node (``blockrep events``, like ``drbdsetup events2``).
 
 The node polls its own status every ``INTERVAL`` seconds and diffs the keys that
-make a state change (role, disk state, peer, replication, the last handshake): each
+make a state change (role, disk state, peer, replication, the last handshake, a verify
+starting, finding a mismatch or ending): each
 change is appended, numbered, to a bounded log. QMP ``query-ha-events {cursor}``
 returns the events after ``cursor`` (and the cursor to ask with next); a client that
 fell behind more than ``KEEP`` events is told so (``lost``) and gets the current state.
@@ -31,13 +32,21 @@ WATCHED = (
     "peer-disk-state",
     "replication",
     "last-handshake",
+    "verify",
 )
 CARRIED = (*WATCHED, "stage", "epoch", "out-of-sync-bytes")
+# of the primary's ``verify`` object, what makes an event: a pass starting or ending,
+# and each new mismatch it finds (not its position, which moves all the time)
+VERIFY_EVENT = ("run", "running", "last-result", "mismatched-bytes", "mismatched-regions")
 
 
 def snapshot(status: dict[str, Any]) -> dict[str, Any]:
-    """The part of a status an event shows (``last-handshake`` null before a pairing)."""
-    return {k: status.get(k) for k in CARRIED}
+    """The part of a status an event shows (``last-handshake`` null before a pairing,
+    ``verify`` null on a node that is not primary)."""
+    snap = {k: status.get(k) for k in CARRIED}
+    if isinstance(v := snap["verify"], dict):
+        snap["verify"] = {k: v.get(k) for k in VERIFY_EVENT}
+    return snap
 
 
 def changed(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:

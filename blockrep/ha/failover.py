@@ -10,9 +10,10 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from ..errors import ReplicationError
+from ..errors import BlockError, ReplicationError
 from ..replication.filter import ReplicationNode, ReplicationStage
 from .bitmap import REGION_SIZE
+from .config import FailoverPoint
 from .node_state import StateFileError
 from .role import PeerStatus
 from .states import DiskState, EntryKind
@@ -40,6 +41,21 @@ async def _mark_failover_regions(self: Secondary, r: ReplicationNode) -> None:
     except StateFileError as e:
         self.error(f"failover refused: its regions could not be marked (I2): {e.message}")
         raise ReplicationError(f"failover refused: {e.message}") from None
+
+
+async def _drop_buffers(self: Secondary, r: ReplicationNode) -> None:
+    """failover-point latest: the secondary disk (or the shared disk) already holds
+    every write the primary acknowledged; the hidden buffer's pre-images and the
+    active buffer (read-only before failover: empty) are dropped, so the commit that
+    follows changes nothing and the disk keeps the latest writes."""
+    for name, node in (("hidden", r.child_node("hidden")), ("active", r.file)):
+        if node is None or node.closed:
+            continue
+        try:
+            await node.make_empty()
+        except BlockError as e:
+            self.error(f"failover (latest): emptying the {name} buffer failed: {e.message}")
+            raise ReplicationError(f"failover failed: {e.message}") from None
 
 
 async def fail_over(self: Secondary) -> None:
@@ -70,6 +86,8 @@ async def fail_over(self: Secondary) -> None:
         if d.block_exports.nbd is not None:
             await d.block_exports.nbd_server_stop()
         await _mark_failover_regions(self, r)
+        if self.cfg.failover_point is FailoverPoint.LATEST:
+            await _drop_buffers(self, r)
         await d.replication.stop_all(True)
         deadline = time.monotonic() + FAILOVER_WAIT
         while (

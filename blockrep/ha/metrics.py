@@ -36,6 +36,12 @@ GAUGES: tuple[tuple[str, str], ...] = (
     ("resync_saved_bytes", "background resync: bytes the digests showed equal"),
     ("last_handshake_bytes", "bytes the last pairing sent to the peer"),
     ("role_primary", "1 if this node is primary"),
+    ("verify_running", "online verify: 1 while a pass runs"),
+    ("verify_position_bytes", "online verify: bytes of the disk verified by this pass"),
+    ("verify_total_bytes", "online verify: bytes of the disk"),
+    ("verify_mismatched_bytes", "online verify: bytes that differ from the peer (this pass)"),
+    ("verify_skipped_bytes", "online verify: bytes skipped, written while they were hashed"),
+    ("verify_out_of_sync_bytes", "online verify: bytes found different and not repaired yet"),
 )
 
 # the activity log's gauges (blockrep_al_<name>), set while the node has one (P)
@@ -65,6 +71,12 @@ def values(s: dict[str, Any]) -> dict[str, float]:
         "resync_saved_bytes": rs.get("saved-by-checksums", 0),
         "last_handshake_bytes": (s.get("last-handshake") or {}).get("bytes", 0),
         "role_primary": 1 if s["role"] == "primary" else 0,
+        "verify_running": 1 if (v := s.get("verify") or {}).get("running") else 0,
+        "verify_position_bytes": v.get("position", 0),
+        "verify_total_bytes": v.get("total", 0),
+        "verify_mismatched_bytes": v.get("mismatched-bytes", 0),
+        "verify_skipped_bytes": v.get("skipped-bytes", 0),
+        "verify_out_of_sync_bytes": v.get("out-of-sync-bytes", 0),
     }
 
 

@@ -94,6 +94,7 @@ class HANode:
             "psk_file": self.res.security.psk_file,
             "insecure": self.res.security.insecure,
             "export_tls_dir": self.me.export_tls_dir,
+            "failover_point": self.res.failover_point,
             "state_file": default_state_file(disk),
             "heartbeat_interval": self.opts.heartbeat_interval,
             "heartbeat_timeout": self.opts.heartbeat_timeout,

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..block.node import DirtyBitmap, Node
 from ..errors import BlockError, ReplicationError
-from . import channel, qmp, reprotect, watchdog
+from . import channel, outdate, qmp, reprotect, verify, watchdog
 from .activity_log import ActivityLog, ActivityLogError
 from .config import PrimaryConfig
 from .node_state import StateFileError
@@ -53,6 +53,10 @@ class Primary(BaseRole):
         self.resync_link: Node | None = None
         self.ckpt_wait: tuple[str, float] | None = None  # a checkpoint waits on: what, since
         self.resync_bar: Any = None  # a tqdm bar with --progress
+        self.verify = verify.Verify(self)  # online verify and its repair (verify.py)
+        self.freeze = outdate.AckFreeze(
+            cfg, self.security, self.error
+        )  # failover-point latest's gate
 
     async def _build(self) -> None:
         """The primary's graph (SPEC §2/§3), its activity log, and alone tracking."""
@@ -81,6 +85,8 @@ class Primary(BaseRole):
     def _start_loops(self) -> None:
         assert self.consumer_export is not None
         self.consumer_export.set_activity_log(self.al)
+        # a pairing before the export was served armed the gate without it
+        self.consumer_export.set_ack_gate(self.freeze.gate if self.freeze.armed else None)
         self.tasks.append(asyncio.create_task(watchdog.heartbeat_loop(self)))
         if self.cfg.checkpoint_interval > 0:
             self.tasks.append(asyncio.create_task(self._checkpoint_loop()))
@@ -141,6 +147,7 @@ class Primary(BaseRole):
     async def release(self) -> None:
         """Stop replicating (no failover: this node's disk is complete) and give the host back."""
         self.replicating = False
+        self.freeze.disarm(self.consumer_export)
         if self.ch is not None:
             await self.ch.close()
             self.ch = None
@@ -193,6 +200,10 @@ class Primary(BaseRole):
                 pause = (time.perf_counter() - t0) * 1000
             # after resume(): the state file's fsyncs run once the consumer is moving
             self.agreed_epoch(gen)
+            if self.verify.progress.out_of_sync:
+                # a new epoch clears the peer bitmap; what verify found different stays
+                # in it (saved with the epoch) until repaired, so a pairing copies it
+                self.state.peer_bitmap.mark_regions(self.verify.progress.out_of_sync)
             if self.al is not None:
                 self.al.checkpoint_acked(mark)  # S holds every write finished by the cut
             self.stats.pauses_ms.append(pause)
@@ -220,6 +231,7 @@ class Primary(BaseRole):
         """
         if not self.replicating:
             return
+        self.freeze.freeze(why)  # latest: first of all, no acknowledgement the peer lacks
         self.replicating = False
         if isinstance(cause, channel.ChannelError) and cause.code == channel.FAILED_OVER:
             self.peer = PeerStatus.STALE
@@ -297,6 +309,7 @@ class Primary(BaseRole):
             p = self.resync.progress
             self.sync_progress.total, self.sync_progress.current = p.total_bytes, p.done_bytes
         s = await super().status()
+        s.update(self.freeze.status())
         if (wait := self.ckpt_wait) is not None:  # what a checkpoint is waiting on, how long
             s["checkpoint-wait"] = {"on": wait[0], "seconds": round(time.monotonic() - wait[1], 3)}
         if self.last_handshake is not None:
@@ -309,4 +322,9 @@ class Primary(BaseRole):
             s["sync"] = self.sync_progress.as_dict()
         if self.resync is not None:
             s["resync"] = self.resync.progress.as_dict()
+        s["verify"] = self.verify.status()  # CONTINUITY §8: position, mismatches, skipped
+        # regions verify found different stay out of sync until repaired, Protected or not (I4)
+        s["out-of-sync-bytes"] = max(
+            s["out-of-sync-bytes"], s["verify"].get("out-of-sync-bytes", 0)
+        )
         return s

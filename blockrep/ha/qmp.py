@@ -1,6 +1,7 @@
 """The HA manager's QMP commands, registered into the daemon's CommandTable.
 
 ``query-ha-status`` and ``query-ha-events`` on both roles, ``replication-checkpoint``
+and the online verify's (``ha-verify``, ``ha-verify-cancel``, ``ha-resync-out-of-sync``)
 on the primary, ``ha-failover`` on the secondary, ``ha-resolve`` on both (resolve.py);
 ``blockrep up``'s node (node.py) registers the same names once, plus the role verbs, and
 sends each to the role it holds. The handlers are thin: the roles do the work.
@@ -72,6 +73,17 @@ def register_node(node: HANode) -> None:
     async def down(args: dict[str, Any]) -> Any:
         return await node.down()
 
+    async def outdate_node(args: dict[str, Any]) -> Any:
+        from .outdate import outdate_secondary  # imports the roles, which import this module
+        from .secondary import Secondary
+
+        if not isinstance(node.role, Secondary):
+            raise QMPError("ha-outdate: this node is not a secondary")
+        try:
+            return outdate_secondary(node.role, "blockrep outdate")
+        except channel.ChannelError as e:
+            raise QMPError(str(e)) from None
+
     async def checkpoint(args: dict[str, Any]) -> Any:
         from .primary import Primary  # primary imports this module
 
@@ -100,12 +112,14 @@ def register_node(node: HANode) -> None:
         return node.role if isinstance(node.role, Primary) else None
 
     _register_resync(d, current_primary)
+    _register_verify(d, current_primary)
     for name, fn in (
         ("ha-promote", promote),
         ("ha-failover", promote),
         ("ha-demote", demote),
         ("ha-switchover", switchover),
         ("ha-down", down),
+        ("ha-outdate", outdate_node),
         ("replication-checkpoint", checkpoint),
         ("ha-resolve", resolve_),
     ):
@@ -122,6 +136,7 @@ def register_primary(p: Primary) -> None:
 
     p.d.qmp.commands.register("replication-checkpoint", replication_checkpoint)
     _register_resync(p.d, lambda: p)
+    _register_verify(p.d, lambda: p)
 
 
 def _register_resync(d: Daemon, primary: Callable[[], Primary | None]) -> None:
@@ -144,6 +159,43 @@ def _register_resync(d: Daemon, primary: Callable[[], Primary | None]) -> None:
 
     d.qmp.commands.register("ha-resync-pause", pause)
     d.qmp.commands.register("ha-resync-resume", resume)
+
+
+def _register_verify(d: Daemon, primary: Callable[[], Primary | None]) -> None:
+    """``ha-verify {rate, restart}``, ``ha-verify-cancel`` and ``ha-resync-out-of-sync``
+    on the node's primary (verify.py); a refusal is the QMP error's text."""
+    from .verify import VerifyRefused
+
+    def verify_of(what: str) -> Any:
+        p = primary()
+        if p is None:
+            raise QMPError(f"{what} refused: this node is not primary")
+        return p.verify
+
+    async def start(args: dict[str, Any]) -> Any:
+        rate, restart = args.get("rate", 0), args.get("restart", False)
+        if type(rate) is not int or rate < 0 or not isinstance(restart, bool):
+            raise QMPError("ha-verify: 'rate' is bytes/s (an integer >= 0), 'restart' a bool")
+        try:
+            return verify_of("verify").start(rate, restart)
+        except VerifyRefused as e:
+            raise QMPError(str(e)) from None
+
+    async def cancel(args: dict[str, Any]) -> Any:
+        try:
+            return await verify_of("verify-cancel").cancel()
+        except VerifyRefused as e:
+            raise QMPError(str(e)) from None
+
+    async def repair(args: dict[str, Any]) -> Any:
+        try:
+            return await verify_of("resync --out-of-sync").repair()
+        except (VerifyRefused, channel.ChannelError) as e:
+            raise QMPError(str(e)) from None
+
+    d.qmp.commands.register("ha-verify", start)
+    d.qmp.commands.register("ha-verify-cancel", cancel)
+    d.qmp.commands.register("ha-resync-out-of-sync", repair)
 
 
 def register_resolve(role: BaseRole, peer_history: Callable[[], list[HistoryEntry] | None]) -> None:

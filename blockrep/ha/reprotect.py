@@ -21,6 +21,7 @@ from ..errors import BlockError, ReplicationError
 from ..replication.filter import ReplicationMode
 from . import channel, link, pairing
 from .bitmap import REGION_SIZE as CHUNK
+from .config import FailoverPoint
 from .handshake import ALL, Decision, Direction, Rule, compare_histories, decide
 from .node_state import StateFileError
 from .ratelimit import RateMeter
@@ -377,6 +378,12 @@ async def _start_replication(self: Primary, hello: dict[str, Any], ch: channel.C
     self.ch = ch
     self.replicating = True
     self.peer = PeerStatus.CONNECTED
+    # what the secondary's failover keeps decides whether acknowledgements wait for it
+    point = hello.get("failover-point")
+    self.freeze.arm(FailoverPoint(point) if point in ("latest", "checkpoint") else FailoverPoint.CHECKPOINT,
+                    self.consumer_export)  # fmt: skip
+    if (r := self.replication_node()) is not None:
+        r.state.on_lost_forward = self.freeze.lost_forward
     # the first epoch, agreed by both (the consumer is held: every write is in it)
     mark = self.al.checkpoint_mark() if self.al is not None else 0
     await ch.call("checkpoint", gen=gen)

@@ -24,8 +24,7 @@ An export is an address (its export is then named ``disk``, as ``blockrep primar
 is) or an NBD URI naming it (``nbd://HOST:PORT/NAME``, ``nbd+unix:///NAME?socket=PATH``),
 so several volumes can share one NBD server. Paths are kept as written.
 
-Reserved key: ``failover-point`` (issue #13's failover semantics) is accepted and
-type-checked so that files written for it load today; nothing acts on it yet.
+``failover-point`` is what a failover keeps (config.FailoverPoint, CONTINUITY.md §6).
 
 Every refusal is an OptionError starting ``resource file SOURCE:`` that names the key and
 its table: a typo must never fall back silently to a default.
@@ -43,6 +42,7 @@ from typing import Any
 
 from ..address import SocketAddress
 from ..errors import OptionError
+from .config import FailoverPoint
 
 DEFAULT_CHECKPOINT_INTERVAL = 2.0  # seconds: `blockrep primary --checkpoint-interval`'s default
 DEFAULT_REGION_SIZE = 1 << 20
@@ -56,13 +56,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 class Mode(enum.StrEnum):
     SEPARATE = "separate"  # each node has its own disk (SPEC.md non-shared mode)
     SHARED = "shared"  # both nodes reach one disk (SPEC.md §3 shared-disk mode)
-
-
-class FailoverPoint(enum.StrEnum):
-    """Which writes survive a failover (CONTINUITY.md §6). Reserved: not acted on yet."""
-
-    CHECKPOINT = "checkpoint"  # COLO: the last checkpoint plus the secondary's own writes
-    LATEST = "latest"  # every write the primary acknowledged (DRBD protocol C)
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,19 @@ over — by hand (``blockrep failover``) or, with ``--auto-failover``, after
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import BlockError
 from ..replication.filter import ReplicationMode
 from ..replication.identity import disk_identity
-from . import buffers, channel, failover, link, pairing, qmp, verbs, watchdog
+from . import buffers, channel, failover, link, outdate, pairing, qmp, verbs, watchdog
 from .activity_log import ActivityLogError, convert
 from .activity_log import load as load_al
 from .bitmap import REGION_SIZE, RegionBitmap
-from .config import SecondaryConfig, default_buffer_dir
+from .config import FailoverPoint, SecondaryConfig, default_buffer_dir
 from .node_state import ResyncPosition
 from .resync import digests_of
 from .role import BaseRole, Host, PeerStatus, al_path
@@ -69,6 +71,15 @@ class Secondary(BaseRole):
         assert self.buffers is not None
         return self.buffers.active
 
+    def _mark_before_write(self, offset: int, nbytes: int) -> None:
+        """failover-point latest: the consumer's export is read-only until failover (its
+        writes would be speculative, and the failover drops the buffers they go to)."""
+        if self.cfg.failover_point is FailoverPoint.LATEST and not self.failed_over and nbytes:
+            raise BlockError(
+                errno.EPERM, "read-only until failover (failover-point latest: nothing speculative)"
+            )
+        super()._mark_before_write(offset, nbytes)
+
     def auto_failover_status(self) -> dict[str, Any]:
         return watchdog.auto_failover_status(self.cfg, self.fence)
 
@@ -77,6 +88,7 @@ class Secondary(BaseRole):
         if self.cfg.auto_failover and self.cfg.fence_command:
             out["fence"] = self.fence.as_dict()  # attempts since the primary went silent
         out["link"] = self.link_addr or None  # where the replication link listens for the peer
+        out["failover-point"] = self.cfg.failover_point.value
         return out
 
     async def shutdown(self) -> None:
@@ -107,6 +119,7 @@ class Secondary(BaseRole):
         await self.start_consumer_export()  # refuses a state file of another disk
         self.host.was_clean = self.state.start(self.role)  # clean-shutdown cleared
         qmp.register_secondary(self)
+        outdate.register_outdate(self)
         qmp.register_resolve(self, lambda: self.peer_history)
         await self.start_qmp()
         self.start_metrics()
@@ -178,6 +191,7 @@ class Secondary(BaseRole):
                     "handover": self._handover,
                     "sync-target": self._sync_target,
                     "digests": self._digests,
+                    "outdate": self._outdate,
                 },
                 on_message=heard,
             )
@@ -219,6 +233,7 @@ class Secondary(BaseRole):
             "written": self.state.peer_bitmap.ranges(),
             # what this node may have written as a primary past the common epoch
             "al": self._stale_al(),
+            "failover-point": self.cfg.failover_point.value,  # what a failover here keeps
             "link": address,
             "export": name,  # the link's secret export name, new at every hello
             "stage": (await self.status())["stage"],
@@ -322,6 +337,10 @@ class Secondary(BaseRole):
         if node is None:
             raise channel.ChannelError("digests: this node has no replication link")
         return {"digests": await digests_of(node, regions)}
+
+    async def _outdate(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """The primary goes on alone without this node (failover-point latest)."""
+        return outdate.outdate_secondary(self, "the primary goes on alone")
 
     async def _handover(self, msg: dict[str, Any]) -> dict[str, Any]:
         """The primary hands over cleanly after a final checkpoint (demote, switchover,

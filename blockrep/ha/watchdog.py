@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("blockrep.ha")
 
 FENCE_TIMEOUT = 60.0  # seconds a fence command may take before it counts as failed
+SETTLE = 0.3  # seconds the loop reads queued input before a silence counts
 FENCE_RETRY_MAX = 30.0  # the longest wait between two fence attempts (the backoff's bound)
 FENCE_RECHECK = 1.0  # seconds between checks that the fence command can be started
 
@@ -177,6 +178,11 @@ async def _watch_once(s: Secondary) -> None:
     if not s.started or s.failed_over:
         return
     silent = time.monotonic() - s.last_heard
+    if silent >= cfg.failover_timeout and s.peer != PeerStatus.PEER_LOST:
+        # silence is measured after reading what is queued: a node that was paused
+        # (SIGSTOP, a host stall) resumes with the primary's heartbeats in its socket
+        await asyncio.sleep(SETTLE)
+        silent = time.monotonic() - s.last_heard
     if silent < cfg.failover_timeout:
         f.attempts, f.next_at = 0, 0.0  # the primary answers: a later silence starts afresh
         return

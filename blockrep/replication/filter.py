@@ -90,6 +90,10 @@ class ReplicationState:
     orig_read_only: dict[str, bool] = field(default_factory=dict)
     # primary: bytes forwarded to the secondary and not yet acknowledged
     unacked_bytes: int = 0
+    # primary: called (before the write completes) when a write's forward failed or
+    # could not be made; the HA manager's failover-point latest then holds the
+    # consumer's acknowledgement until the secondary is outdated (None: QEMU's way)
+    on_lost_forward: Callable[[], None] | None = None
 
     def record_error(self, err: BlockError) -> None:
         """Keep the first error: it is the one get_error and query-replication report."""
@@ -194,6 +198,8 @@ class ReplicationNode(Node):
         s = self.state
         st = s.io_status()
         if st < 0:
+            if s.mode == ReplicationMode.PRIMARY and s.on_lost_forward is not None:
+                s.on_lost_forward()
             raise BlockError(-st, "Block replication is not running")
         if st == 0:
             if s.mode == ReplicationMode.SECONDARY:
@@ -205,6 +211,8 @@ class ReplicationNode(Node):
             except BlockError as e:
                 # the consumer is not to see the secondary's trouble: record, succeed
                 s.record_error(e)
+                if s.on_lost_forward is not None:
+                    s.on_lost_forward()
             finally:
                 s.unacked_bytes -= nbytes
             return
