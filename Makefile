@@ -2,11 +2,17 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-DEBS   := qemu-utils qemu-system-x86 nbdkit libnbd-bin fio systemd
+# the real-guest test (issue 13) boots the cloud kernel with a busybox-static initramfs
+DEBS   := qemu-utils qemu-system-x86 nbdkit libnbd-bin fio systemd \
+          linux-image-cloud-amd64 busybox-static e2fsprogs
 # tool -> Debian package, checked before the tests run
 TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
           qemu-system-x86_64:qemu-system-x86 nbdkit:nbdkit nbdinfo:libnbd-bin \
-          nbdcopy:libnbd-bin fio:fio systemd-analyze:systemd
+          nbdcopy:libnbd-bin fio:fio systemd-analyze:systemd \
+          mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs
+# packages of DEBS with no tool to look for (a kernel in /boot; busybox must be the static
+# one), checked with dpkg-query where there is one
+PKGS   := linux-image-cloud-amd64 busybox-static
 
 .PHONY: test venv debs lint bench demo clean
 
@@ -23,6 +29,10 @@ debs:
 	  cmd=$${t%%:*}; pkg=$${t##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
 	done; \
+	if command -v dpkg-query >/dev/null 2>&1; then for pkg in $(PKGS); do \
+	  dpkg-query -W -f='$${db:Status-Abbrev}' $$pkg 2>/dev/null | grep -q '^ii' \
+	    || missing="$$missing $$pkg"; \
+	done; fi; \
 	if [ -n "$$missing" ]; then \
 	  missing=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
 	  if [ "$$(id -u)" = 0 ]; then \
