@@ -133,3 +133,25 @@ async def test_paused_secondary_loses_no_acknowledged_write(ha):
         n.quit()
         assert await n.wait_exit(30) == 0, n.log_text()
     assert sha_file(p.disk) == sha(bytes(model))
+
+
+async def test_on_outdate_failure_continue_gives_up_the_promise_and_says_so(ha):
+    """No way to outdate the lost secondary (no command, S dead): with ``continue`` the
+    primary goes on alone after one attempt, and status says the promise is gone."""
+    base = ha.make_disks(SIZE, 45)
+    p, s = await _pair(ha, False, p_extra=["--heartbeat-timeout", "1", "--on-outdate-failure",
+                                           "continue"])  # fmt: skip
+    pc = await ha.client(p)
+    model = bytearray(base)
+    await random_writes(pc, random.Random(45), SIZE, 8, model=model)
+    s.kill()
+    st = await p.wait_status(
+        lambda x: x["acknowledgements"]["promise-given-up"], 30, "P gave the promise up"
+    )
+    assert st["acknowledgements"]["state"] == "flowing" and st["peer"] == "degraded", st
+    assert any("--on-outdate-failure continue" in e for e in st["errors"]), st["errors"]
+    await asyncio.wait_for(random_writes(pc, random.Random(46), SIZE, 8, model=model), 30)
+    await _close_clients(ha)
+    p.quit()
+    assert await p.wait_exit(30) == 0, p.log_text()
+    assert sha_file(p.disk) == sha(bytes(model))
