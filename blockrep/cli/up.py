@@ -59,10 +59,17 @@ def cmd_up(argv: list[str]) -> int:
     p.add_argument(
         "--no-activity-log", action="store_true", help="UNSAFE, for measuring its cost only"
     )
+    p.add_argument(
+        "--outdate-peer-command",
+        help="as primary, with failover-point latest: makes a lost peer Outdated (a cluster "
+        "manager's constraint: `blockrep ocf fence-peer`)",
+    )
+    p.add_argument("--on-outdate-failure", choices=("freeze", "continue"), default="freeze")
     p.add_argument("--log", default=os.environ.get("BLOCKREP_LOG", "WARNING"))
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log.upper(), format="blockrep up: %(message)s")
     from ..errors import BlockError, OptionError
+    from ..ha.config import OutdateFailure
     from ..ha.node import HANode, UpOptions
     from ..ha.node_state import StateFileError
     from ..ha.resource import load_resource
@@ -81,6 +88,8 @@ def cmd_up(argv: list[str]) -> int:
         no_activity_log=a.no_activity_log,
         resync_rate=a.resync_rate,
         resync_min_rate=a.resync_min_rate,
+        outdate_peer_command=a.outdate_peer_command or None,
+        on_outdate_failure=OutdateFailure(a.on_outdate_failure),
     )
 
     async def main() -> int:

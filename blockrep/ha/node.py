@@ -25,7 +25,14 @@ from typing import Any
 
 from ..errors import QMPError
 from . import auth, channel, metrics, qmp
-from .config import Mode, PrimaryConfig, SecondaryConfig, VolumeSpec, default_state_file
+from .config import (
+    Mode,
+    OutdateFailure,
+    PrimaryConfig,
+    SecondaryConfig,
+    VolumeSpec,
+    default_state_file,
+)
 from .primary import Primary
 from .resource import Resource
 from .role import BaseRole, Host, PeerStatus
@@ -47,6 +54,8 @@ class UpOptions:
     no_activity_log: bool = False
     resync_rate: int = 0  # bytes/s (primary's --resync-rate)
     resync_min_rate: int = 0
+    outdate_peer_command: str | None = None  # as primary (failover-point latest)
+    on_outdate_failure: OutdateFailure = OutdateFailure.FREEZE
 
 
 class RoleChangeRefused(QMPError):
@@ -117,6 +126,8 @@ class HANode:
             activity_log=not self.opts.no_activity_log,
             resync_rate=self.opts.resync_rate,
             resync_min_rate=self.opts.resync_min_rate,
+            outdate_peer_command=self.opts.outdate_peer_command,
+            on_outdate_failure=self.opts.on_outdate_failure,
         )
 
     def secondary_config(self) -> SecondaryConfig:
