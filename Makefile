@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # the real-guest test (issue 13) boots the cloud kernel with a busybox-static initramfs
+# the Pacemaker agent's tests (issue 14): a real cluster, ocf-tester, xmllint for the DTD
 DEBS   := qemu-utils qemu-system-x86 nbdkit libnbd-bin fio systemd \
-          linux-image-cloud-amd64 busybox-static e2fsprogs
+          linux-image-cloud-amd64 busybox-static e2fsprogs \
+          pacemaker corosync pacemaker-cli-utils resource-agents libxml2-utils
 # tool -> Debian package, checked before the tests run
 TOOLS  := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
           qemu-system-x86_64:qemu-system-x86 nbdkit:nbdkit nbdinfo:libnbd-bin \
           nbdcopy:libnbd-bin fio:fio systemd-analyze:systemd \
-          mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs
+          mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs \
+          pacemakerd:pacemaker corosync:corosync crm_attribute:pacemaker-cli-utils \
+          cibadmin:pacemaker-cli-utils ocf-tester:resource-agents xmllint:libxml2-utils
 # packages of DEBS with no tool to look for (a kernel in /boot; busybox must be the static
 # one), checked with dpkg-query where there is one
 PKGS   := linux-image-cloud-amd64 busybox-static
@@ -67,6 +71,7 @@ bench: venv debs
 	$(PY) bench/ha.py
 	$(PY) bench/reprotect.py
 	$(PY) bench/security.py
+	$(PY) bench/guarantees.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

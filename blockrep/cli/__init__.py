@@ -27,6 +27,7 @@ commands:
   daemon      the block daemon: QEMU-style -drive/-blockdev, QMP, NBD server and exports
   img         image utility (qemu-img forms): create, info, check, map, compare, convert
   tls-init    write a CA plus server and client certificates (QEMU's x509 layout)
+  ocf         the Pacemaker resource agent: install | agent | fence-peer | unfence-peer
 """
 
 
@@ -91,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         from .tls_init import main as tls_init_main
 
         return tls_init_main(rest)
+    if cmd == "ocf":
+        from .ocf import main as ocf_main
+
+        return ocf_main(rest)
     if cmd in ("--version", "version"):
         from .. import __version__
 
