@@ -111,13 +111,10 @@ class AckFreeze:
             await ch.close()
 
     async def _outdate(self) -> None:
+        """The command first (a cluster's constraint is authoritative and need not wait
+        for a stalled peer), then the peer's own confirmation over the channel."""
         cmd, wait = self.cfg.outdate_peer_command, RETRY_MIN
         while True:
-            if await self._ask_peer():
-                self.attempts += 1
-                self.peer_outdated = True
-                self.release("the secondary confirmed it is outdated")
-                return
             if cmd:
                 rc, err = await run_fence(cmd)
                 self.attempts += 1
@@ -126,6 +123,11 @@ class AckFreeze:
                     self.release("the secondary is outdated (--outdate-peer-command)")
                     return
                 self.last_error = err or f"--outdate-peer-command failed (exit {rc})"
+            if await self._ask_peer():
+                self.attempts += 1
+                self.peer_outdated = True
+                self.release("the secondary confirmed it is outdated")
+                return
             if self.cfg.on_outdate_failure is OutdateFailure.CONTINUE:
                 self.given_up = True
                 self.error(
