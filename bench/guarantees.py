@@ -620,10 +620,9 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             "Reading: with `kill` P learns of the loss from the next forward that fails, at "
             "once; with `stop` only from the heartbeat (`--heartbeat-timeout 1`). A frozen "
-            "`latest` P first asks the secondary itself over the control channel to confirm it "
-            "is Outdated (`_ask_peer` in blockrep/ha/outdate.py, 2 s timeout) and runs "
-            "`--outdate-peer-command` only after that fails: a stalled S, whose socket still "
-            "accepts, costs those 2 s on top of the detection, however fast the command.",
+            "`latest` P runs `--outdate-peer-command` first (here `true`, a constraint placed "
+            "at once) and asks the secondary itself only when that fails: the freeze costs "
+            "the command's run time on top of the detection, which both points pay alike.",
             "",
             "Every trial (ms from the signal: first write sent after it acknowledged / froze / "
             "flows again; the write in flight at the signal, if any, acknowledged at):",
