@@ -72,6 +72,7 @@ bench: venv debs
 	$(PY) bench/reprotect.py
 	$(PY) bench/security.py
 	$(PY) bench/guarantees.py
+	$(PY) bench/pacemaker.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -19,7 +19,10 @@ PACKAGE = ROOT / "blockrep"
 
 # top to bottom; a module belongs to the first entry whose prefix names it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("cli", ("blockrep.cli", "blockrep.ocf", "blockrep.testing", "blockrep.__main__")),
+    (
+        "cli",
+        ("blockrep.cli", "blockrep.ocf", "blockrep.lab", "blockrep.testing", "blockrep.__main__"),
+    ),
     ("daemon/ha", ("blockrep.daemon", "blockrep.ha")),
     ("qmp", ("blockrep.qmp",)),
     (
