@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import limits
+from . import eventloop, limits
 from .block import Graph
 from .block.options import check, parse_keyval, parse_options
 from .blockdev import (
@@ -285,7 +285,7 @@ def main(argv: list[str]) -> int:
         print(f"blockrep daemon: {e}", file=sys.stderr)
         return 1
     if not cfg.daemonize:
-        return asyncio.run(run_daemon(cfg))
+        return eventloop.run(run_daemon(cfg))
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid > 0:
@@ -300,5 +300,5 @@ def main(argv: list[str]) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    code = asyncio.run(run_daemon(cfg, ready_fd=wfd))
+    code = eventloop.run(run_daemon(cfg, ready_fd=wfd))
     os._exit(code)

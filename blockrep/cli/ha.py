@@ -193,7 +193,9 @@ def run_role(kind: str, argv: list[str]) -> int:
         await node.run_forever()
         return 0
 
-    return asyncio.run(main())
+    from .. import eventloop
+
+    return eventloop.run(main())
 
 
 # -- a tiny synchronous QMP client for the control commands ------------------------------------

@@ -106,7 +106,9 @@ def cmd_up(argv: list[str]) -> int:
         await node.run_forever()
         return 0
 
-    return asyncio.run(main())
+    from .. import eventloop
+
+    return eventloop.run(main())
 
 
 VERBS = {
