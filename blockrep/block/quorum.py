@@ -13,6 +13,8 @@ import asyncio
 import errno
 import hashlib
 import os
+import types
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 from ..errors import BlockError, OptionError
@@ -147,17 +149,7 @@ class QuorumNode(Node):
 
     async def _all(self, kind: str, offset: int, nbytes: int, op) -> None:
         kids = self.child_list()
-        # the first child runs in this task, the others in their own: one task
-        # fewer per request, and the usual remote child (replication) overlaps
-        others = [asyncio.ensure_future(op(c)) for c in kids[1:]]
-        results: list[object] = []
-        try:
-            await op(kids[0])
-            results.append(None)
-        except BlockError as e:
-            results.append(e)
-        if others:
-            results.extend(await asyncio.gather(*others, return_exceptions=True))
+        results = await _fan_out([op(c) for c in kids])
         errors: list[BlockError] = []
         for c, r in zip(kids, results, strict=True):
             if isinstance(r, BaseException):
@@ -260,3 +252,81 @@ def _vote_winner(values: list) -> tuple[Any, int]:
         if counts[v] > n:
             best, n = v, counts[v]
     return best, n
+
+
+# -- fan-out -------------------------------------------------------------------------
+#
+# A replicated write fans out to a local file child, which usually completes without
+# ever suspending, and a replication child, which waits for the wire. A task per child
+# and a gather per request cost more than the local pwrite itself (issue 15: +27 % on
+# replicated 4 KiB writes without them). So each child's coroutine is stepped inline:
+# one that finishes without suspending needs no task, and the next child starts at
+# once; the first one that suspends is resumed inline, and only the children after it
+# (if any) get tasks, started before it resumes so that they still overlap with it.
+# Children start in list order and are all awaited, as with one task each.
+
+
+async def _fan_out(coros: list[Coroutine[Any, Any, None]]) -> list[Exception | None]:
+    """Run every coroutine to completion; each one's exception, or None, in order.
+
+    An exception that is not an ``Exception`` (a cancellation) propagates at once,
+    cancelling the children that are still running.
+    """
+    results: list[Exception | None] = [None] * len(coros)
+    tasks: list[tuple[int, asyncio.Future[None]]] = []
+    i = 0
+    try:
+        while i < len(coros):
+            try:
+                yielded = coros[i].send(None)
+            except StopIteration:
+                i += 1
+                continue
+            except Exception as e:  # noqa: BLE001 - the caller votes on the errors
+                results[i] = e
+                i += 1
+                continue
+            # it suspended: the rest run as tasks while it resumes in this one
+            k, i = i, len(coros)
+            tasks = [(j, asyncio.ensure_future(coros[j])) for j in range(k + 1, len(coros))]
+            try:
+                await _resume(coros[k], yielded)
+            except Exception as e:  # noqa: BLE001
+                results[k] = e
+        for j, t in tasks:
+            try:
+                await t
+            except Exception as e:  # noqa: BLE001
+                results[j] = e
+    except BaseException:
+        for c in coros[i + 1 :]:
+            c.close()  # never started
+        for _, t in tasks:
+            t.cancel()
+        raise
+    return results
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, Any, None]:
+    """Await a coroutine that was already stepped once and yielded ``yielded``.
+
+    What ``await`` does after its first step: pass the yielded future up to the
+    task, and pass the task's answer (a value, an exception, a cancellation) down.
+    """
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:  # noqa: BLE001 - thrown in by the task: forwarded
+            try:
+                yielded = coro.throw(e)
+            except StopIteration:
+                return
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration:
+                return
