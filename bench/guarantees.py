@@ -57,8 +57,17 @@ import tempfile
 import time
 from typing import Any
 
-from replication import fio_rand, fio_seq, log, make_golden, median, sh, sha256_file
-from security import Failed, check_space, fnum, ratio, rotated, summarise
+from replication import fio_rand, fio_seq, log, median, sh, sha256_file
+from security import (
+    Failed,
+    check_space,
+    fnum,
+    ratio,
+    rotated,
+    shots_in_turn,
+    start_pairs,
+    summarise,
+)
 
 from blockrep.testing import HA, HANode, MiB, blockrep_argv
 
@@ -386,26 +395,8 @@ async def amain(a: argparse.Namespace) -> int:
     pairs: dict[str, Pair] = {}
     t0 = time.monotonic()
     try:
-        golden = os.path.join(work, "golden.raw")
-        log(f"golden image: {a.size_mib} MiB in {base}")
-        await asyncio.to_thread(make_golden, golden, a.size_mib)
-        for m in POINTS:
-            pairs[m] = Pair(m, golden, work)
-            await pairs[m].start()
-            log(f"{m}: pair ready in {pairs[m].ready_s:.1f} s")
-        os.unlink(golden)
-        kinds = [("seq", a.seq_shots), ("rand", a.rand_shots)]
-        if a.hot_mib:
-            kinds.append(("hot", a.rand_shots))
-        shots: dict[str, dict[str, list[dict[str, Any]]]] = {
-            m: {k: [] for k, _ in kinds} for m in POINTS
-        }
-        for kind, n in kinds:
-            for i in range(n):
-                for m in rotated(list(POINTS), i):
-                    r = await shot(pairs[m], kind, a)
-                    shots[m][kind].append(r)
-                    log(f"{m} {kind} shot {i}: {r['mib_s']:.1f} MiB/s, {r['iops']:.0f} IOPS")
+        await start_pairs(pairs, list(POINTS), Pair, work, base, a.size_mib)
+        shots = await shots_in_turn(pairs, list(POINTS), shot, a)
         verify: dict[str, dict[str, Any]] = {}
         for m in POINTS:
             verify[m] = await pairs[m].verify()
@@ -418,7 +409,7 @@ async def amain(a: argparse.Namespace) -> int:
             fin = await pairs[m].finish()
             res["points"][m] = {
                 "pair_ready_s": pairs[m].ready_s,
-                **{k: summarise(shots[m][k]) for k, _ in kinds},
+                **{k: summarise(v) for k, v in shots[m].items()},
                 "verify": verify[m],
                 **fin,
             }

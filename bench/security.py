@@ -192,6 +192,40 @@ def rotated(modes: list[str], i: int) -> list[str]:
     return modes[k:] + modes[:k]
 
 
+async def start_pairs(
+    pairs: dict[str, Any], names: list[str], make_pair: Any, work: str, base: str, size_mib: int
+) -> None:
+    """One pair per name on copies of one golden image (into ``pairs`` as they come up,
+    so the caller's cleanup sees every pair started)."""
+    golden = os.path.join(work, "golden.raw")
+    log(f"golden image: {size_mib} MiB in {base}")
+    await asyncio.to_thread(make_golden, golden, size_mib)
+    for m in names:
+        pairs[m] = make_pair(m, golden, work)
+        await pairs[m].start()
+        log(f"{m}: pair ready in {pairs[m].ready_s:.1f} s")
+    os.unlink(golden)
+
+
+async def shots_in_turn(
+    pairs: dict[str, Any], names: list[str], shot_fn: Any, a: argparse.Namespace
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Sequential, random (and hot-window) shots, the pairs taking turns each round."""
+    kinds = [("seq", a.seq_shots), ("rand", a.rand_shots)]
+    if a.hot_mib:
+        kinds.append(("hot", a.rand_shots))
+    shots: dict[str, dict[str, list[dict[str, Any]]]] = {
+        m: {k: [] for k, _ in kinds} for m in names
+    }
+    for kind, n in kinds:
+        for i in range(n):
+            for m in rotated(names, i):
+                r = await shot_fn(pairs[m], kind, a)
+                shots[m][kind].append(r)
+                log(f"{m} {kind} shot {i}: {r['mib_s']:.1f} MiB/s, {r['iops']:.0f} IOPS")
+    return shots
+
+
 def summarise(shots: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "shots": shots,
@@ -258,32 +292,13 @@ async def amain(a: argparse.Namespace) -> int:
     pairs: dict[str, Pair] = {}
     t0 = time.monotonic()
     try:
-        golden = os.path.join(work, "golden.raw")
-        log(f"golden image: {a.size_mib} MiB in {base}")
-        await asyncio.to_thread(make_golden, golden, a.size_mib)
-        for m in modes:
-            pairs[m] = Pair(m, golden, work)
-            await pairs[m].start()
-            log(f"{m}: pair ready in {pairs[m].ready_s:.1f} s")
-        os.unlink(golden)
-        kinds = [("seq", a.seq_shots), ("rand", a.rand_shots)]
-        if a.hot_mib:
-            kinds.append(("hot", a.rand_shots))
-        shots: dict[str, dict[str, list[dict[str, Any]]]] = {
-            m: {k: [] for k, _ in kinds} for m in modes
-        }
-        for kind, n in kinds:
-            for i in range(n):
-                for m in rotated(modes, i):
-                    r = await shot(pairs[m], kind, a)
-                    shots[m][kind].append(r)
-                    log(f"{m} {kind} shot {i}: {r['mib_s']:.1f} MiB/s, {r['iops']:.0f} IOPS")
+        await start_pairs(pairs, modes, Pair, work, base, a.size_mib)
+        shots = await shots_in_turn(pairs, modes, shot, a)
         for m in modes:
             fin = await pairs[m].finish()
             res["modes"][m] = {
                 "pair_ready_s": pairs[m].ready_s,
-                "seq": summarise(shots[m]["seq"]),
-                **{k: summarise(shots[m][k]) for k, _ in kinds if k != "seq"},
+                **{k: summarise(v) for k, v in shots[m].items()},
                 **fin,
             }
             log(f"{m}: P's disk {'equals' if fin['disks_equal'] else 'DIFFERS FROM'} S's")

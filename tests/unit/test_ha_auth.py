@@ -161,6 +161,38 @@ def test_tcp_without_authentication_names_every_way_out():
     auth.require_authentication("h:1", None, None, True, "x")
 
 
+async def _tls_accept_once(server: Security, tls_dir: str, connect_with: Security | None):
+    """One TLS connection to a server checking ``server``; what its accept() said."""
+    server_ctx, _ = server.contexts()
+    _, client_ctx = Security.from_options(None, tls_dir).contexts()  # the directory's client
+    seen: list[object] = []
+
+    async def on_conn(r, w):
+        try:
+            await server.accept(r, w)
+            seen.append("ok")
+        except AuthError as e:
+            seen.append(e)
+        w.close()
+
+    path = f"/tmp/blockrep-auth-t-{os.getpid()}.sock"
+    srv = await asyncio.start_unix_server(on_conn, path, ssl=server_ctx)
+    try:
+        r, w = await asyncio.open_unix_connection(path, ssl=client_ctx, server_hostname="localhost")
+        if connect_with is not None:
+            await asyncio.wait_for(connect_with.connect(r, w), 10)
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.05)
+        w.close()
+    finally:
+        srv.close()
+        await srv.wait_closed()
+        os.unlink(path)
+    return seen
+
+
 async def test_tls_authorizes_its_own_client_certificate_dn(tmp_path):
     """With tls-dir the client's DN must be the authorized one: by default the DN of
     this directory's client-cert.pem, read from the file as the peer will see it."""
@@ -172,53 +204,8 @@ async def test_tls_authorizes_its_own_client_certificate_dn(tmp_path):
     assert sec.method is Method.TLS and sec.authorized_dn and "CN=" in sec.authorized_dn
     server_ctx, client_ctx = sec.contexts()
     assert server_ctx is not None and client_ctx is not None
-    seen: list[object] = []
-
-    async def on_conn(r, w):
-        try:
-            await sec.accept(r, w)
-            seen.append("ok")
-        except AuthError as e:
-            seen.append(e)
-        w.close()
-
-    path = f"/tmp/blockrep-auth-t-{os.getpid()}.sock"
-    srv = await asyncio.start_unix_server(on_conn, path, ssl=server_ctx)
-    try:
-        r, w = await asyncio.open_unix_connection(path, ssl=client_ctx, server_hostname="localhost")
-        await asyncio.wait_for(sec.connect(r, w), 10)
-        w.close()
-        for _ in range(100):
-            if seen:
-                break
-            await asyncio.sleep(0.05)
-        assert seen == ["ok"]
-        # another DN authorized: the same certificate is refused
-        other = Security(Method.TLS, tls_dir=d, authorized_dn="C=XX,O=other,CN=someone")
-        seen.clear()
-        srv.close()
-        await srv.wait_closed()
-        os.unlink(path)
-
-        async def on_conn2(r, w):
-            try:
-                await other.accept(r, w)
-                seen.append("ok")
-            except AuthError as e:
-                seen.append(e)
-            w.close()
-
-        srv = await asyncio.start_unix_server(on_conn2, path, ssl=server_ctx)
-        r, w = await asyncio.open_unix_connection(path, ssl=client_ctx, server_hostname="localhost")
-        for _ in range(100):
-            if seen:
-                break
-            await asyncio.sleep(0.05)
-        w.close()
-        assert (
-            len(seen) == 1 and isinstance(seen[0], AuthError) and "not authorized" in str(seen[0])
-        )
-    finally:
-        srv.close()
-        if os.path.exists(path):
-            os.unlink(path)
+    assert await _tls_accept_once(sec, d, sec) == ["ok"]
+    # another DN authorized: the same certificate is refused
+    other = Security(Method.TLS, tls_dir=d, authorized_dn="C=XX,O=other,CN=someone")
+    seen = await _tls_accept_once(other, d, None)
+    assert len(seen) == 1 and isinstance(seen[0], AuthError) and "not authorized" in str(seen[0])
