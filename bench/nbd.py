@@ -1,10 +1,19 @@
 #!/usr/bin/env python3
 """NBD server benchmark: blockrep daemon vs qemu-storage-daemon (and nbdkit) in one run.
 
-Same client (fio's nbd engine), same 1 GiB raw file, TCP and unix socket:
-1 MiB sequential write and read at qd 8, 4 KiB random read and write at qd 32,
-4 KiB random read at qd 1. Writes bench/results/nbd.json and bench/results/nbd.md
-with each ratio blockrep / qemu-storage-daemon.
+Same client (fio's nbd engine), a raw file per server (identical copies, 1 GiB), TCP and unix
+socket: 1 MiB sequential write and read at qd 8, 4 KiB random read and write at qd 32, 4 KiB
+random read at qd 1. All servers of a transport run at once and take their shots in turn,
+round after round (the first server of each round rotates), so a machine that gets busier or
+quieter weighs on all alike; each figure is the median of --shots.
+
+Next to every figure: the server's CPU µs per request (utime+stime of the whole process over
+the shots, divided by the requests fio made; bench/cpu.py). Goal lines of issue 15 at the top
+(>= 1.5x qemu-storage-daemon on 1 MiB sequential read and write and 4 KiB random read and
+write; judged on the unix socket, the issue's case, when it was measured).
+
+Writes OUT/nbd.json and OUT/nbd.md (OUT = --out, default bench/results).
+Run: .venv/bin/python bench/nbd.py [--quick] [--shots 3] [--runtime 4] [--out DIR]
 """
 
 from __future__ import annotations
@@ -12,10 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
+import time
+
+from cpu import CpuMeter, total_per_request_us
 
 from blockrep.testing import blockrep_argv, free_port, wait_accepting
 
@@ -30,8 +44,17 @@ CASES = [
     ("rand read 4k qd1", ["--rw=randread", "--bs=4k", "--iodepth=1"], "read", "iops"),
 ]
 
+# issue 15: plain NBD export >= 1.5x qemu-storage-daemon on these cases
+GOAL_RATIO = 1.5
+GOAL_CASES = ["seq read 1M qd8", "seq write 1M qd8", "rand read 4k qd32", "rand write 4k qd32"]
+GOAL_TRANSPORT = "unix"  # the issue's measured case; the other transport is shown for information
 
-def start_server(kind: str, disk: str, transport: str, d: str) -> tuple[subprocess.Popen, str]:
+SERVER_LABEL = {"blockrep": "blockrep", "qsd": "qemu-storage-daemon", "nbdkit": "nbdkit file"}
+
+
+def start_server(
+    kind: str, disk: str, transport: str, d: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     path = os.path.join(d, f"{kind}.sock")
     if os.path.exists(path):
@@ -70,7 +93,13 @@ def start_server(kind: str, disk: str, transport: str, d: str) -> tuple[subproce
         cmd = ["nbdkit", "-f", "-e", "disk"]
         cmd += ["-i", "127.0.0.1", "-p", str(port)] if transport == "tcp" else ["-U", path]
         cmd += ["file", disk]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **env} if env else None,
+    )
     wait_accepting(path if transport == "unix" else ("127.0.0.1", port), proc)
     return proc, uri
 
@@ -91,71 +120,225 @@ def fio(uri: str, args: list[str], runtime: int, size: str) -> dict:
     return json.loads(out[out.index("{") :])["jobs"][0]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runtime", type=int, default=6)
-    ap.add_argument("--size", default="1G")
-    ap.add_argument("--dir", default=None)
-    ap.add_argument("--servers", default="blockrep,qsd,nbdkit")
-    ap.add_argument("--transports", default="tcp,unix")
-    args = ap.parse_args()
-    d = tempfile.mkdtemp(prefix="blockrep-nbdbench-", dir=args.dir)
-    disk = os.path.join(d, "disk.raw")
-    with open(disk, "wb") as f:
-        chunk = os.urandom(1 << 20)
-        for _ in range(1024 if args.size == "1G" else 256):
-            f.write(chunk)
-    results: dict = {"runtime_s": args.runtime, "size": args.size, "rows": []}
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
     try:
-        for transport in args.transports.split(","):
-            for kind in args.servers.split(","):
-                proc, uri = start_server(kind, disk, transport, d)
-                try:
-                    for name, fargs, key, metric in CASES:
-                        job = fio(uri, fargs, args.runtime, args.size)
-                        v = job[key]["bw"] / 1024.0 if metric == "bw" else job[key]["iops"]
-                        row = {
-                            "server": kind,
-                            "transport": transport,
-                            "case": name,
-                            "metric": "MiB/s" if metric == "bw" else "IOPS",
-                            "value": v,
-                        }
-                        results["rows"].append(row)
-                        print(row, flush=True)
-                finally:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(20)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def rotated(xs: list[str], i: int) -> list[str]:
+    k = i % len(xs) if xs else 0
+    return xs[k:] + xs[:k]
+
+
+def make_disk(path: str, mib: int) -> None:
+    with open(path, "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(mib):
+            f.write(chunk)
+
+
+def size_mib(size: str) -> int:
+    s = size.strip().upper()
+    mult = {"G": 1024, "M": 1, "K": 1 / 1024}
+    if s and s[-1] in mult:
+        return max(1, int(float(s[:-1]) * mult[s[-1]]))
+    return max(1, int(s) >> 20)
+
+
+def run_transport(
+    transport: str, servers: list[str], disks: dict[str, str], d: str, args: argparse.Namespace
+) -> list[dict]:
+    """Every case on every server of one transport, shots in turn; one row per (server, case)."""
+    procs: dict[str, tuple[subprocess.Popen, str]] = {}
+    rows: list[dict] = []
+    try:
+        for kind in servers:
+            procs[kind] = start_server(kind, disks[kind], transport, d)
+        for name, fargs, key, metric in CASES:
+            shots: dict[str, list[dict]] = {k: [] for k in servers}
+            for i in range(args.shots):
+                for kind in rotated(servers, i):
+                    proc, uri = procs[kind]
+                    meter = CpuMeter({"server": proc.pid})
+                    meter.start()
+                    job = fio(uri, fargs, args.runtime, args.size)
+                    cpu = meter.stop()
+                    v = job[key]["bw"] / 1024.0 if metric == "bw" else job[key]["iops"]
+                    shots[kind].append(
+                        {"value": v, "requests": int(job[key]["total_ios"]), "cpu_s": cpu}
+                    )
+            for kind in servers:
+                vals = [s["value"] for s in shots[kind]]
+                row = {
+                    "server": kind,
+                    "transport": transport,
+                    "case": name,
+                    "metric": "MiB/s" if metric == "bw" else "IOPS",
+                    "value": statistics.median(vals),
+                    "min": min(vals),
+                    "max": max(vals),
+                    "cpu_us_per_req": total_per_request_us(shots[kind]).get("server"),
+                    "shots": shots[kind],
+                }
+                rows.append(row)
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {transport} {kind} {name}: {row['value']:.0f} "
+                    f"{row['metric']} (shots {', '.join(f'{x:.0f}' for x in vals)}), "
+                    f"{fnum(row['cpu_us_per_req'], 1)} CPU us/req",
+                    flush=True,
+                )
     finally:
-        shutil.rmtree(d, ignore_errors=True)
-    table: dict[tuple[str, str], dict[str, float]] = {}
+        for proc, _ in procs.values():
+            stop(proc)
+    return rows
+
+
+def fnum(x: float | None, prec: int = 0) -> str:
+    return "-" if x is None else f"{x:.{prec}f}"
+
+
+def goals(table: dict[tuple[str, str], dict[str, dict]], transports: list[str]) -> dict:
+    judged = GOAL_TRANSPORT if GOAL_TRANSPORT in transports else transports[0]
+    out: dict = {}
+    for case in GOAL_CASES:
+        ratios: dict[str, float | None] = {}
+        for t in transports:
+            v = table.get((t, case), {})
+            br, q = v.get("blockrep"), v.get("qsd")
+            ratios[t] = br["value"] / q["value"] if br and q and q["value"] else None
+        r = ratios.get(judged)
+        out[f"plain NBD {case} >= {GOAL_RATIO}x qemu-storage-daemon"] = {
+            "judged_on": judged,
+            "ratios": ratios,
+            "met": None if r is None else r >= GOAL_RATIO,
+        }
+    return out
+
+
+def markdown(results: dict, transports: list[str]) -> str:
+    table: dict[tuple[str, str], dict[str, dict]] = {}
     for r in results["rows"]:
-        table.setdefault((r["transport"], r["case"]), {})[r["server"]] = r["value"]
+        table.setdefault((r["transport"], r["case"]), {})[r["server"]] = r
+    servers = results["servers"]
+    m = results["machine"]
     lines = [
-        "# NBD server benchmark (fio nbd engine, 1 GiB raw file, same run)",
+        "# NBD server benchmark (fio nbd engine, raw file, same run)",
         "",
-        "| transport | case | blockrep | qemu-storage-daemon | nbdkit file | blockrep / qsd |",
-        "|---|---|---|---|---|---|",
+        "## Goals (issue 15)",
+        "",
+    ]
+    for name, gl in results["goals"].items():
+        met = {True: "**met**", False: "**not met**", None: "not measured"}[gl["met"]]
+        rs = ", ".join(
+            f"{t} {fnum(x, 2)}x" + (" (judged)" if t == gl["judged_on"] else "")
+            for t, x in gl["ratios"].items()
+        )
+        lines.append(f"* {name}: {met} ({rs})")
+    lines += [
+        "",
+        f"{m['cpus']} CPUs; Python {m['python']}; load average at start {m['loadavg_start']}, at end "
+        f"{m.get('loadavg_end')}; blockrep {results['blockrep_rev']}; file {results['size']} per "
+        f"server; {results['runtime_s']} s per shot, median of {results['shots']} shot(s) taken in "
+        f"turn{'; QUICK run' if results['quick'] else ''}. "
+        "Each cell: median [min-max], then the server's CPU µs per request (all threads, "
+        "user + system, over all shots).",
+        "",
+        "| transport | case | "
+        + " | ".join(SERVER_LABEL.get(s, s) for s in servers)
+        + " | blockrep / qsd |",
+        "|---|---|" + "---|" * len(servers) + "---|",
     ]
     for (transport, case), v in table.items():
         unit = "MiB/s" if "1M" in case else "IOPS"
-        br, q, nk = v.get("blockrep"), v.get("qsd"), v.get("nbdkit")
-        ratio = f"{br / q:.2f}" if br and q else "-"
-        cells = [f"{x:.0f} {unit}" if x is not None else "-" for x in (br, q, nk)]
-        lines.append(f"| {transport} | {case} | {cells[0]} | {cells[1]} | {cells[2]} | {ratio} |")
+        cells = []
+        for s in servers:
+            r = v.get(s)
+            if r is None:
+                cells.append("-")
+                continue
+            spread = f" [{r['min']:.0f}-{r['max']:.0f}]" if len(r["shots"]) > 1 else ""
+            cells.append(f"{r['value']:.0f}{spread} {unit}, {fnum(r['cpu_us_per_req'], 1)} µs/req")
+        br, q = v.get("blockrep"), v.get("qsd")
+        ratio = f"{br['value'] / q['value']:.2f}" if br and q and q["value"] else "-"
+        lines.append(f"| {transport} | {case} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 256M, 1 s shots, 1 shot")
+    ap.add_argument("--runtime", type=int, default=None, help="seconds per shot (4)")
+    ap.add_argument("--shots", type=int, default=None, help="shots per case and server (3)")
+    ap.add_argument("--size", default=None, help="file size per server (1G)")
+    ap.add_argument("--dir", default=None, help="where the files go (a temp dir is made inside)")
+    ap.add_argument("--servers", default="blockrep,qsd,nbdkit")
+    ap.add_argument("--transports", default="tcp,unix")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results directory")
+    ap.add_argument("--name", default="nbd", help="results file name (NAME.json, NAME.md)")
+    args = ap.parse_args()
+    if args.runtime is None:
+        args.runtime = 1 if args.quick else 4
+    if args.shots is None:
+        args.shots = 1 if args.quick else 3
+    if args.size is None:
+        args.size = "256M" if args.quick else "1G"
+    servers = [s for s in args.servers.split(",") if s]
+    transports = [t for t in args.transports.split(",") if t]
+    d = tempfile.mkdtemp(prefix="blockrep-nbdbench-", dir=args.dir)
+    results: dict = {
+        "runtime_s": args.runtime,
+        "shots": args.shots,
+        "size": args.size,
+        "quick": args.quick,
+        "servers": servers,
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        },
+        "blockrep_rev": subprocess.run(
+            ["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True
+        ).stdout.strip()
+        or "?",
+        "rows": [],
+    }
+    t0 = time.monotonic()
+    try:
+        # one file per server: they run at once, and QEMU locks the images it opens
+        first = os.path.join(d, f"{servers[0]}.raw")
+        make_disk(first, size_mib(args.size))
+        disks = {servers[0]: first}
+        for s in servers[1:]:
+            disks[s] = os.path.join(d, f"{s}.raw")
+            shutil.copyfile(first, disks[s])
+        for transport in transports:
+            results["rows"] += run_transport(transport, servers, disks, d, args)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    results["wall_s"] = time.monotonic() - t0
+    results["machine"]["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    table: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in results["rows"]:
+        table.setdefault((r["transport"], r["case"]), {})[r["server"]] = r
+    results["goals"] = goals(table, transports)
     results["ratios"] = {
-        f"{t} {c}": (v.get("blockrep", 0) / v["qsd"]) if v.get("qsd") else None
+        f"{t} {c}": (v["blockrep"]["value"] / v["qsd"]["value"])
+        if "blockrep" in v and "qsd" in v and v["qsd"]["value"]
+        else None
         for (t, c), v in table.items()
     }
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "nbd.json"), "w") as f:
+    md = markdown(results, transports)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(results, f, indent=2)
-    with open(os.path.join(HERE, "results", "nbd.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(f"wrote {args.out}/{args.name}.json and .md in {results['wall_s']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

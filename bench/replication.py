@@ -9,6 +9,9 @@ Configurations (issue 5, "Benchmark (bench/replication)"):
 * QEMU pair: the same recipe with ``qemu-system-x86_64 -machine none -nodefaults -display none``
   (QEMU 7.2's NBD server does not set TCP_NODELAY, REFERENCE-QEMU.md §4.7: its TCP figures are
   the reference as shipped, the unix ones show it without that defect).
+* blockrep pair, general path (issue 15; --no-general-path leaves it out): the same pair with
+  ``BLOCKREP_FAST_PATH=0`` in the environment of P and S, so the fast path of the common
+  replicated write is measured against the general coroutine path and QEMU in one run.
 * baselines, no replication: a blockrep export of a raw file (the baseline the issue asks for),
   plus P's quorum without its replication child, and the same two with QEMU.
 
@@ -16,8 +19,13 @@ The consumer writes to P through an NBD export of ``colo-disk0`` on a unix socke
 + nbd-server-add on P, both implementations), driven by fio's nbd engine. Measured:
 
 * 1 MiB sequential writes at qd 8 over SIZE MiB right after a checkpoint (every cluster needs a
-  copy-before-write on S), then again over the same range (a rewrite: no copies left to make);
-* 4 KiB random writes at qd 32 over the same range for RUNTIME seconds, right after a checkpoint;
+  copy-before-write on S), --seq-shots times with a checkpoint before each (median, min, max;
+  single shots of identical code ranged 266-856 MiB/s, issue 15), then again over the same range
+  without a checkpoint, --rewrite-shots times (a rewrite: no copies left to make);
+* 4 KiB random writes at qd 32 over the same range for RUNTIME seconds, right after a checkpoint,
+  --rand-shots times (median);
+* next to each of these: CPU µs per consumer request of P and of S (bench/cpu.py: utime+stime of
+  every thread over the shots, divided by the requests fio made);
 * checkpoint time with 0, SIZE/4 and SIZE MiB buffered (``xen-colo-do-checkpoint`` on S, then
   on P; the figure is the wall time of the S call, median of --repeats);
 * failover time with SIZE/4 and SIZE MiB buffered, on a fresh pair each (S: nbd-server-stop, then
@@ -26,15 +34,23 @@ The consumer writes to P through an NBD export of ``colo-disk0`` on a unix socke
   childs0 no longer names active.qcow2). Afterwards S's secondary disk must equal the
   checkpointed contents (sha256) - a failover that loses data does not count as fast.
 
+The setups of one link (blockrep, blockrep general path, QEMU, and the shared variant) run at
+once and take the throughput shots in turn, round after round, the first of a round rotating,
+so a machine that gets busier or quieter weighs on all alike; the baselines likewise among
+themselves. Checkpoints and failovers are measured afterwards, one setup at a time (not for the
+general path; --no-checkpoints / --no-failover leave them out, they belong to issue 5).
+
 After every consumer run ``query-xen-replication-status`` is asked on P and S, because a
 primary replication node reports forwarding errors as success to the consumer.
 
-Results: bench/results/replication.json and bench/results/replication.md, with every figure and
-the ratios blockrep/QEMU. A shared-disk variant (issue 6) is prepared behind --shared; it runs the
+Results: OUT/NAME.json and OUT/NAME.md (--out, default bench/results; --name, default
+replication), with every figure, the ratios blockrep/QEMU and issue 15's goals at the top. A shared-disk variant (issue 6) is prepared behind --shared; it runs the
 seed's layout (SPEC.md §3) and records a failure instead of aborting while that mode is missing.
 
 Run: .venv/bin/python bench/replication.py [--quick] [--size-mib 256] [--runtime 8]
      [--dir DIR] [--buffer-dir /dev/shm] [--repeats 3] [--links tcp,unix] [--shared]
+     [--seq-shots 10] [--rewrite-shots 3] [--rand-shots 3] [--no-general-path]
+     [--no-checkpoints] [--no-failover] [--no-baselines] [--out DIR] [--name NAME]
 """
 
 from __future__ import annotations
@@ -57,6 +73,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from cpu import CpuMeter, per_request_us, total_per_request_us
 from qemu.qmp import QMPClient
 
 from blockrep.qcow2.create import create_file
@@ -109,7 +126,14 @@ def median(xs: list[float]) -> float | None:
 class Daemon:
     """One blockrep daemon or QEMU process with a QMP unix socket, stopped by pid."""
 
-    def __init__(self, name: str, cmd: list[str], qmp_path: str, log_path: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        qmp_path: str,
+        log_path: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.qmp_path = qmp_path
         self.log_path = log_path
@@ -120,7 +144,12 @@ class Daemon:
         self.logf.write((" ".join(cmd) + "\n").encode())
         self.logf.flush()
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=self.logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            cmd,
+            cwd=ROOT,
+            stdout=self.logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env} if env else None,
         )
         LIVE[self.proc.pid] = self.proc
         self.killed = False
@@ -239,6 +268,7 @@ async def fio(uri: str, args: list[str], timeout: float) -> dict[str, Any]:
         "iops": w["iops"],
         "io_mib": w["io_bytes"] / MiB,
         "runtime_s": w["runtime"] / 1000.0,
+        "requests": int(w["total_ios"]),
         "clat_p99_ms": p99 / 1e6 if p99 is not None else None,
     }
 
@@ -328,10 +358,13 @@ class Setup:
     replicated: bool
     shared: bool = False
 
-    def __init__(self, impl: str, link: str | None, img: Images) -> None:
+    def __init__(self, impl: str, link: str | None, img: Images, general: bool = False) -> None:
         self.impl = impl
         self.link = link
         self.img = img
+        # blockrep with its fast path switched off (BLOCKREP_FAST_PATH=0 on every process):
+        # the general coroutine path, the reference the fast path is measured against
+        self.general = general
         self.P: Daemon | None = None
         self.S: Daemon | None = None
         self.consumer_sock = img.sock("consumer.sock")
@@ -349,7 +382,21 @@ class Setup:
             f"unix:{qmp},server=on,wait=off",
             *args,
         ]
-        return Daemon(f"{self.impl}-{role}", cmd, qmp, os.path.join(self.img.d, f"{role}.log"))
+        env = {"BLOCKREP_FAST_PATH": "0"} if self.general else None
+        return Daemon(
+            f"{self.impl}{'-general' if self.general else ''}-{role}",
+            cmd,
+            qmp,
+            os.path.join(self.img.d, f"{role}.log"),
+            env,
+        )
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    def pids(self) -> dict[str, int]:
+        """The processes whose CPU a shot is charged to, by role."""
+        return {role: d.proc.pid for role, d in (("P", self.P), ("S", self.S)) if d is not None}
 
     async def export_consumer(self, device: str) -> None:
         assert self.P is not None
@@ -606,31 +653,67 @@ class Bench:
                 )
             img.remove()
 
-    async def throughput(self, st: Setup, res: dict[str, Any]) -> None:
-        rep = isinstance(st, Pair)
-        if rep:
-            await st.checkpoint()
-        r = await fio_seq(st.uri, self.size, self.a.fsync)
-        res["seq_write"] = r
-        log(
-            f"  seq write 1M qd8 {self.size} MiB{' after checkpoint' if rep else ''}: {r['mib_s']:.0f} MiB/s"
-        )
-        if rep:
-            res["buffered_after_seq_write"] = await st.buffered_info()
-            await st.check_status("seq write")
-        r = await fio_seq(st.uri, self.size, self.a.fsync)
-        res["seq_rewrite"] = r
-        log(f"  seq rewrite 1M qd8: {r['mib_s']:.0f} MiB/s")
-        if rep:
-            await st.check_status("seq rewrite")
-            await st.checkpoint()
-        r = await fio_rand(st.uri, self.size, self.a.runtime)
-        res["randwrite_4k_qd32"] = r
-        log(
-            f"  rand write 4k qd32 {self.a.runtime}s: {r['iops']:.0f} IOPS (p99 {r['clat_p99_ms'] or 0:.1f} ms)"
-        )
-        if rep:
-            await st.check_status("random writes")
+    async def shot(self, st: Setup, kind: str) -> dict[str, Any]:
+        """One fio run on the consumer export, with the CPU of every process of the setup."""
+        if isinstance(st, Pair) and kind in ("seq", "rand"):
+            await st.checkpoint()  # every cluster written next needs a copy-before-write on S
+        meter = CpuMeter(st.pids())
+        meter.start()
+        if kind == "rand":
+            r = await fio_rand(st.uri, self.size, self.a.runtime)
+        else:
+            r = await fio_seq(st.uri, self.size, self.a.fsync)
+        r["cpu_s"] = meter.stop()
+        r["cpu_us_per_req"] = per_request_us(r["cpu_s"], r["requests"])
+        if isinstance(st, Pair):
+            if kind == "seq":
+                r["buffered"] = await st.buffered_info()
+            await st.check_status(KIND_LABEL[kind])
+        return r
+
+    async def shots_in_turn(self, setups: dict[str, Setup], res: dict[str, dict[str, Any]]) -> None:
+        """Each kind of shot, round after round, every setup taking its turn in each round.
+
+        The first setup of a round rotates, so a machine that gets busier or quieter weighs
+        on all alike. A setup whose shot fails leaves the rotation; the others go on."""
+        kinds = [(k, n) for k, n in self.shot_counts() if n > 0]
+        shots: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in setups}
+        live = list(setups)
+        for kind, count in kinds:
+            for i in range(count):
+                for name in rotated(live, i):
+                    if name not in live:
+                        continue
+                    try:
+                        r = await self.shot(setups[name], kind)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - one broken setup must not hide others
+                        record_failure(res[name], e, setups[name])
+                        live.remove(name)
+                        continue
+                    shots[name].setdefault(kind, []).append(r)
+                    cpu = ", ".join(
+                        f"{role} {fnum(v, ' us/req', 1)}" for role, v in r["cpu_us_per_req"].items()
+                    )
+                    value = (
+                        f"{r['iops']:.0f} IOPS (p99 {r['clat_p99_ms'] or 0:.1f} ms)"
+                        if kind == "rand"
+                        else f"{r['mib_s']:.0f} MiB/s"
+                    )
+                    log(f"  {name} {KIND_LABEL[kind]} shot {i + 1}/{count}: {value}; CPU {cpu}")
+        for name, by_kind in shots.items():
+            for kind, xs in by_kind.items():
+                res[name][KIND_KEY[kind]] = summarise(xs)
+            if "seq" in by_kind:
+                res[name]["buffered_after_seq_write"] = by_kind["seq"][-1].get("buffered")
+
+    def shot_counts(self) -> list[tuple[str, int]]:
+        return [
+            ("seq", self.a.seq_shots),
+            ("rewrite", self.a.rewrite_shots),
+            ("rand", self.a.rand_shots),
+        ]
 
     async def checkpoints(self, st: Pair, res: dict[str, Any]) -> None:
         out = []
@@ -697,38 +780,108 @@ class Bench:
         )
         return r
 
-    async def run_config(self, name: str, make: Callable[[Images], Setup]) -> dict[str, Any]:
-        log(f"== {name}")
-        res: dict[str, Any] = {"name": name}
+    async def run_group(
+        self, plan: list[tuple[str, Callable[[Images], Setup]]]
+    ) -> dict[str, dict[str, Any]]:
+        """Start every setup of the group, take the throughput shots in turn, then checkpoints
+        on each pair; failovers afterwards, each on a fresh pair."""
+        log("== " + ", ".join(name for name, _ in plan))
         t0 = time.monotonic()
+        res: dict[str, dict[str, Any]] = {name: {"name": name} for name, _ in plan}
+        setups: dict[str, Setup] = {}
         try:
-
-            async def body(st: Setup) -> None:
-                res["impl"] = st.impl
-                res["link"] = st.link
-                res["replicated"] = st.replicated
-                await self.throughput(st, res)
-                if isinstance(st, Pair):
-                    await self.checkpoints(st, res)
-
-            await self.with_setup(make, body)
-            if res.get("replicated"):
-                res["failover"] = [
-                    await self.one_failover(make, buf) for buf in self.failover_sizes
-                ]
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - one broken configuration must not hide the others
-            res["failed"] = f"{type(e).__name__}: {e.args[0] if e.args else e}"
-            res["failed_logs"] = (
-                e.args[-1] if len(e.args) > 1 and isinstance(e.args[-1], str) else ""
-            )
-            res["traceback"] = traceback.format_exc()
-            log(f"  FAILED: {res['failed']}")
-            if res["failed_logs"]:
-                print(res["failed_logs"], flush=True)
-        res["wall_s"] = time.monotonic() - t0
+            for name, make in plan:
+                st = make(self.images())
+                try:
+                    await st.start()
+                except asyncio.CancelledError:
+                    await self.close(st)
+                    raise
+                except Exception as e:  # noqa: BLE001 - one broken setup must not hide others
+                    record_failure(res[name], e, st)
+                    await self.close(st)
+                    continue
+                setups[name] = st
+                res[name].update(
+                    impl=st.impl, link=st.link, replicated=st.replicated, general=st.general
+                )
+            await self.shots_in_turn(setups, res)
+            for name, st in setups.items():
+                if not (self.a.checkpoints and isinstance(st, Pair)) or st.general:
+                    continue
+                if res[name].get("failed"):
+                    continue
+                log(f"== {name}: checkpoints")
+                try:
+                    await self.checkpoints(st, res[name])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    record_failure(res[name], e, st)
+        finally:
+            for st in setups.values():
+                await self.close(st)
+        for name, make in plan:
+            r = res[name]
+            if not (self.a.failover and r.get("replicated")) or r.get("general"):
+                continue
+            if r.get("failed"):
+                continue
+            log(f"== {name}: failover")
+            try:
+                r["failover"] = [await self.one_failover(make, buf) for buf in self.failover_sizes]
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                record_failure(r, e, None)
+        for r in res.values():
+            r["group_wall_s"] = time.monotonic() - t0
         return res
+
+    async def close(self, st: Setup) -> None:
+        await st.stop()
+        if st.killed():
+            log(f"WARNING: {st.killed()} did not exit on SIGTERM within {STOP_TIMEOUT}s, killed")
+        st.img.remove()
+
+
+def record_failure(res: dict[str, Any], e: BaseException, st: Setup | None) -> None:
+    """Keep the failure, the daemons' own words and the traceback in the result."""
+    logs = st.logs() if st is not None else ""
+    if not logs and len(e.args) > 1 and isinstance(e.args[-1], str):
+        logs = e.args[-1]  # with_setup appended them
+    res["failed"] = f"{type(e).__name__}: {e.args[0] if e.args else e}"
+    res["failed_logs"] = logs
+    res["traceback"] = traceback.format_exc()
+    log(f"  {res['name']} FAILED: {res['failed']}")
+    if logs:
+        print(logs, flush=True)
+
+
+def rotated(xs: list[str], i: int) -> list[str]:
+    k = i % len(xs) if xs else 0
+    return xs[k:] + xs[:k]
+
+
+KIND_LABEL = {"seq": "seq write", "rewrite": "seq rewrite", "rand": "random writes"}
+KIND_KEY = {"seq": "seq_write", "rewrite": "seq_rewrite", "rand": "randwrite_4k_qd32"}
+
+
+def summarise(shots: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and range of the shots' figures; CPU per request over all of them."""
+    out: dict[str, Any] = {"shots": shots, "n": len(shots)}
+    for k in ("mib_s", "iops"):
+        xs = [s[k] for s in shots]
+        out[k], out[f"{k}_min"], out[f"{k}_max"] = median(xs), min(xs), max(xs)
+    out["clat_p99_ms"] = median([s["clat_p99_ms"] for s in shots if s.get("clat_p99_ms")])
+    out["requests"] = sum(s["requests"] for s in shots)
+    out["cpu_us_per_req"] = total_per_request_us(shots)
+    roles = sorted({r for s in shots for r in s["cpu_us_per_req"]})
+    out["cpu_us_per_req_median"] = {
+        r: median([v for s in shots if (v := s["cpu_us_per_req"].get(r)) is not None])
+        for r in roles
+    }
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -765,6 +918,31 @@ THROUGHPUT = [
 ]
 
 
+# issue 15's targets: (throughput row, ratio over the QEMU pair); judged on the unix link, the
+# issue's case (QEMU 7.2's NBD server lacks TCP_NODELAY, which would flatter blockrep on TCP)
+ISSUE15_GOALS = [
+    ("replicated 4 KiB random write qd32", "rand write 4k qd32 (IOPS)", 2.0),
+    ("1 MiB sequential write after a checkpoint", "seq write 1M qd8 after checkpoint (MiB/s)", 1.5),
+]
+ISSUE15_LINK = "unix"
+
+
+def issue15_goals(results: dict[str, Any], links: list[str]) -> dict[str, Any]:
+    fast = results["ratios_blockrep_over_qemu"]
+    general = results["ratios_general_path_over_qemu"]
+    out: dict[str, Any] = {}
+    for what, label, target in ISSUE15_GOALS:
+        r = g(fast, ISSUE15_LINK, label)
+        out[f"{what}, {ISSUE15_LINK} link, >= {target}x the QEMU pair"] = {
+            "ratio": r,
+            "general_path_ratio": g(general, ISSUE15_LINK, label),
+            "other_links": {k: g(fast, k, label) for k in links if k != ISSUE15_LINK},
+            "target": target,
+            "met": None if r is None else r >= target,
+        }
+    return out
+
+
 def analyse(results: dict[str, Any], links: list[str]) -> None:
     c = results["configs"]
     ratios: dict[str, Any] = {}
@@ -789,6 +967,16 @@ def analyse(results: dict[str, Any], links: list[str]) -> None:
             )
         ratios[link] = r
     results["ratios_blockrep_over_qemu"] = ratios
+    results["ratios_general_path_over_qemu"] = {
+        link: {
+            label: ratio(
+                g(c.get(f"blockrep-general-{link}"), *path), g(c.get(f"qemu-{link}"), *path)
+            )
+            for label, path in THROUGHPUT
+        }
+        for link in links
+    }
+    results["goals_issue15"] = issue15_goals(results, links)
     # goals of issue 5
     tcp = ratios.get("tcp", {})
     tp = {label: tcp.get(label) for label, _ in THROUGHPUT}
@@ -850,12 +1038,38 @@ def fo_state(r: dict[str, Any]) -> str:
     )
 
 
+def fcell(s: dict[str, Any] | None, key: str) -> str:
+    """A throughput figure: the median, and the range when there were several shots."""
+    if not s or s.get(key) is None:
+        return "-"
+    if s.get("n", 1) > 1:
+        return f"{s[key]:.0f} [{s[f'{key}_min']:.0f}-{s[f'{key}_max']:.0f}]"
+    return f"{s[key]:.0f}"
+
+
+def fcpu(s: dict[str, Any] | None) -> str:
+    """CPU µs per consumer request of each process, "P x / S y"."""
+    cpu = (s or {}).get("cpu_us_per_req") or {}
+    return " / ".join(f"{role} {fnum(v, '', 1)}" for role, v in cpu.items()) or "-"
+
+
 def markdown(results: dict[str, Any], links: list[str]) -> str:
     c = results["configs"]
     m = results["machine"]
     a = results["args"]
     L = [
         "# Replication benchmark: blockrep pair vs QEMU 7.2 pair vs unreplicated (same run)",
+        "",
+        "## Goals (issue 15)",
+        "",
+    ]
+    for name, gl in results["goals_issue15"].items():
+        met = {True: "**met**", False: "**not met**", None: "not measured"}[gl["met"]]
+        gp = gl["general_path_ratio"]
+        extra = [f"general path {frat(gp)}x" if gp is not None else "general path not run"]
+        extra += [f"{k} link {frat(v)}x" for k, v in gl["other_links"].items()]
+        L.append(f"* {name}: {met} ({frat(gl['ratio'])}x; {', '.join(extra)})")
+    L += [
         "",
         f"{results['qemu_version']}; {results['fio_version']}; Python {m['python']}; {m['cpus']} CPUs; "
         f"load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}; blockrep {results['blockrep_rev']}.",
@@ -866,29 +1080,53 @@ def markdown(results: dict[str, Any], links: list[str]) -> str:
         '"link" is the replication link P -> S (S\'s NBD server, export parent0). '
         "QEMU 7.2's NBD server lacks TCP_NODELAY (REFERENCE-QEMU.md §4.7), which its TCP figures include.",
         "",
-        "## Goals (issue 5)",
-        "",
-    ]
-    for name, gl in results["goals"].items():
-        met = {True: "**met**", False: "**not met**", None: "not measured"}[gl["met"]]
-        L.append(f"* {name}: {met}")
-    L += [
-        "",
         "## P throughput",
         "",
-        "| case | "
-        + " | ".join(f"blockrep {k} | QEMU {k} | ratio {k}" for k in links)
-        + " | blockrep unreplicated raw | blockrep unreplicated quorum | QEMU unreplicated raw | QEMU unreplicated quorum |",
-        "|---|" + "---|---|---|" * len(links) + "---|---|---|---|",
+        f"All setups of a link run at once and take their shots in turn (the first of each round "
+        f"rotates): sequential write after a checkpoint {a['seq_shots']} shots (a checkpoint before "
+        f"each), rewrite {a['rewrite_shots']}, 4 KiB random write {a['rand_shots']} (a checkpoint "
+        "before each). Figures: median [min-max]. CPU: µs per consumer request of P and of S "
+        "(utime+stime of all threads over all shots / the requests fio made). "
+        + (
+            '"general path": blockrep with BLOCKREP_FAST_PATH=0 on P and S.'
+            if a["general_path"]
+            else "The general-path column was not run (--no-general-path)."
+        ),
+        "",
+        "| link | case | blockrep | CPU µs/req | blockrep general path | CPU µs/req | QEMU pair "
+        "| CPU µs/req | blockrep / QEMU | general / QEMU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, path in THROUGHPUT:
-        cells = [label]
-        for k in links:
-            b, q = g(c.get(f"blockrep-{k}"), *path), g(c.get(f"qemu-{k}"), *path)
-            cells += [fnum(b), fnum(q), frat(ratio(b, q))]
-        for base in ("blockrep-raw", "blockrep-quorum", "qemu-raw", "qemu-quorum"):
-            cells.append(fnum(g(c.get(base), *path)))
-        L.append("| " + " | ".join(cells) + " |")
+    for k in links:
+        b, gp, q = (c.get(f"{v}-{k}") for v in ("blockrep", "blockrep-general", "qemu"))
+        for label, path in THROUGHPUT:
+            sb, sg, sq = (g(x, path[0]) for x in (b, gp, q))
+            L.append(
+                f"| {k} | {label} | {fcell(sb, path[1])} | {fcpu(sb)} | {fcell(sg, path[1])} | "
+                f"{fcpu(sg)} | {fcell(sq, path[1])} | {fcpu(sq)} | "
+                f"{frat(ratio(g(b, *path), g(q, *path)))} | {frat(ratio(g(gp, *path), g(q, *path)))} |"
+            )
+    bases = [
+        ("blockrep-raw", "blockrep raw"),
+        ("blockrep-quorum", "blockrep quorum"),
+        ("qemu-raw", "QEMU raw"),
+        ("qemu-quorum", "QEMU quorum"),
+    ]
+    if any(c.get(n) for n, _ in bases):
+        L += [
+            "",
+            "Unreplicated (no S: a raw file, or P's quorum without its replication child); "
+            "cells: median [min-max], CPU µs/req of P.",
+            "",
+            "| case | " + " | ".join(t for _, t in bases) + " |",
+            "|---|" + "---|" * len(bases),
+        ]
+        for label, path in THROUGHPUT:
+            cells = []
+            for n, _ in bases:
+                s = g(c.get(n), path[0])
+                cells.append(f"{fcell(s, path[1])}, {fcpu(s)}" if s else "-")
+            L.append(f"| {label.replace(' after checkpoint', '')} | " + " | ".join(cells) + " |")
     L += [
         "",
         "Replication cost, blockrep P / blockrep unreplicated raw: "
@@ -898,6 +1136,10 @@ def markdown(results: dict[str, Any], links: list[str]) -> str:
             for label, path in THROUGHPUT
         ),
     ]
+    L += ["", "## Goals (issue 5)", ""]
+    for name, gl in results["goals"].items():
+        met = {True: "**met**", False: "**not met**", None: "not measured"}[gl["met"]]
+        L.append(f"* {name}: {met}")
     L += [
         "",
         "## Checkpoint (wall time of xen-colo-do-checkpoint on S; median)",
@@ -989,7 +1231,8 @@ def markdown(results: dict[str, Any], links: list[str]) -> str:
         L += ["", "## Failures", ""]
         for v in failed:
             L.append(f"* {v['name']}: {v['failed'].splitlines()[0][:500]}")
-    L += ["", "## Goals in detail", "", "```", json.dumps(results["goals"], indent=1), "```"]
+    detail = {**results["goals_issue15"], **results["goals"]}
+    L += ["", "## Goals in detail", "", "```", json.dumps(detail, indent=1), "```"]
     return "\n".join(L) + "\n"
 
 
@@ -1034,37 +1277,55 @@ async def amain(args: argparse.Namespace) -> int:
             if args.buffer_dir
             else os.path.dirname(data_dir),
             "timeout_s": args.timeout,
+            "seq_shots": args.seq_shots,
+            "rewrite_shots": args.rewrite_shots,
+            "rand_shots": args.rand_shots,
+            "general_path": args.general_path,
+            "checkpoints": args.checkpoints,
+            "failover": args.failover,
         },
         "configs": {},
     }
     t0 = time.monotonic()
     try:
         bench = Bench(args, data_dir, buf_dir)
-        plan: list[tuple[str, Callable[[Images], Setup]]] = []
+        groups: list[list[tuple[str, Callable[[Images], Setup]]]] = []
+        impls = [x for x in args.impls.split(",") if x]
         for link in links:
-            for impl in args.impls.split(","):
-                plan.append(
+            # the setups of one link run at once and take their shots in turn
+            group: list[tuple[str, Callable[[Images], Setup]]] = []
+            for impl in impls:
+                group.append(
                     (f"{impl}-{link}", lambda img, impl=impl, link=link: Pair(impl, link, img))
                 )
-        if args.shared:
-            for link in links:
-                plan.append(
+                if impl == "blockrep" and args.general_path:
+                    group.append(
+                        (
+                            f"blockrep-general-{link}",
+                            lambda img, link=link: Pair("blockrep", link, img, general=True),
+                        )
+                    )
+            if args.shared:
+                group.append(
                     (
                         f"blockrep-shared-{link}",
                         lambda img, link=link: SharedPair("blockrep", link, img),
                     )
                 )
+            groups.append(group)
         if args.baselines:
-            for impl in args.impls.split(","):
-                for layout in ("raw", "quorum"):
-                    plan.append(
-                        (
-                            f"{impl}-{layout}",
-                            lambda img, impl=impl, layout=layout: Baseline(impl, layout, img),
-                        )
+            groups.append(
+                [
+                    (
+                        f"{impl}-{layout}",
+                        lambda img, impl=impl, layout=layout: Baseline(impl, layout, img),
                     )
-        for name, make in plan:
-            results["configs"][name] = await bench.run_config(name, make)
+                    for impl in impls
+                    for layout in ("raw", "quorum")
+                ]
+            )
+        for group in groups:
+            results["configs"].update(await bench.run_group(group))
     finally:
         kill_leftovers()
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -1074,14 +1335,14 @@ async def amain(args: argparse.Namespace) -> int:
     results["machine"]["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     analyse(results, links)
     md = markdown(results, links)
-    out_dir = os.path.join(HERE, "results")
+    out_dir = args.out
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{args.name}.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(out_dir, f"{args.name}.md"), "w") as f:
         f.write(md)
     print(md)
-    log(f"wrote bench/results/{args.name}.json and .md in {results['wall_s']:.0f} s")
+    log(f"wrote {out_dir}/{args.name}.json and .md in {results['wall_s']:.0f} s")
     return (
         1
         if any(
@@ -1095,7 +1356,9 @@ async def amain(args: argparse.Namespace) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--quick", action="store_true", help="smoke run: 32 MiB, 2 s random writes, 1 repeat"
+        "--quick",
+        action="store_true",
+        help="smoke run: 32 MiB, 2 s random writes, 1 repeat, 3 sequential shots, 1 of the others",
     )
     ap.add_argument(
         "--size-mib",
@@ -1131,8 +1394,41 @@ def main() -> None:
     ap.add_argument(
         "--timeout", type=float, default=600, help="bound on a failover or checkpoint wait (s)"
     )
-    ap.add_argument("--name", default="replication", help="results file name under bench/results")
+    ap.add_argument(
+        "--seq-shots",
+        type=int,
+        default=None,
+        help="sequential writes after a checkpoint per setup, median taken (10)",
+    )
+    ap.add_argument("--rewrite-shots", type=int, default=None, help="sequential rewrites (3)")
+    ap.add_argument("--rand-shots", type=int, default=None, help="4 KiB random write shots (3)")
+    ap.add_argument(
+        "--general-path",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run a blockrep pair with BLOCKREP_FAST_PATH=0 on P and S (default on)",
+    )
+    ap.add_argument(
+        "--no-checkpoints",
+        dest="checkpoints",
+        action="store_false",
+        help="skip the checkpoint-time measurements (issue 5)",
+    )
+    ap.add_argument(
+        "--no-failover",
+        dest="failover",
+        action="store_false",
+        help="skip the failover measurements (issue 5)",
+    )
+    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results directory")
+    ap.add_argument("--name", default="replication", help="results file name (NAME.json, .md)")
     args = ap.parse_args()
+    if args.seq_shots is None:
+        args.seq_shots = 3 if args.quick else 10
+    if args.rewrite_shots is None:
+        args.rewrite_shots = 1 if args.quick else 3
+    if args.rand_shots is None:
+        args.rand_shots = 1 if args.quick else 3
     if args.size_mib is None:
         args.size_mib = 32 if args.quick else 256
     if args.runtime is None:

@@ -11,7 +11,9 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
-from .block.node import Child, Extent, Node
+from . import fastpath
+from .block.node import Child, Done, Extent, Node
+from .errors import BlockError
 
 
 class Export:
@@ -88,3 +90,38 @@ class Export:
 
     def block_status(self, offset: int, nbytes: int) -> Awaitable[list[Extent]]:
         return self.child.node.block_status(offset, nbytes)
+
+    # The fast path (fastpath.py): a request as plain calls, or a refusal that leaves
+    # nothing done so the server takes the general path above.
+
+    def try_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        """A write in flight on the export (enter..leave) until ``done`` is called."""
+        if not fastpath.enabled():
+            return False
+        if not self.gate.is_set():
+            return fastpath.refuse("export: quiesced")
+        self.active += 1
+        self.idle.clear()
+
+        def finish(err: BlockError | None) -> None:
+            self.leave()
+            done(err)
+
+        if not self.child.node.try_write(offset, data, fua, finish):
+            self.leave()
+            return False
+        fastpath.COUNTERS.take("write")
+        return True
+
+    def try_read(self, offset: int, nbytes: int) -> bytes | None:
+        if not fastpath.enabled() or not self.gate.is_set():
+            return None
+        data = self.child.node.try_read(offset, nbytes)
+        if data is not None:
+            fastpath.COUNTERS.take("read")
+        return data
+
+    def file_range(self, offset: int, nbytes: int) -> tuple[int, int] | None:
+        if not fastpath.enabled() or not self.gate.is_set():
+            return None
+        return self.child.node.file_range(offset, nbytes)

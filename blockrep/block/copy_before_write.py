@@ -16,9 +16,10 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from .. import fastpath
 from ..errors import BlockError, OptionError
 from .graph import Graph, register
-from .node import Extent, Node, is_zero
+from .node import Done, Extent, Node, is_zero
 
 MIN_CLUSTER = 64 << 10
 MAX_RUN = 1 << 20  # contiguous armed clusters copied in one read/write
@@ -169,6 +170,19 @@ class CopyBeforeWriteNode(Node):
     async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         await self._before_write(offset, len(data))
         await self.source.write(offset, data, fua)
+
+    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        """Straight to the source once every cluster the write touches was copied (or the
+        snapshot is broken): nothing to copy first. A cluster still armed, or being
+        copied (it stays armed until its copy is done), takes the general path."""
+        if self.snapshot_error is None:
+            cs = self.cluster_size
+            if self.armed.find(1, offset // cs, (offset + len(data) - 1) // cs + 1) >= 0:
+                return fastpath.refuse("copy-before-write: cluster to copy")
+        return self.source.try_write(offset, data, fua, done)
+
+    def _fast_read(self, offset: int, nbytes: int) -> bytes | None:
+        return self.source.try_read(offset, nbytes)
 
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
         await self._before_write(offset, nbytes)

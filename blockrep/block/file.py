@@ -25,9 +25,10 @@ import stat
 import struct
 from typing import Any
 
+from .. import fastpath
 from ..errors import BlockError, OptionError
 from .graph import Graph, register
-from .node import Extent, Node
+from .node import Done, Extent, Node
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -232,6 +233,37 @@ class FileNode(Node):
             self.length = offset + len(data)
         if fua:
             await self._co_flush()
+
+    # -- the fast path: a page-cache pwrite/pread on the loop thread, as _co_* do --------
+
+    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        if self.threads or self.direct or fua:
+            return fastpath.refuse("file: aio=threads, O_DIRECT or FUA")
+        try:
+            _pwrite_all(self.fd, data, offset)
+        except OSError as e:
+            done(
+                BlockError(e.errno or errno.EIO, f"Could not write '{self.filename}': {e.strerror}")
+            )
+            return True
+        if offset + len(data) > self.length:
+            self.length = offset + len(data)
+        done(None)
+        return True
+
+    def _fast_read(self, offset: int, nbytes: int) -> bytes | None:
+        if self.threads or self.direct:
+            return None
+        try:
+            data = os.pread(self.fd, nbytes, offset)
+        except OSError:
+            return None  # the general path reports it
+        if len(data) < nbytes:
+            data += bytes(nbytes - len(data))
+        return data
+
+    def _file_range(self, offset: int, nbytes: int) -> tuple[int, int] | None:
+        return None if self.direct else (self.fd, offset)
 
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
         mode = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) if may_unmap else FALLOC_FL_ZERO_RANGE

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import time
 from typing import Any
 
+from .. import fastpath
 from ..address import NBD_DEFAULT_PORT, SocketAddress
 from ..errors import BlockError, OptionError
 from ..nbd import proto as p
 from ..nbd.client import ConnectionLost, NBDConnection
 from .graph import Graph, register
-from .node import Extent, Node
+from .node import Done, Extent, Node
+
+log = logging.getLogger("blockrep.block.nbd")
 
 
 @register
@@ -49,6 +53,8 @@ class NBDNode(Node):
         self._lost_at = 0.0
         self.tls = None
         self.tls_hostname: str | None = options.get("tls-hostname")
+        # general-path retries of fast-path writes whose connection broke
+        self._retries: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool) -> NBDNode:
@@ -158,6 +164,48 @@ class NBDNode(Node):
             pos += n
         if fua and not (self.conn and self.conn.flags & p.TF_SEND_FUA):
             await self._co_flush()
+
+    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        """The write sent at once, its reply a callback. A connection that breaks before
+        the reply hands the request to the general path (reconnect-delay decides)."""
+        conn = self.conn
+        nbytes = len(data)
+        if conn is None or conn.closed:
+            return fastpath.refuse("nbd: not connected")
+        if nbytes > p.MAX_BUFFER:
+            return fastpath.refuse("nbd: split into requests")
+        if fua and not conn.flags & p.TF_SEND_FUA:
+            return fastpath.refuse("nbd: FUA by flush")
+        flags = p.CMD_FLAG_FUA if fua else 0
+
+        def replied(err: BaseException | None) -> None:
+            if err is None or isinstance(err, BlockError):
+                done(err)
+                return
+            self._retry_write(offset, data, flags, done)
+
+        if not conn.try_request(p.CMD_WRITE, offset, nbytes, flags, data, replied):
+            return fastpath.refuse("nbd: link busy")
+        return True
+
+    def _retry_write(self, offset: int, data: bytes | memoryview, flags: int, done: Done) -> None:
+        async def run() -> None:
+            try:
+                await self._request(p.CMD_WRITE, offset, len(data), flags, data)
+            except BlockError as e:
+                done(e)
+            except asyncio.CancelledError:
+                done(BlockError(errno.EIO, "NBD connection lost"))
+                raise
+            except Exception as e:  # noqa: BLE001 - a bug costs this request, never the loop
+                log.exception("NBD write retry failed")
+                done(BlockError(errno.EIO, str(e)))
+            else:
+                done(None)
+
+        t = asyncio.ensure_future(run())
+        self._retries.add(t)
+        t.add_done_callback(self._retries.discard)
 
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
         if not (self.conn and self.conn.flags & p.TF_SEND_WRITE_ZEROES):

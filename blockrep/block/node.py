@@ -14,10 +14,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .. import fastpath
 from ..errors import BlockError
 
 # QEMU's BDRV_MAX_LENGTH: offsets and lengths beyond this are refused with EIO.
 MAX_LENGTH = (1 << 63) - 1 - (1 << 30)
+
+# How a fast-path request ends (``Node.try_write``): None, or the error to report.
+Done = Callable[[BlockError | None], None]
 
 
 @dataclass
@@ -191,6 +195,7 @@ class Node:
         self.read_only: bool = bool(options.get("read-only", False))
         self.length: int = 0
         self._tracked: list[_Tracked] = []
+        self._serialising = 0  # how many of _tracked are serialising
         self.closed = False
         self.graph: Any = None  # set by Graph.add; drivers emit events through it
         self.dirty_bitmaps: list[DirtyBitmap] = []
@@ -255,7 +260,9 @@ class Node:
     async def _begin(self, start: int, end: int, serialising: bool) -> _Tracked:
         serialising = serialising or self.serialize_overlapping
         req = _Tracked(start, end, serialising)
-        if serialising:
+        # a serialising request waits for every overlapping one, and every request waits
+        # for overlapping serialising ones (QEMU's bdrv_wait_serialising_requests)
+        if serialising or self._serialising:
             while True:
                 blocker = next(
                     (
@@ -268,11 +275,15 @@ class Node:
                 if blocker is None:
                     break
                 await blocker.wait()
+        if serialising:
+            self._serialising += 1
         self._tracked.append(req)
         return req
 
     def _end(self, req: _Tracked) -> None:
         self._tracked.remove(req)
+        if req.serialising:
+            self._serialising -= 1
         req.finish()
 
     def _end_write(self, req: _Tracked, offset: int, nbytes: int) -> None:
@@ -343,6 +354,91 @@ class Node:
             raise
         finally:
             self._end_write(req, offset, nbytes)
+
+    # -- the fast path (fastpath.py) ------------------------------------------------------
+    #
+    # ``try_write`` is ``write`` as plain calls: the same checks, tracking, dirty bitmap
+    # marks and error listeners, and the driver's ``_fast_write`` instead of ``_co_write``.
+    # It refuses (False, nothing done) whenever the general path could differ: a
+    # request it would pad or serialise, a driver without a fast path, or one whose own
+    # conditions fail (each driver says which). ``done`` is called exactly once after
+    # True, maybe before try_write returns.
+
+    def try_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        nbytes = len(data)
+        a = self.request_alignment
+        if (
+            self.closed
+            or self.read_only
+            or nbytes == 0
+            or offset < 0
+            or (offset + nbytes > self.length and not self.growable)
+            or self.serialize_overlapping
+            or (a != 1 and (offset % a or nbytes % a))
+        ):
+            return fastpath.refuse(f"{self.driver_name}: checks")
+        end = offset + nbytes
+        if self._serialising and any(
+            t.serialising and t.start < end and offset < t.end for t in self._tracked
+        ):
+            return fastpath.refuse(f"{self.driver_name}: overlapping serialising request")
+        req = _Tracked(offset, end, False)
+        self._tracked.append(req)
+
+        def finish(err: BlockError | None) -> None:
+            if err is not None:
+                self._write_failed(err)
+            self._end_write(req, offset, nbytes)
+            done(err)
+
+        if not self._fast_write(offset, data, fua, finish):
+            self._end(req)
+            return False
+        return True
+
+    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        """The driver's write as plain calls; False (nothing done) when it cannot."""
+        return fastpath.refuse(f"{self.driver_name}: no fast path")
+
+    def try_read(self, offset: int, nbytes: int) -> bytes | None:
+        """``read`` done synchronously, or None (nothing done): take the general path.
+
+        Not tracked: it is over before anything else runs, so nobody can wait for it.
+        """
+        a = self.request_alignment
+        if (
+            self.closed
+            or nbytes <= 0
+            or offset < 0
+            or (offset + nbytes > self.length and not self.growable)
+            or self.serialize_overlapping
+            or (a != 1 and (offset % a or nbytes % a))
+        ):
+            return None
+        if self._serialising:
+            end = offset + nbytes
+            if any(t.serialising and t.start < end and offset < t.end for t in self._tracked):
+                return None
+        return self._fast_read(offset, nbytes)
+
+    def _fast_read(self, offset: int, nbytes: int) -> bytes | None:
+        return None
+
+    def file_range(self, offset: int, nbytes: int) -> tuple[int, int] | None:
+        """(fd, file offset) when this node's bytes [offset, offset+nbytes) are exactly
+        that descriptor's bytes there right now (for sendfile); None otherwise."""
+        if (
+            self.closed
+            or nbytes <= 0
+            or offset < 0
+            or offset + nbytes > self.length
+            or self._serialising
+        ):
+            return None
+        return self._file_range(offset, nbytes)
+
+    def _file_range(self, offset: int, nbytes: int) -> tuple[int, int] | None:
+        return None
 
     async def write_zeroes(
         self, offset: int, nbytes: int, may_unmap: bool = False, fua: bool = False

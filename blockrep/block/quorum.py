@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import logging
 import os
 import types
 from collections.abc import Coroutine, Generator
@@ -19,7 +20,9 @@ from typing import Any
 
 from ..errors import BlockError, OptionError
 from .graph import Graph, register
-from .node import Extent, Node
+from .node import Done, Extent, Node
+
+log = logging.getLogger("blockrep.block.quorum")
 
 
 @register
@@ -167,6 +170,56 @@ class QuorumNode(Node):
     async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         await self._all("write", offset, len(data), lambda c: c.write(offset, data, fua))
 
+    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        """The write to every child as callbacks, voted on as ``_all`` votes.
+
+        Children start in order. One that refuses the fast path before any child has
+        started makes the whole request take the general path; after that, it runs its
+        general write as a task of its own (its result joins the vote all the same).
+        """
+        kids = self.child_list()
+        n = len(kids)
+        results: list[BlockError | None] = [None] * n
+        left = [n]
+
+        def settler(i: int) -> Done:
+            def settle(err: BlockError | None) -> None:
+                results[i] = err
+                left[0] -= 1
+                if left[0] == 0:
+                    done(self._vote_write(kids, results, offset, len(data)))
+
+            return settle
+
+        for i, c in enumerate(kids):
+            if c.try_write(offset, data, fua, settler(i)):
+                continue
+            if i == 0:
+                return False
+            _general_write(c, offset, data, fua, settler(i))
+        return True
+
+    def _vote_write(
+        self, kids: list[Node], results: list[BlockError | None], offset: int, nbytes: int
+    ) -> BlockError | None:
+        errors = [r for r in results if r is not None]
+        for c, r in zip(kids, results, strict=True):
+            if r is not None:
+                self._report_bad("write", c, offset, nbytes, r)
+        if len(kids) - len(errors) >= self.threshold:
+            return None
+        self._failure(offset, nbytes)
+        most = _vote_winner([e.errno for e in errors])[0]
+        return BlockError(most, os.strerror(most))
+
+    def _fast_read(self, offset: int, nbytes: int) -> bytes | None:
+        kids = self.child_list()
+        return kids[0].try_read(offset, nbytes) if self.fifo and kids else None
+
+    def _file_range(self, offset: int, nbytes: int) -> tuple[int, int] | None:
+        kids = self.child_list()
+        return kids[0].file_range(offset, nbytes) if self.fifo and kids else None
+
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
         await self._all(
             "write", offset, nbytes, lambda c: c.write_zeroes(offset, nbytes, may_unmap, fua)
@@ -252,6 +305,34 @@ def _vote_winner(values: list) -> tuple[Any, int]:
         if counts[v] > n:
             best, n = v, counts[v]
     return best, n
+
+
+_RUNNING: set[asyncio.Task[None]] = set()  # general writes of fast-path requests
+
+
+def _general_write(
+    node: Node, offset: int, data: bytes | memoryview, fua: bool, done: Done
+) -> None:
+    """``node.write`` as a task whose end calls ``done`` (a child that refused the fast
+    path after its siblings had started)."""
+
+    async def run() -> None:
+        try:
+            await node.write(offset, data, fua)
+        except BlockError as e:
+            done(e)
+        except asyncio.CancelledError:
+            done(BlockError(errno.EIO, "request cancelled"))
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug costs this request, never the loop
+            log.exception("write to %s failed", node.node_name)
+            done(BlockError(errno.EIO, str(e)))
+        else:
+            done(None)
+
+    t = asyncio.ensure_future(run())
+    _RUNNING.add(t)
+    t.add_done_callback(_RUNNING.discard)
 
 
 # -- fan-out -------------------------------------------------------------------------

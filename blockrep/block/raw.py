@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import BlockError, OptionError
 from .graph import Graph, register
-from .node import Extent, Node
+from .node import Done, Extent, Node
 
 
 @register
@@ -56,6 +56,15 @@ class RawNode(Node):
 
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
         await self._pass().write_zeroes(self.offset + offset, nbytes, may_unmap, fua)
+
+    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        return self._pass().try_write(self.offset + offset, data, fua, done)
+
+    def _fast_read(self, offset: int, nbytes: int) -> bytes | None:
+        return self._pass().try_read(self.offset + offset, nbytes)
+
+    def _file_range(self, offset: int, nbytes: int) -> tuple[int, int] | None:
+        return self._pass().file_range(self.offset + offset, nbytes)
 
     async def _co_discard(self, offset: int, nbytes: int) -> None:
         await self._pass().discard(self.offset + offset, nbytes)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import statistics
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..block.node import Extent, Node
+from .. import fastpath
+from ..block.node import Done, Extent, Node
+from ..errors import BlockError
 from ..export import Export
 from .activity_log import ActivityLog
 
@@ -111,6 +114,58 @@ class ConsumerExport(Export):
         finally:
             del self.in_flight[key]
 
+    def try_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        """``_guarded`` as callbacks: taken only when the activity log need not wait; an
+        acknowledgement gate that closes meanwhile still holds the acknowledgement."""
+        if not fastpath.enabled():
+            return False
+        ack, al, at, nbytes = self.ack_gate, self.activity_log, self.base + offset, len(data)
+        if not self.gate.is_set() or (ack is not None and not ack.is_set()):
+            return fastpath.refuse("consumer: quiesced or acknowledgements held")
+        try:
+            if al is not None and not al.try_begin_write(at, nbytes):
+                return fastpath.refuse("consumer: activity log must commit")
+        except BlockError:
+            return False  # a range the log refuses: the general path reports it
+        try:
+            self.before_write(at, nbytes)
+        except BlockError as e:
+            if al is not None:
+                al.cancel_write(at, nbytes)
+            done(e)
+            return True
+        self._seq += 1
+        key = self._seq
+        self.in_flight[key] = (at, nbytes)
+
+        def written(err: BlockError | None) -> None:
+            if al is not None:
+                al.end_write(at, nbytes)
+            if err is None:
+                self.written_bytes += nbytes
+            gate = self.ack_gate
+            if gate is not None and not gate.is_set():
+                self.leave()  # not in flight while held (a pairing's drain goes on)
+                _hold(gate, lambda stop: self._acknowledge(key, stop or err, done))
+                return
+            self._acknowledge(key, err, done)
+            self.leave()
+
+        self.active += 1
+        self.idle.clear()
+        if not self.child.node.try_write(at, data, fua, written):
+            self.leave()
+            del self.in_flight[key]
+            if al is not None:
+                al.cancel_write(at, nbytes)
+            return False
+        fastpath.COUNTERS.take("write")
+        return True
+
+    def _acknowledge(self, key: int, err: BlockError | None, done: Done) -> None:
+        del self.in_flight[key]
+        done(err)
+
     def write(self, offset: int, data: bytes | memoryview, fua: bool) -> Awaitable[None]:
         at = self.base + offset
         return self._guarded(offset, len(data), lambda: Export.write(self, at, data, fua))
@@ -131,6 +186,12 @@ class VolumeExport(ConsumerExport):
     replicated device (volumes.py). Reads and block status are shifted too; a resource
     of one volume uses ConsumerExport itself and pays no extra frame per read."""
 
+    def try_read(self, offset: int, nbytes: int) -> bytes | None:
+        return Export.try_read(self, self.base + offset, nbytes)
+
+    def file_range(self, offset: int, nbytes: int) -> tuple[int, int] | None:
+        return Export.file_range(self, self.base + offset, nbytes)
+
     @property
     def size(self) -> int:
         return self.node.length if self.length is None else self.length
@@ -141,6 +202,26 @@ class VolumeExport(ConsumerExport):
     async def block_status(self, offset: int, nbytes: int) -> list[Extent]:
         out = await Export.block_status(self, self.base + offset, nbytes)
         return [dataclasses.replace(e, start=e.start - self.base) for e in out]
+
+
+_HELD: set[asyncio.Task[None]] = set()  # fast-path acknowledgements waiting for the gate
+
+
+def _hold(gate: asyncio.Event, then: Callable[[BlockError | None], None]) -> None:
+    """Call ``then(None)`` once ``gate`` opens; ``then(error)`` if that wait is cancelled
+    (shutdown): an error is never a false acknowledgement."""
+
+    async def wait() -> None:
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            then(BlockError(errno.EIO, "acknowledgement withheld: the node is stopping"))
+            raise
+        then(None)
+
+    t = asyncio.ensure_future(wait())
+    _HELD.add(t)
+    t.add_done_callback(_HELD.discard)
 
 
 class ConsumerGroup:

@@ -21,6 +21,8 @@ MAX_IN_FLIGHT = 64  # per client; more requests wait in the socket buffer
 
 # Starts one request; False when the connection is to end (DISC). The third
 # argument, when given, gives the payload's buffer back once the request is done.
+# The request counts in flight before dispatch is called, so dispatch may answer it
+# (``request_done``) before returning.
 Dispatch = Callable[[p.Request, bytes | memoryview, Callable[[], None] | None], bool]
 
 
@@ -165,12 +167,14 @@ class RequestReader(asyncio.BufferedProtocol):
         payload: bytes | memoryview,
         recycle: Callable[[], None] | None = None,
     ) -> None:
+        # counted before dispatch: a request may be answered (request_done) inside it
+        self.in_flight += 1
         if not self.dispatch(req, payload, recycle):
             # DISC: finish what is in flight, then close
+            self.in_flight -= 1
             self.done = True
             asyncio.ensure_future(self._disconnect())
             return
-        self.in_flight += 1
         if self.in_flight >= MAX_IN_FLIGHT and not self.paused:
             self.paused = True
             self.transport.pause_reading()

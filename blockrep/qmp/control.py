@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .. import __version__
+from .. import __version__, fastpath
 from .table import CommandTable, args_of
 
 
@@ -25,6 +25,12 @@ def register(table: CommandTable, ctx: ControlContext) -> None:
         args_of({}, args)
         # qmp_capabilities is answered by the session itself, yet QEMU lists it
         return [{"name": n} for n in sorted([*table, "qmp_capabilities"])]
+
+    @table.command("x-blockrep-fast-path")
+    async def fast_path(args: dict[str, Any]) -> Any:
+        """Which path requests took: the fast path's counters and its switch (issue 15)."""
+        args_of({}, args)
+        return fastpath.snapshot()
 
     @table.command("quit")
     async def quit_(args: dict[str, Any]) -> Any:

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from .. import fastpath
 from ..block.graph import Graph, register
-from ..block.node import Extent, Node
+from ..block.node import Done, Extent, Node
 from ..errors import BlockError, OptionError
 
 if TYPE_CHECKING:
@@ -236,6 +237,36 @@ class ReplicationNode(Node):
             await node.write(off, mv[off - offset : off - offset + n], fua)
 
         await self._forward(op, offset, len(data))
+
+    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        """``_forward`` of a write while running, as callbacks (any other stage: refused)."""
+        s = self.state
+        if s.io_status() != 0:
+            return fastpath.refuse("replication: not running")
+        child = self._pass()
+        if s.mode == ReplicationMode.SECONDARY:
+            return child.try_write(offset, data, fua, done)
+        nbytes = len(data)
+        s.unacked_bytes += nbytes
+
+        def forwarded(err: BlockError | None) -> None:
+            s.unacked_bytes -= nbytes
+            if err is not None:
+                # the consumer is not to see the secondary's trouble: record, succeed
+                s.record_error(err)
+                if s.on_lost_forward is not None:
+                    s.on_lost_forward()
+            done(None)
+
+        if not child.try_write(offset, data, fua, forwarded):
+            s.unacked_bytes -= nbytes
+            return False
+        return True
+
+    def _fast_read(self, offset: int, nbytes: int) -> bytes | None:
+        if self.state.mode == ReplicationMode.PRIMARY or self.state.io_status() != 0:
+            return None
+        return self._pass().try_read(offset, nbytes)
 
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
         async def op(node: Node, off: int, n: int) -> None:
