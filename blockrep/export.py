@@ -102,12 +102,26 @@ class Export:
             return fastpath.refuse("export: quiesced")
         self.active += 1
         self.idle.clear()
+        settled = False
 
         def finish(err: BlockError | None) -> None:
-            self.leave()
-            done(err)
+            nonlocal settled
+            if not settled:
+                settled = True
+                self.leave()
+                done(err)
 
-        if not self.child.node.try_write(offset, data, fua, finish):
+        try:
+            taken = self.child.node.try_write(offset, data, fua, finish)
+        except BaseException:
+            # a bug below: this request is lost (the server drops the connection), the
+            # export's count is not — a checkpoint's quiesce must not wait for it
+            if not settled:
+                settled = True
+                self.leave()
+            raise
+        if not taken:
+            settled = True
             self.leave()
             return False
         fastpath.COUNTERS.take("write")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import time
 from typing import Any
 
@@ -21,8 +20,7 @@ from ..nbd import proto as p
 from ..nbd.client import ConnectionLost, NBDConnection
 from .graph import Graph, register
 from .node import Done, Extent, Node
-
-log = logging.getLogger("blockrep.block.nbd")
+from .stepping import report, start_now
 
 
 @register
@@ -53,8 +51,6 @@ class NBDNode(Node):
         self._lost_at = 0.0
         self.tls = None
         self.tls_hostname: str | None = options.get("tls-hostname")
-        # general-path retries of fast-path writes whose connection broke
-        self._retries: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool) -> NBDNode:
@@ -189,23 +185,8 @@ class NBDNode(Node):
         return True
 
     def _retry_write(self, offset: int, data: bytes | memoryview, flags: int, done: Done) -> None:
-        async def run() -> None:
-            try:
-                await self._request(p.CMD_WRITE, offset, len(data), flags, data)
-            except BlockError as e:
-                done(e)
-            except asyncio.CancelledError:
-                done(BlockError(errno.EIO, "NBD connection lost"))
-                raise
-            except Exception as e:  # noqa: BLE001 - a bug costs this request, never the loop
-                log.exception("NBD write retry failed")
-                done(BlockError(errno.EIO, str(e)))
-            else:
-                done(None)
-
-        t = asyncio.ensure_future(run())
-        self._retries.add(t)
-        t.add_done_callback(self._retries.discard)
+        req = self._request(p.CMD_WRITE, offset, len(data), flags, data)
+        start_now(report(req, done, "NBD write retry"))
 
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
         if not (self.conn and self.conn.flags & p.TF_SEND_WRITE_ZEROES):

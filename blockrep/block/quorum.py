@@ -14,13 +14,13 @@ import errno
 import hashlib
 import logging
 import os
-import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine
 from typing import Any
 
 from ..errors import BlockError, OptionError
 from .graph import Graph, register
 from .node import Done, Extent, Node
+from .stepping import report, resume, resume_later, start_now
 
 log = logging.getLogger("blockrep.block.quorum")
 
@@ -192,11 +192,20 @@ class QuorumNode(Node):
             return settle
 
         for i, c in enumerate(kids):
-            if c.try_write(offset, data, fua, settler(i)):
-                continue
             if i == 0:
-                return False
-            _general_write(c, offset, data, fua, settler(i))
+                if not c.try_write(offset, data, fua, settler(0)):
+                    return False
+                continue
+            try:
+                if c.try_write(offset, data, fua, settler(i)):
+                    continue
+            except Exception as e:  # noqa: BLE001 - a bug in one child: its vote, as _all
+                log.exception("fast write to %s failed", c.node_name)
+                settler(i)(BlockError(errno.EIO, str(e)))
+                continue
+            # its first step now: what it does before it waits keeps its place in
+            # request order (two overlapping writes reach disk and link in one order)
+            start_now(report(c.write(offset, data, fua), settler(i), c.node_name))
         return True
 
     def _vote_write(
@@ -307,34 +316,6 @@ def _vote_winner(values: list) -> tuple[Any, int]:
     return best, n
 
 
-_RUNNING: set[asyncio.Task[None]] = set()  # general writes of fast-path requests
-
-
-def _general_write(
-    node: Node, offset: int, data: bytes | memoryview, fua: bool, done: Done
-) -> None:
-    """``node.write`` as a task whose end calls ``done`` (a child that refused the fast
-    path after its siblings had started)."""
-
-    async def run() -> None:
-        try:
-            await node.write(offset, data, fua)
-        except BlockError as e:
-            done(e)
-        except asyncio.CancelledError:
-            done(BlockError(errno.EIO, "request cancelled"))
-            raise
-        except Exception as e:  # noqa: BLE001 - a bug costs this request, never the loop
-            log.exception("write to %s failed", node.node_name)
-            done(BlockError(errno.EIO, str(e)))
-        else:
-            done(None)
-
-    t = asyncio.ensure_future(run())
-    _RUNNING.add(t)
-    t.add_done_callback(_RUNNING.discard)
-
-
 # -- fan-out -------------------------------------------------------------------------
 #
 # A replicated write fans out to a local file child, which usually completes without
@@ -350,30 +331,37 @@ def _general_write(
 async def _fan_out(coros: list[Coroutine[Any, Any, None]]) -> list[Exception | None]:
     """Run every coroutine to completion; each one's exception, or None, in order.
 
+    Every child takes its first step here, in list order, before any of them resumes:
+    what each does before it first waits (a local pwrite, a request queued on the
+    replication link) happens in request order, as the fast path's writes do, so two
+    overlapping writes reach the local disk and the link in the same order. Then the
+    first child that suspended is resumed inline and the others as tasks.
+
     An exception that is not an ``Exception`` (a cancellation) propagates at once,
     cancelling the children that are still running.
     """
     results: list[Exception | None] = [None] * len(coros)
+    suspended: list[tuple[int, Coroutine[Any, Any, None], Any]] = []
     tasks: list[tuple[int, asyncio.Future[None]]] = []
     i = 0
     try:
-        while i < len(coros):
+        for i, c in enumerate(coros):
             try:
-                yielded = coros[i].send(None)
+                suspended.append((i, c, c.send(None)))
             except StopIteration:
-                i += 1
-                continue
+                pass
             except Exception as e:  # noqa: BLE001 - the caller votes on the errors
                 results[i] = e
-                i += 1
-                continue
-            # it suspended: the rest run as tasks while it resumes in this one
-            k, i = i, len(coros)
-            tasks = [(j, asyncio.ensure_future(coros[j])) for j in range(k + 1, len(coros))]
+        i = len(coros)
+        if suspended:
+            (k, first, yielded), rest = suspended[0], suspended[1:]
+            tasks = [(j, asyncio.ensure_future(resume_later(c, y))) for j, c, y in rest]
+            suspended = [suspended[0]]  # the others belong to their tasks now
             try:
-                await _resume(coros[k], yielded)
+                await resume(first, yielded)
             except Exception as e:  # noqa: BLE001
                 results[k] = e
+            suspended = []
         for j, t in tasks:
             try:
                 await t
@@ -382,32 +370,9 @@ async def _fan_out(coros: list[Coroutine[Any, Any, None]]) -> list[Exception | N
     except BaseException:
         for c in coros[i + 1 :]:
             c.close()  # never started
+        for _, c, _ in suspended:
+            c.close()  # stepped, not yet handed to a task (closing a finished one is a no-op)
         for _, t in tasks:
             t.cancel()
         raise
     return results
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, Any, None]:
-    """Await a coroutine that was already stepped once and yielded ``yielded``.
-
-    What ``await`` does after its first step: pass the yielded future up to the
-    task, and pass the task's answer (a value, an exception, a cancellation) down.
-    """
-    while True:
-        try:
-            sent = yield yielded
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as e:  # noqa: BLE001 - thrown in by the task: forwarded
-            try:
-                yielded = coro.throw(e)
-            except StopIteration:
-                return
-        else:
-            try:
-                yielded = coro.send(sent)
-            except StopIteration:
-                return

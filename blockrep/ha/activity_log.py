@@ -150,7 +150,9 @@ class ActivityLog:
     def try_begin_write(self, offset: int, nbytes: int) -> bool:
         """``begin_write`` if every region is hot and durable already (no wait), else False."""
         act, regs = self._active, self.regions_of(offset, nbytes)
-        if self._failed is not None or not all(n in act and act[n].durable for n in regs):
+        if self._failed is not None or len(regs) > self.limit:
+            return False
+        if not all(n in act and act[n].durable for n in regs):
             return False
         for n in regs:
             act[n].inflight += 1

@@ -129,22 +129,30 @@ class ConsumerExport(Export):
             return False  # a range the log refuses: the general path reports it
         try:
             self.before_write(at, nbytes)
-        except BlockError as e:
+        except BaseException as e:
             if al is not None:
                 al.cancel_write(at, nbytes)
+            if not isinstance(e, BlockError):
+                raise
             done(e)
             return True
         self._seq += 1
         key = self._seq
         self.in_flight[key] = (at, nbytes)
 
+        settled = False
+
         def written(err: BlockError | None) -> None:
+            nonlocal settled
+            if settled:
+                return
+            settled = True
             if al is not None:
                 al.end_write(at, nbytes)
             if err is None:
                 self.written_bytes += nbytes
             gate = self.ack_gate
-            if gate is not None and not gate.is_set():
+            if err is None and gate is not None and not gate.is_set():
                 self.leave()  # not in flight while held (a pairing's drain goes on)
                 _hold(gate, lambda stop: self._acknowledge(key, stop or err, done))
                 return
@@ -153,11 +161,19 @@ class ConsumerExport(Export):
 
         self.active += 1
         self.idle.clear()
-        if not self.child.node.try_write(at, data, fua, written):
-            self.leave()
-            del self.in_flight[key]
-            if al is not None:
-                al.cancel_write(at, nbytes)
+        try:
+            taken = self.child.node.try_write(at, data, fua, written)
+        except BaseException:
+            taken = False  # a bug below: the request is lost, the counts are not
+            raise
+        finally:
+            if not taken and not settled:
+                settled = True
+                self.leave()
+                del self.in_flight[key]
+                if al is not None:
+                    al.cancel_write(at, nbytes)
+        if not taken:
             return False
         fastpath.COUNTERS.take("write")
         return True

@@ -55,6 +55,9 @@ class NBDConnection:
         self.handles = itertools.count(1)
         self.wlock = asyncio.Lock()
         self.replies: ReplyReader | None = None
+        # request() callers waiting for or holding the write side: while there is one,
+        # try_request() refuses, so requests leave in the order they were made
+        self.senders = 0
         # try_request()'s requests, sent together at the end of the loop's turn
         self.outq: list[bytes | memoryview] = []
         self.outq_bytes = 0
@@ -220,13 +223,17 @@ class NBDConnection:
         handle = next(self.handles)
         fut = asyncio.get_running_loop().create_future()
         pend = Pending(typ, offset, length, fut)
+        sent = False
         if typ == p.CMD_READ:
             pend.data = bytearray(length)
         self.pending[handle] = pend
+        self.senders += 1  # in line for the write side: try_request() must not pass it
         try:
             async with self.wlock:
                 assert self.writer is not None
                 self._write(p.pack_request(typ, handle, offset, length, flags), payload)
+                self.senders -= 1
+                sent = True
                 await self.writer.drain()
         except (ConnectionError, OSError) as e:
             self.pending.pop(handle, None)
@@ -234,6 +241,9 @@ class NBDConnection:
             if fut.done() and not fut.cancelled():
                 fut.exception()  # failed by an earlier loss: retrieved, raised below
             raise ConnectionLost(str(e)) from None
+        finally:
+            if not sent:
+                self.senders -= 1
         await fut
         if pend.error:
             raise BlockError(p.nbd_to_errno(pend.error), pend.message or None)
@@ -251,7 +261,7 @@ class NBDConnection:
         """Send a request whose reply carries no data now, or do nothing and return False.
 
         False when it cannot be sent without waiting: the connection is closed,
-        ``request()`` holds the write side, or the transport is above its high-water
+        a ``request()`` waits for or holds the write side, or the transport is above its high-water
         mark. True: header and payload were written to the transport (``payload``
         must stay valid until ``done`` runs) and ``done`` will be called exactly
         once, never from inside this call: None on success, a BlockError on an
@@ -260,7 +270,8 @@ class NBDConnection:
         if typ not in NO_DATA_REPLY:
             raise ValueError(f"try_request() takes no {p.CMD_NAMES.get(typ, typ)} request")
         replies = self.replies
-        if self.closed or replies is None or replies.writing_paused or self.wlock.locked():
+        busy = self.senders or self.wlock.locked()
+        if self.closed or replies is None or replies.writing_paused or busy:
             return False
         transport = replies.transport
         if (
@@ -357,7 +368,7 @@ class NBDConnection:
         if self.writer is not None and not self.closed:
             try:
                 async with self.wlock:
-                    self.writer.write(p.pack_request(p.CMD_DISC, 0, 0, 0))
+                    self._write(p.pack_request(p.CMD_DISC, 0, 0, 0), b"")  # after the queued
                     await self.writer.drain()
             except (ConnectionError, OSError):
                 pass

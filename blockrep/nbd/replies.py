@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import proto as p
+from .transmission import feed_buffered
 
 log = logging.getLogger("blockrep.nbd.client")
 
@@ -101,13 +102,7 @@ class ReplyReader(asyncio.BufferedProtocol):
 
     def feed(self, data: bytes) -> None:
         """Bytes received before this protocol took over the transport."""
-        view = memoryview(data)
-        while len(view) and not self.done:
-            mv = self.get_buffer(len(view))
-            n = min(len(mv), len(view))
-            mv[:n] = view[:n]
-            self.buffer_updated(n)
-            view = view[n:]
+        feed_buffered(self, data, lambda: self.done)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.sink is not None:

@@ -60,7 +60,12 @@ CLOSE_GRACE = 5.0  # seconds close() lets replies drain before it aborts their c
 # kernel's autotuning, measured faster than a fixed 4 MiB (3900-4500 vs 2500-3100 MiB/s).
 UNIX_SOCKET_BUFFER = 4 << 20
 # read replies at least this large may leave by os.sendfile (file-backed exports):
-# 1 MiB reads at qd 8 cost the daemon 55-100 us of CPU each instead of 350-400 us
+# 1 MiB reads at qd 8 cost the daemon 55-100 us of CPU each instead of 350-400 us.
+# sendfile queues references to the page cache, not a copy: the client gets the
+# bytes as they are when it receives them, so a write that completes after the
+# reply was queued and before the client read it can show in it. The read still
+# returns what the disk held at some moment before its reply arrived (a read
+# concurrent with an overlapping write is undefined in NBD either way).
 SENDFILE_MIN = 64 << 10
 
 # A reply: the parts that go on the wire, in order. A read's payload is the last part.

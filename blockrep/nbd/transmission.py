@@ -26,6 +26,20 @@ MAX_IN_FLIGHT = 64  # per client; more requests wait in the socket buffer
 Dispatch = Callable[[p.Request, bytes | memoryview, Callable[[], None] | None], bool]
 
 
+def feed_buffered(
+    proto: asyncio.BufferedProtocol, data: bytes, stopped: Callable[[], bool]
+) -> None:
+    """Hand ``proto`` bytes that arrived before it took over its transport, through its
+    own get_buffer/buffer_updated as the transport would, until ``stopped()``."""
+    view = memoryview(data)
+    while len(view) and not stopped():
+        mv = memoryview(proto.get_buffer(len(view)))
+        n = min(len(mv), len(view))
+        mv[:n] = view[:n]
+        proto.buffer_updated(n)
+        view = view[n:]
+
+
 class RequestReader(asyncio.BufferedProtocol):
     """Parses NBD requests for one connection and hands each to ``dispatch``.
 
@@ -78,13 +92,7 @@ class RequestReader(asyncio.BufferedProtocol):
 
     def feed(self, data: bytes) -> None:
         """Bytes received before this protocol took over the transport."""
-        view = memoryview(data)
-        while len(view) and not self.done:
-            mv = self.get_buffer(len(view))
-            n = min(len(mv), len(view))
-            mv[:n] = view[:n]
-            self.buffer_updated(n)
-            view = view[n:]
+        feed_buffered(self, data, lambda: self.done)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.big is not None:

@@ -829,3 +829,65 @@ def test_volume_export_fast_reads_and_file_range_are_of_its_own_volume(tmp_path)
         assert file_bytes(path) == bytes(model)
 
     run(go(), TIMEOUT)
+
+
+def test_overlapping_writes_reach_the_link_in_the_order_they_reach_the_local_disk():
+    """The review's divergence: W1's link request is refused (link paused) after its
+    local pwrite; W2 overlaps it and is taken at once. W1's general write must keep its
+    place on the link, or P's disk ends with W2 and S's with W1. The writes' first steps
+    happen inline, and a request() in line for the write side makes try_request refuse."""
+    d = short_dir()
+
+    async def go() -> None:
+        prim, sec, q, p_path, s_path = await _primary_pair(d, "o", start=True)
+        try:
+            link = prim.graph.get_node("link")
+            conn = link.conn
+            assert conn is not None and conn.replies is not None
+            results: list[Any] = []
+            # the link's write side looks paused: W1's forward cannot be sent at once
+            conn.replies.writing_paused = True
+            assert q.try_write(0, b"1" * 4096, False, results.append)
+            conn.replies.writing_paused = False
+            # W2, same block, in the same turn of the loop
+            assert q.try_write(0, b"2" * 4096, False, results.append)
+            while len(results) < 2:
+                await asyncio.sleep(0.01)
+            assert results == [None, None]
+            await q.drain()
+            await q.flush()
+        finally:
+            await prim.close()
+            await sec.close()
+        assert file_bytes(p_path)[:4096] == b"2" * 4096
+        assert file_bytes(s_path)[:4096] == b"2" * 4096, "S holds W1: the link reordered"
+
+    run(go(), TIMEOUT)
+
+
+def test_a_request_waiting_for_the_write_side_makes_try_request_refuse():
+    """A coroutine request() in line for the link's write side: try_request() must not
+    pass it (the lock's locked() is False between a release and the waiter's wake-up)."""
+    d = short_dir()
+
+    async def go() -> None:
+        prim, sec, q, p_path, s_path = await _primary_pair(d, "w", start=True)
+        try:
+            conn = prim.graph.get_node("link").conn
+            assert conn is not None
+            await conn.wlock.acquire()
+            waiter = asyncio.ensure_future(
+                conn.request(1, 0, 4096, 0, b"a" * 4096)  # CMD_WRITE
+            )
+            await asyncio.sleep(0)  # the waiter is in line now
+            conn.wlock.release()
+            assert not conn.wlock.locked()  # released, the waiter not yet run
+            got: list[Any] = []
+            assert conn.try_request(1, 0, 4096, 0, b"b" * 4096, got.append) is False
+            await waiter
+        finally:
+            await prim.close()
+            await sec.close()
+        assert file_bytes(s_path)[:4096] == b"a" * 4096
+
+    run(go(), TIMEOUT)
