@@ -4,16 +4,26 @@ uvloop when it is installed (issue 15 measured +16–20 % on 4 KiB requests and 
 sequential ones against asyncio's own loop), asyncio's loop otherwise — or always with
 ``BLOCKREP_LOOP=asyncio``, which keeps the standard loop one switch away (the tests run
 both). ``status`` and logs need not say which: ``loop_name()`` does.
+
+The cyclic garbage collector is tuned for a loop that runs callbacks by the hundred
+thousand a second: what exists when the loop starts (modules, the graph's classes) is
+frozen out of collections, and a young collection runs every GC_THRESHOLD allocations
+instead of Python's 700 (issue 15: a replicating primary's CPU per 4 KiB write, six
+alternating runs: 82, 92, 98 us with Python's collector, 68, 82, 79 tuned).
+``BLOCKREP_GC=python`` keeps Python's own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+GC_THRESHOLD = 50_000  # allocations between young collections (Python: 700)
 
 
 def _uvloop() -> Any:
@@ -26,8 +36,15 @@ def _uvloop() -> Any:
     return uvloop
 
 
+def tune_gc() -> None:
+    if os.environ.get("BLOCKREP_GC", "").lower() != "python":
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on the chosen loop."""
+    """``asyncio.run(main)`` on the chosen loop, the collector tuned for it."""
+    tune_gc()
     uv = _uvloop()
     if uv is None:
         return asyncio.run(main)
