@@ -7,11 +7,13 @@ an in-process blockrep NBD server over a unix socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+from blockrep import fastpath
 from blockrep.block import Graph
 from blockrep.block.node import Node
 from blockrep.errors import BlockError
@@ -20,6 +22,21 @@ from blockrep.jobs.base import JobManager
 from blockrep.nbd.server import NBDServer
 from blockrep.replication.control import ReplicationControl
 from blockrep.replication.filter import ReplicationMode, ReplicationNode
+
+
+@contextlib.contextmanager
+def fast_path_on() -> Iterator[None]:
+    """The switch on and the counters at zero in this process, whatever the environment
+    says (``make test`` runs some files again with ``BLOCKREP_FAST_PATH=0``); restored
+    afterwards. For tests of the fast path itself."""
+    old = fastpath.enabled()
+    fastpath.set_enabled(True)
+    fastpath.COUNTERS.reset()
+    try:
+        yield
+    finally:
+        fastpath.set_enabled(old)
+        fastpath.COUNTERS.reset()
 
 
 class GeneralExport(Export):

@@ -23,7 +23,9 @@ BLOCK = 4096
 WRITERS = 16
 
 
-async def test_sigterm_under_fast_path_load_drains_and_exits_zero() -> None:
+async def test_sigterm_under_fast_path_load_drains_and_exits_zero(monkeypatch) -> None:
+    monkeypatch.setenv("BLOCKREP_FAST_PATH", "1")  # this test is of the fast path
+
     async def go() -> None:
         async with running_pair("blockrep", "blockrep", size=16 * MiB) as pair:
             assert pair.P is not None and pair.p_client is not None

@@ -28,8 +28,17 @@ from blockrep.nbd import proto as p
 from blockrep.nbd.client import NBDConnection
 from blockrep.nbd.server import NBDServer
 from blockrep.tls import X509Credentials
+from tests.harness.fast_path import fast_path_on
 from tests.harness.nbd_wire import WireClient
 from tests.harness.tls import make_pki
+
+
+@pytest.fixture(autouse=True)
+def _fast_path_on():
+    """sendfile is the fast path's: on here also under ``BLOCKREP_FAST_PATH=0``."""
+    with fast_path_on():
+        yield
+
 
 MiB = 1 << 20
 SIZE = 16 * MiB

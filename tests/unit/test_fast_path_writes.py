@@ -36,6 +36,7 @@ from tests.harness.fast_path import (
     Issuer,
     Primary,
     Secondary,
+    fast_path_on,
     file_bytes,
     raw_file,
     remove_dir,
@@ -52,13 +53,9 @@ TIMEOUT = 60
 
 @pytest.fixture(autouse=True)
 def _fast_path_on():
-    """Every test starts with the switch on and the counters at zero, and leaves it so."""
-    old = fastpath.enabled()
-    fastpath.set_enabled(True)
-    fastpath.COUNTERS.reset()
-    yield
-    fastpath.set_enabled(old)
-    fastpath.COUNTERS.reset()
+    """Every test starts with the switch on (also under ``BLOCKREP_FAST_PATH=0``)."""
+    with fast_path_on():
+        yield
 
 
 # -- 1. differential: fast path vs general path vs model --------------------------------
