@@ -211,6 +211,8 @@ class QuorumNode(Node):
     def _vote_write(
         self, kids: list[Node], results: list[BlockError | None], offset: int, nbytes: int
     ) -> BlockError | None:
+        if not any(results):
+            return None  # the common case: every child wrote
         errors = [r for r in results if r is not None]
         for c, r in zip(kids, results, strict=True):
             if r is not None:
