@@ -76,6 +76,7 @@ lint: venv
 bench: venv debs
 	$(PY) bench/qcow2.py
 	$(PY) bench/nbd.py
+	$(PY) bench/nbd.py --fill write --transports unix --name nbd-large-folios
 	$(PY) bench/jobs.py
 	$(PY) bench/replication.py --buffer-dir /dev/shm --shared
 	$(PY) bench/ha.py

@@ -10,79 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from .. import fastpath
 from ..errors import BlockError
+from .extent import Extent, is_zero, merge_extents
+
+__all__ = [
+    "MAX_LENGTH",
+    "Child",
+    "DirtyBitmap",
+    "Done",
+    "Extent",
+    "Node",
+    "PreparedEmpty",
+    "is_zero",
+    "merge_extents",
+]
 
 # QEMU's BDRV_MAX_LENGTH: offsets and lengths beyond this are refused with EIO.
 MAX_LENGTH = (1 << 63) - 1 - (1 << 30)
 
 # How a fast-path request ends (``Node.try_write``): None, or the error to report.
 Done = Callable[[BlockError | None], None]
-
-
-@dataclass
-class Extent:
-    """One run of block status, as qemu-img map reports it.
-
-    ``present``: allocated in some layer of the chain (BDRV_BLOCK_ALLOCATED).
-    ``depth``: how many backing links below this node the layer that answers is.
-    ``offset``: host offset in ``file`` (the protocol node holding the bytes), if any.
-    """
-
-    start: int
-    length: int
-    present: bool
-    zero: bool
-    data: bool
-    depth: int = 0
-    offset: int | None = None
-    file: Node | None = field(default=None, compare=False)
-
-    def same_kind(self, other: Extent) -> bool:
-        if (self.present, self.zero, self.data, self.depth, self.file) != (
-            other.present,
-            other.zero,
-            other.data,
-            other.depth,
-            other.file,
-        ):
-            return False
-        if self.offset is None or other.offset is None:
-            return self.offset is None and other.offset is None
-        return self.offset + self.length == other.offset
-
-
-def is_zero(data: bytes | bytearray | memoryview) -> bool:
-    """Does a buffer hold only zero bytes?
-
-    Cheap on data: a few sampled bytes reject almost every non-zero buffer before
-    a full compare (``data.count(0)`` would scan all of it, ~1 ms per MiB).
-    """
-    n = len(data)
-    if n == 0:
-        return True
-    if data[0] or data[n - 1] or data[n // 2]:
-        return False
-    return data == bytes(n)
-
-
-def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
-    """Join adjacent extents that describe the same kind of storage."""
-    out: list[Extent] = []
-    for e in extents:
-        if e.length == 0:
-            continue
-        if out and out[-1].start + out[-1].length == e.start and out[-1].same_kind(e):
-            out[-1].length += e.length
-        else:
-            out.append(
-                Extent(e.start, e.length, e.present, e.zero, e.data, e.depth, e.offset, e.file)
-            )
-    return out
 
 
 class DirtyBitmap:
@@ -196,6 +147,11 @@ class Node:
         self.length: int = 0
         self._tracked: list[_Tracked] = []
         self._serialising = 0  # how many of _tracked are serialising
+        # Fast-path writes in flight are counted, not tracked one by one: a serialising
+        # request waits for all of them, and none starts while one waits (_ser_waiting).
+        self._fast_writes = 0
+        self._fast_quiet: asyncio.Event | None = None
+        self._ser_waiting = 0
         self.closed = False
         self.graph: Any = None  # set by Graph.add; drivers emit events through it
         self.dirty_bitmaps: list[DirtyBitmap] = []
@@ -262,23 +218,40 @@ class Node:
         req = _Tracked(start, end, serialising)
         # a serialising request waits for every overlapping one, and every request waits
         # for overlapping serialising ones (QEMU's bdrv_wait_serialising_requests)
-        if serialising or self._serialising:
+        if serialising:
+            self._ser_waiting += 1  # no fast-path write starts from now on
+            try:
+                while True:
+                    if self._fast_writes:
+                        await self._fast_writes_done()
+                        continue
+                    blocker = next(
+                        (t for t in self._tracked if t.start < end and start < t.end), None
+                    )
+                    if blocker is None:
+                        break
+                    await blocker.wait()
+                self._serialising += 1
+                self._tracked.append(req)
+            finally:
+                self._ser_waiting -= 1
+            return req
+        if self._serialising:
             while True:
                 blocker = next(
-                    (
-                        t
-                        for t in self._tracked
-                        if t.start < end and start < t.end and (t.serialising or serialising)
-                    ),
+                    (t for t in self._tracked if t.start < end and start < t.end and t.serialising),
                     None,
                 )
                 if blocker is None:
                     break
                 await blocker.wait()
-        if serialising:
-            self._serialising += 1
         self._tracked.append(req)
         return req
+
+    async def _fast_writes_done(self) -> None:
+        if self._fast_quiet is None:
+            self._fast_quiet = asyncio.Event()
+        await self._fast_quiet.wait()
 
     def _end(self, req: _Tracked) -> None:
         self._tracked.remove(req)
@@ -297,12 +270,15 @@ class Node:
             listener(err)
 
     def in_flight(self) -> int:
-        return len(self._tracked)
+        return len(self._tracked) + self._fast_writes
 
     async def drain(self) -> None:
         """Wait until every request that is in flight now has finished."""
-        while self._tracked:
-            await self._tracked[0].wait()
+        while self._tracked or self._fast_writes:
+            if self._tracked:
+                await self._tracked[0].wait()
+            else:
+                await self._fast_writes_done()
 
     async def read(self, offset: int, nbytes: int) -> bytes:
         self._check(offset, nbytes, False)
@@ -378,21 +354,31 @@ class Node:
         ):
             return fastpath.refuse(f"{self.driver_name}: checks")
         end = offset + nbytes
+        if self._ser_waiting:
+            return fastpath.refuse(f"{self.driver_name}: a serialising request waits")
         if self._serialising and any(
             t.serialising and t.start < end and offset < t.end for t in self._tracked
         ):
             return fastpath.refuse(f"{self.driver_name}: overlapping serialising request")
-        req = _Tracked(offset, end, False)
-        self._tracked.append(req)
+        self._fast_writes += 1
 
         def finish(err: BlockError | None) -> None:
             if err is not None:
                 self._write_failed(err)
-            self._end_write(req, offset, nbytes)
+            # marked even when the request failed: the data may have changed partly
+            for bm in self.dirty_bitmaps:
+                bm.mark(offset, nbytes)
+            self._fast_writes -= 1
+            if not self._fast_writes and self._fast_quiet is not None:
+                self._fast_quiet.set()
+                self._fast_quiet = None
             done(err)
 
         if not self._fast_write(offset, data, fua, finish):
-            self._end(req)
+            self._fast_writes -= 1
+            if not self._fast_writes and self._fast_quiet is not None:
+                self._fast_quiet.set()
+                self._fast_quiet = None
             return False
         return True
 

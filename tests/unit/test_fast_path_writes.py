@@ -502,6 +502,81 @@ def test_quorum_child_failure_votes_as_the_general_path(threshold, where):
         assert ferr is not None and ferr[0] == errno.EIO and fheard == [ferr]
 
 
+class HoldFastDone(Node):
+    """A filter with a request alignment whose fast writes reach the file at once and
+    report done only when ``release`` is called."""
+
+    driver_name = "test-hold-fast-done"
+
+    def __init__(self, child: Node, alignment: int) -> None:
+        super().__init__("hold", {})
+        self.attach_child("file", child)
+        self.length = child.length
+        self.request_alignment = alignment
+        self.parked: list[tuple[Any, Any]] = []
+
+    async def _co_read(self, offset: int, nbytes: int) -> bytes:
+        return await self._pass().read(offset, nbytes)
+
+    async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        await self._pass().write(offset, data, fua)
+
+    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Any) -> bool:
+        return self._pass().try_write(
+            offset, data, fua, lambda err: self.parked.append((done, err))
+        )
+
+    def release(self) -> None:
+        parked, self.parked = self.parked, []
+        for done, err in parked:
+            done(err)
+
+
+def test_serialising_request_waits_for_fast_writes_in_flight_and_none_starts_meanwhile(
+    tmp_path,
+):
+    """Fast writes are counted, not tracked one by one: a read-modify-write (serialising)
+    waits until none is in flight, drain waits for them, and while the read-modify-write
+    waits no fast write starts, even one elsewhere (it takes the general path)."""
+    path = str(tmp_path / "d.raw")
+    zero_file(path, SIZE)
+    A = 4096
+
+    async def go() -> bytes:
+        g = Graph()
+        f = await g.add({"driver": "file", "node-name": "f", "filename": path})
+        n = HoldFastDone(f, A)
+        calls: list[Any] = []
+        assert n.try_write(0, b"a" * A, False, calls.append) is True
+        assert n.in_flight() == 1 and calls == []
+        rmw = asyncio.ensure_future(n.write(100, b"x" * 100))
+        drain = asyncio.ensure_future(n.drain())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not rmw.done() and not drain.done()
+        assert n.try_write(2 * A, b"c" * A, False, calls.append) is False
+        assert fastpath.COUNTERS.fallbacks.get(
+            "test-hold-fast-done: a serialising request waits"
+        ), fastpath.snapshot()
+        n.release()
+        await asyncio.wait_for(asyncio.gather(rmw, drain), 10)
+        assert calls == [None] and n.in_flight() == 0
+        # nothing waits any more: the fast path takes the write it refused
+        assert n.try_write(2 * A, b"c" * A, False, calls.append) is True
+        n.release()
+        assert calls == [None, None]
+        got = await f.read(0, 3 * A)
+        await g.close_all()
+        return got
+
+    got = run(go(), TIMEOUT)
+    model = bytearray(b"a" * A + bytes(2 * A))
+    model[100:200] = b"x" * 100
+    model[2 * A :] = b"c" * A
+    assert got == bytes(model)
+    assert file_bytes(path)[: 3 * A] == got
+
+
 # -- 3. what the general path guarantees, on the fast path -----------------------------
 
 
