@@ -368,19 +368,19 @@ class Node:
             # marked even when the request failed: the data may have changed partly
             for bm in self.dirty_bitmaps:
                 bm.mark(offset, nbytes)
-            self._fast_writes -= 1
-            if not self._fast_writes and self._fast_quiet is not None:
-                self._fast_quiet.set()
-                self._fast_quiet = None
+            self._fast_write_ended()
             done(err)
 
         if not self._fast_write(offset, data, fua, finish):
-            self._fast_writes -= 1
-            if not self._fast_writes and self._fast_quiet is not None:
-                self._fast_quiet.set()
-                self._fast_quiet = None
+            self._fast_write_ended()
             return False
         return True
+
+    def _fast_write_ended(self) -> None:
+        self._fast_writes -= 1
+        if not self._fast_writes and self._fast_quiet is not None:
+            self._fast_quiet.set()
+            self._fast_quiet = None
 
     def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
         """The driver's write as plain calls; False (nothing done) when it cannot."""

@@ -217,32 +217,49 @@ def test_replicated_quorum_fast_and_general_paths_write_the_same_bytes(batches):
 # -- 2. each refusal refuses, and the general path then does the right thing ----------
 
 
-class HoldNextWrite(Node):
-    """A filter with a request alignment whose next write (only) waits for ``gate``."""
+async def _file_graph(path: str) -> tuple[Graph, Node]:
+    g = Graph()
+    return g, await g.add({"driver": "file", "node-name": "f", "filename": path})
 
-    driver_name = "test-hold-next-write"
+
+class AlignedFilter(Node):
+    """A filter with a request alignment (so unaligned writes read-modify-write)."""
+
+    driver_name = "test-aligned-filter"
 
     def __init__(self, child: Node, alignment: int) -> None:
         super().__init__("hold", {})
         self.attach_child("file", child)
         self.length = child.length
         self.request_alignment = alignment
-        self.hold = False
-        self.held = asyncio.Event()
-        self.gate = asyncio.Event()
 
     async def _co_read(self, offset: int, nbytes: int) -> bytes:
         return await self._pass().read(offset, nbytes)
+
+    async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        await self._pass().write(offset, data, fua)
+
+    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Any) -> bool:
+        return self._pass().try_write(offset, data, fua, done)
+
+
+class HoldNextWrite(AlignedFilter):
+    """An aligned filter whose next general-path write (only) waits for ``gate``."""
+
+    driver_name = "test-hold-next-write"
+
+    def __init__(self, child: Node, alignment: int) -> None:
+        super().__init__(child, alignment)
+        self.hold = False
+        self.held = asyncio.Event()
+        self.gate = asyncio.Event()
 
     async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         if self.hold:
             self.hold = False
             self.held.set()
             await self.gate.wait()
-        await self._pass().write(offset, data, fua)
-
-    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Any) -> bool:
-        return self._pass().try_write(offset, data, fua, done)
+        await super()._co_write(offset, data, fua)
 
 
 def test_overlapping_serialising_request_refuses_and_general_write_is_not_torn(tmp_path):
@@ -256,8 +273,7 @@ def test_overlapping_serialising_request_refuses_and_general_write_is_not_torn(t
     A = 4096
 
     async def go() -> bytes:
-        g = Graph()
-        f = await g.add({"driver": "file", "node-name": "f", "filename": path})
+        g, f = await _file_graph(path)
         hold = HoldNextWrite(f, A)
         hold.hold = True
         w1 = asyncio.ensure_future(hold.write(100, b"x" * 100))
@@ -502,24 +518,15 @@ def test_quorum_child_failure_votes_as_the_general_path(threshold, where):
         assert ferr is not None and ferr[0] == errno.EIO and fheard == [ferr]
 
 
-class HoldFastDone(Node):
-    """A filter with a request alignment whose fast writes reach the file at once and
-    report done only when ``release`` is called."""
+class HoldFastDone(AlignedFilter):
+    """An aligned filter whose fast writes reach the file at once and report done only
+    when ``release`` is called."""
 
     driver_name = "test-hold-fast-done"
 
     def __init__(self, child: Node, alignment: int) -> None:
-        super().__init__("hold", {})
-        self.attach_child("file", child)
-        self.length = child.length
-        self.request_alignment = alignment
+        super().__init__(child, alignment)
         self.parked: list[tuple[Any, Any]] = []
-
-    async def _co_read(self, offset: int, nbytes: int) -> bytes:
-        return await self._pass().read(offset, nbytes)
-
-    async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
-        await self._pass().write(offset, data, fua)
 
     def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Any) -> bool:
         return self._pass().try_write(
@@ -543,8 +550,7 @@ def test_serialising_request_waits_for_fast_writes_in_flight_and_none_starts_mea
     A = 4096
 
     async def go() -> bytes:
-        g = Graph()
-        f = await g.add({"driver": "file", "node-name": "f", "filename": path})
+        g, f = await _file_graph(path)
         n = HoldFastDone(f, A)
         calls: list[Any] = []
         assert n.try_write(0, b"a" * A, False, calls.append) is True
