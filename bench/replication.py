@@ -74,6 +74,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cpu import CpuMeter, per_request_us, total_per_request_us
+from machine import describe, fresh_page_rate, page_reporting
 from qemu.qmp import QMPClient
 
 from blockrep.qcow2.create import create_file
@@ -1073,6 +1074,9 @@ def markdown(results: dict[str, Any], links: list[str]) -> str:
         "",
         f"{results['qemu_version']}; {results['fio_version']}; Python {m['python']}; {m['cpus']} CPUs; "
         f"load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}; blockrep {results['blockrep_rev']}.",
+        f"Memory: {describe(m.get('page_reporting_start'), m.get('page_reporting_end'))}; "
+        f"1 MiB writes into fresh pages of the buffer directory at the start: "
+        f"{m.get('fresh_page_mib_s')} MiB/s (bench/machine.py).",
         f"Disk {a['size_mib']} MiB raw (written, not sparse) in `{a['dir_kind']}`, hidden/active in `{a['buffer_dir_kind']}`; "
         f"random writes {a['runtime']} s; checkpoint figures are medians of {a['repeats']}; "
         f"end_fsync={'on' if a['fsync'] else 'off'}{'; QUICK run (small sizes)' if a['quick'] else ''}.",
@@ -1258,6 +1262,8 @@ async def amain(args: argparse.Namespace) -> int:
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "page_reporting_start": page_reporting(),
+            "fresh_page_mib_s": round(fresh_page_rate(buf_dir)),
         },
         "qemu_version": sh("qemu-system-x86_64", "--version").splitlines()[0],
         "fio_version": sh("fio", "--version").strip(),
@@ -1333,6 +1339,7 @@ async def amain(args: argparse.Namespace) -> int:
             shutil.rmtree(buf_dir, ignore_errors=True)
     results["wall_s"] = time.monotonic() - t0
     results["machine"]["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    results["machine"]["page_reporting_end"] = page_reporting()
     analyse(results, links)
     md = markdown(results, links)
     out_dir = args.out

@@ -100,8 +100,9 @@ class Export:
             return False
         if not self.gate.is_set():
             return fastpath.refuse("export: quiesced")
+        if not self.active:
+            self.idle.clear()
         self.active += 1
-        self.idle.clear()
         settled = False
 
         def finish(err: BlockError | None) -> None:
@@ -124,7 +125,8 @@ class Export:
             settled = True
             self.leave()
             return False
-        fastpath.COUNTERS.take("write")
+        counts = fastpath.COUNTERS.taken
+        counts["write"] = counts.get("write", 0) + 1
         return True
 
     def try_read(self, offset: int, nbytes: int) -> bytes | None:

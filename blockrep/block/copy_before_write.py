@@ -171,15 +171,19 @@ class CopyBeforeWriteNode(Node):
         await self._before_write(offset, len(data))
         await self.source.write(offset, data, fua)
 
-    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+    def _fast_through(self, offset: int, nbytes: int) -> Node | None:
         """Straight to the source once every cluster the write touches was copied (or the
-        snapshot is broken): nothing to copy first. A cluster still armed, or being
-        copied (it stays armed until its copy is done), takes the general path."""
+        snapshot is broken): nothing to copy first."""
         if self.snapshot_error is None:
             cs = self.cluster_size
-            if self.armed.find(1, offset // cs, (offset + len(data) - 1) // cs + 1) >= 0:
-                return fastpath.refuse("copy-before-write: cluster to copy")
-        return self.source.try_write(offset, data, fua, done)
+            if self.armed.find(1, offset // cs, (offset + nbytes - 1) // cs + 1) >= 0:
+                return None
+        return self.source
+
+    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        """Reached only when ``_fast_through`` declined: a cluster still armed, or being
+        copied (it stays armed until its copy is done), takes the general path."""
+        return fastpath.refuse("copy-before-write: cluster to copy")
 
     def _fast_read(self, offset: int, nbytes: int) -> bytes | None:
         return self.source.try_read(offset, nbytes)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from .. import fastpath
 from ..errors import BlockError
+from . import fast_write
 from .extent import Extent, is_zero, merge_extents
 
 __all__ = [
@@ -331,50 +332,26 @@ class Node:
         finally:
             self._end_write(req, offset, nbytes)
 
-    # -- the fast path (fastpath.py) ------------------------------------------------------
-    #
-    # ``try_write`` is ``write`` as plain calls: the same checks, tracking, dirty bitmap
-    # marks and error listeners, and the driver's ``_fast_write`` instead of ``_co_write``.
-    # It refuses (False, nothing done) whenever the general path could differ: a
-    # request it would pad or serialise, a driver without a fast path, or one whose own
-    # conditions fail (each driver says which). ``done`` is called exactly once after
-    # True, maybe before try_write returns.
+    # -- the fast path (fastpath.py; ``try_write`` is fast_write.py's) -------------------
 
-    def try_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
-        nbytes = len(data)
-        a = self.request_alignment
-        if (
-            self.closed
-            or self.read_only
-            or nbytes == 0
-            or offset < 0
-            or (offset + nbytes > self.length and not self.growable)
-            or self.serialize_overlapping
-            or (a != 1 and (offset % a or nbytes % a))
-        ):
-            return fastpath.refuse(f"{self.driver_name}: checks")
-        end = offset + nbytes
-        if self._ser_waiting:
-            return fastpath.refuse(f"{self.driver_name}: a serialising request waits")
-        if self._serialising and any(
-            t.serialising and t.start < end and offset < t.end for t in self._tracked
-        ):
-            return fastpath.refuse(f"{self.driver_name}: overlapping serialising request")
-        self._fast_writes += 1
+    try_write = fast_write.try_write
 
-        def finish(err: BlockError | None) -> None:
-            if err is not None:
-                self._write_failed(err)
-            # marked even when the request failed: the data may have changed partly
-            for bm in self.dirty_bitmaps:
-                bm.mark(offset, nbytes)
-            self._fast_write_ended()
-            done(err)
+    def _fast_write_end(self, offset: int, nbytes: int, err: BlockError | None) -> None:
+        """A fast write through this node ended (``try_write``), as ``_end_write`` ends one."""
+        if err is not None:
+            self._write_failed(err)
+        # marked even when the request failed: the data may have changed partly
+        for bm in self.dirty_bitmaps:
+            bm.mark(offset, nbytes)
+        self._fast_write_ended()
 
-        if not self._fast_write(offset, data, fua, finish):
-            self._fast_write_ended()
-            return False
-        return True
+    # How much a pass-through node adds to an offset on the way to the node below.
+    fast_shift: int = 0
+
+    def _fast_through(self, offset: int, nbytes: int) -> Node | None:
+        """The node a fast write goes on to unchanged (but for ``fast_shift``), when this
+        node has nothing of its own to do for it right now; None: ``_fast_write`` decides."""
+        return None
 
     def _fast_write_ended(self) -> None:
         self._fast_writes -= 1

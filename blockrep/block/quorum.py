@@ -15,11 +15,12 @@ import hashlib
 import logging
 import os
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 from ..errors import BlockError, OptionError
 from .graph import Graph, register
-from .node import Done, Extent, Node
+from .node import Child, Done, Extent, Node
 from .stepping import report, resume, resume_later, start_now
 
 log = logging.getLogger("blockrep.block.quorum")
@@ -43,6 +44,7 @@ class QuorumNode(Node):
         self.fifo = False
         self.rewrite = False
         self.next_index = 0
+        self._edges: list[Child] | None = None
 
     @classmethod
     async def open(cls, graph: Graph, name: str, opts: dict[str, Any], typed: bool) -> QuorumNode:
@@ -91,7 +93,24 @@ class QuorumNode(Node):
     # -- children ------------------------------------------------------------------
 
     def child_list(self) -> list[Node]:
-        return [c.node for role, c in self.children.items() if role.startswith("children.")]
+        return [c.node for c in self._child_edges()]
+
+    def _child_edges(self) -> list[Child]:
+        """The ``children.N`` edges in order, kept until a child is attached or detached
+        (an edge's node may change under it: filter insertion, a commit's pivot)."""
+        edges = self._edges
+        if edges is None:
+            edges = [c for role, c in self.children.items() if role.startswith("children.")]
+            self._edges = edges
+        return edges
+
+    def attach_child(self, role: str, node: Node) -> Child:
+        self._edges = None
+        return super().attach_child(role, node)
+
+    def detach_child(self, role: str) -> Node:
+        self._edges = None
+        return super().detach_child(role)
 
     def add_child(self, node: Node) -> str:
         """x-blockdev-change add: the child gets the next ``children.N`` name."""
@@ -177,42 +196,39 @@ class QuorumNode(Node):
         started makes the whole request take the general path; after that, it runs its
         general write as a task of its own (its result joins the vote all the same).
         """
-        kids = self.child_list()
+        kids = [c.node for c in self._child_edges()]
         n = len(kids)
         results: list[BlockError | None] = [None] * n
+        # results[i] is set before left[0] counts it; the last child's answer votes
         left = [n]
+        nbytes = len(data)
 
-        def settler(i: int) -> Done:
-            def settle(err: BlockError | None) -> None:
+        def settle(i: int, err: BlockError | None) -> None:
+            if err is not None:
                 results[i] = err
-                left[0] -= 1
-                if left[0] == 0:
-                    done(self._vote_write(kids, results, offset, len(data)))
+            left[0] -= 1
+            if left[0] == 0:
+                done(None if not any(results) else self._vote_write(kids, results, offset, nbytes))
 
-            return settle
-
-        for i, c in enumerate(kids):
-            if i == 0:
-                if not c.try_write(offset, data, fua, settler(0)):
-                    return False
-                continue
+        if not kids[0].try_write(offset, data, fua, partial(settle, 0)):
+            return False
+        for i in range(1, n):
+            c = kids[i]
             try:
-                if c.try_write(offset, data, fua, settler(i)):
+                if c.try_write(offset, data, fua, partial(settle, i)):
                     continue
             except Exception as e:  # noqa: BLE001 - a bug in one child: its vote, as _all
                 log.exception("fast write to %s failed", c.node_name)
-                settler(i)(BlockError(errno.EIO, str(e)))
+                settle(i, BlockError(errno.EIO, str(e)))
                 continue
             # its first step now: what it does before it waits keeps its place in
             # request order (two overlapping writes reach disk and link in one order)
-            start_now(report(c.write(offset, data, fua), settler(i), c.node_name))
+            start_now(report(c.write(offset, data, fua), partial(settle, i), c.node_name))
         return True
 
     def _vote_write(
         self, kids: list[Node], results: list[BlockError | None], offset: int, nbytes: int
     ) -> BlockError | None:
-        if not any(results):
-            return None  # the common case: every child wrote
         errors = [r for r in results if r is not None]
         for c, r in zip(kids, results, strict=True):
             if r is not None:

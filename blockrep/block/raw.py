@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import BlockError, OptionError
 from .graph import Graph, register
-from .node import Done, Extent, Node
+from .node import Extent, Node
 
 
 @register
@@ -18,6 +18,7 @@ class RawNode(Node):
     def __init__(self, node_name: str, options: dict[str, Any]) -> None:
         super().__init__(node_name, options)
         self.offset = int(options.get("offset", 0))
+        self.fast_shift = self.offset
         self.size_limit: int | None = options.get("size")
 
     @classmethod
@@ -57,8 +58,8 @@ class RawNode(Node):
     async def _co_write_zeroes(self, offset: int, nbytes: int, may_unmap: bool, fua: bool) -> None:
         await self._pass().write_zeroes(self.offset + offset, nbytes, may_unmap, fua)
 
-    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
-        return self._pass().try_write(self.offset + offset, data, fua, done)
+    def _fast_through(self, offset: int, nbytes: int) -> Node:
+        return self._pass()
 
     def _fast_read(self, offset: int, nbytes: int) -> bytes | None:
         return self._pass().try_read(self.offset + offset, nbytes)

@@ -238,14 +238,20 @@ class ReplicationNode(Node):
 
         await self._forward(op, offset, len(data))
 
-    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
-        """``_forward`` of a write while running, as callbacks (any other stage: refused)."""
+    def _fast_through(self, offset: int, nbytes: int) -> Node | None:
+        """A running secondary's write goes on to its child as it is."""
         s = self.state
-        if s.io_status() != 0:
+        if s.mode == ReplicationMode.SECONDARY and s.io_status() == 0:
+            return self._pass()
+        return None
+
+    def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        """A running primary's ``_forward`` of a write, as callbacks (the secondary's
+        is ``_fast_through``; any other stage is refused)."""
+        s = self.state
+        if s.io_status() != 0 or s.mode != ReplicationMode.PRIMARY:
             return fastpath.refuse("replication: not running")
         child = self._pass()
-        if s.mode == ReplicationMode.SECONDARY:
-            return child.try_write(offset, data, fua, done)
         nbytes = len(data)
         s.unacked_bytes += nbytes
 

@@ -38,6 +38,7 @@ from tests.harness.fast_path import (
     Secondary,
     fast_path_on,
     file_bytes,
+    nbd_opts,
     raw_file,
     remove_dir,
     short_dir,
@@ -969,3 +970,85 @@ def test_a_request_waiting_for_the_write_side_makes_try_request_refuse():
         assert file_bytes(s_path)[:4096] == b"a" * 4096
 
     run(go(), TIMEOUT)
+
+
+def test_a_pass_through_chain_counts_marks_and_hears_errors_at_every_node():
+    """raw (offset 8192) over nbd: the fast write walks through raw into the link in one
+    loop. While the link holds the reply both nodes count it in flight and a drain of
+    raw waits; then each node's dirty bitmap is marked at its own offset. An error
+    reply reaches the listeners of both nodes, innermost first, and then the caller. A
+    refusal at the bottom of a chain (a file with aio=threads under raw) leaves no
+    count behind and the general path writes the same bytes."""
+    d = short_dir()
+    shift = 8192
+
+    async def go() -> None:
+        for name, s_node in (("ok", None), ("bad", "failing")):
+            s_path = os.path.join(d, f"{name}s.raw")
+            zero_file(s_path, SIZE)
+            sec = Secondary(os.path.join(d, f"{name}.sock"))
+            await sec.start(_failing_child(s_path) if s_node else raw_file(s_path), GatedExport)
+            g = Graph()
+            try:
+                top = await g.add(
+                    {"driver": "raw", "node-name": "top", "offset": shift,
+                     "file": nbd_opts(sec.sock)}
+                )  # fmt: skip
+                link = g.get_node("link")
+                heard: list[str] = []
+                marks = {}
+                for n in (top, link):
+                    n.write_error_listeners.append(lambda e, n=n, h=heard: h.append(n.node_name))
+                    bm = DirtyBitmap(4096, n.length)
+                    n.dirty_bitmaps.append(bm)
+                    marks[n.node_name] = bm
+                exp = sec.export
+                assert isinstance(exp, GatedExport)
+                exp.hold.clear()
+                calls: list[Any] = []
+                assert top.try_write(4096, b"c" * 4096, False, calls.append) is True
+                await wait_until(lambda x=exp: x.arrived == 1)
+                drain = asyncio.ensure_future(top.drain())
+                for _ in range(50):
+                    await asyncio.sleep(0)
+                assert not drain.done() and calls == []
+                assert top.in_flight() == 1 and link.in_flight() == 1
+                assert marks["top"].dirty == set() and marks["link"].dirty == set()
+                exp.hold.set()
+                await asyncio.wait_for(drain, 10)
+                assert top.in_flight() == 0 and link.in_flight() == 0
+                assert marks["top"].dirty == {1} and marks["link"].dirty == {3}
+                if s_node:
+                    assert len(calls) == 1 and calls[0].errno == errno.EIO
+                    assert heard == ["link", "top"]
+                else:
+                    assert calls == [None] and heard == []
+            finally:
+                await g.close_all()
+                await sec.close()
+            want = bytes(4096 + shift) + (b"c" * 4096 if not s_node else bytes(4096))
+            assert file_bytes(s_path)[: len(want)] == want
+
+        # a refusal at the bottom: nothing counted, the general path writes it
+        f_path = os.path.join(d, "threads.raw")
+        zero_file(f_path, SIZE)
+        g = Graph()
+        try:
+            top = await g.add(
+                {"driver": "raw", "node-name": "top", "offset": shift,
+                 "file": {"driver": "file", "node-name": "f", "filename": f_path,
+                          "aio": "threads"}}
+            )  # fmt: skip
+            io = Issuer(top, fast=True)
+            await io.write(0, b"t" * 4096)
+            assert io.refused == 1 and io.taken == 0
+            assert top.in_flight() == 0 and g.get_node("f").in_flight() == 0
+            assert fastpath.COUNTERS.fallbacks.get("file: aio=threads, O_DIRECT or FUA") == 1
+        finally:
+            await g.close_all()
+        assert file_bytes(f_path)[: shift + 4096] == bytes(shift) + b"t" * 4096
+
+    try:
+        run(go(), TIMEOUT)
+    finally:
+        remove_dir(d)
