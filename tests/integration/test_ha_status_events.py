@@ -38,6 +38,13 @@ async def ha():
         await h.aclose()
 
 
+def _sigint_default() -> None:
+    """In the stream's child before exec: SIGINT at its default, so that Python turns it
+    into KeyboardInterrupt. A job started in the background (``.ci/run &``) inherits
+    SIGINT ignored, and Python then leaves it ignored: the stream would never stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _events_cli(qmp: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "blockrep.cli", "events", "--qmp", f"unix:{qmp}", *extra]
 
@@ -102,7 +109,12 @@ async def test_states_in_status_events_and_metrics(ha):
     )
 
     stream = subprocess.Popen(
-        _events_cli(p.qmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+        _events_cli(p.qmp),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        preexec_fn=_sigint_default,
     )
     try:
         pc = await ha.client(p)
