@@ -9,6 +9,7 @@ in-flight requests, so no driver repeats that logic.
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -23,6 +24,7 @@ __all__ = [
     "Child",
     "DirtyBitmap",
     "Done",
+    "EmptyStyle",
     "Extent",
     "Node",
     "PreparedEmpty",
@@ -35,6 +37,25 @@ MAX_LENGTH = (1 << 63) - 1 - (1 << 30)
 
 # How a fast-path request ends (``Node.try_write``): None, or the error to report.
 Done = Callable[[BlockError | None], None]
+
+
+class EmptyStyle(enum.Enum):
+    """What make_empty does with the storage of a node's old contents.
+
+    SHRINK: QEMU's bdrv_make_empty, byte for byte (the file ends after its tables).
+    FRESH_FILE: a new file with those bytes replaces the old one, whose pages are
+    freed in the background (flat in what the node held).
+    KEEP_PAGES: the metadata QEMU writes, but the file keeps its length: the old
+    contents become free space that the next writes overwrite, in pages the system
+    already gave (flat too, and no page is freed and asked for again).
+    FRESH_FILE and KEEP_PAGES are for nodes whose owner is the only one interested
+    in the old contents (replication's active and hidden disks); drivers that
+    cannot, do SHRINK.
+    """
+
+    SHRINK = "shrink"
+    FRESH_FILE = "fresh-file"
+    KEEP_PAGES = "keep-pages"
 
 
 class DirtyBitmap:
@@ -163,10 +184,8 @@ class Node:
         # of lost writes it did not issue itself listens here (copy-before-write's
         # job; replication's secondary, for the pre-images P writes into hidden).
         self.write_error_listeners: list[Callable[[BlockError], None]] = []
-        # The node's owner holds the only interest in its old contents (replication's
-        # active and hidden disks), so make_empty may drop them wholesale (a fresh
-        # file) instead of clearing them in place; drivers that cannot, ignore it.
-        self.swap_on_empty = False
+        # How make_empty treats the old contents' storage (see EmptyStyle).
+        self.empty_style = EmptyStyle.SHRINK
 
     # -- graph helpers --------------------------------------------------------
 

@@ -500,7 +500,7 @@ class Qcow2Node(Node):
                 # nothing was mapped since the last make_empty: the file already is
                 # what another make_empty would write (checkpoints of an idle buffer)
                 return
-            self.tables = await make_empty(self._file, self.tables, self.swap_on_empty)
+            self.tables = await make_empty(self._file, self.tables, self.empty_style)
 
     def _prepare_make_empty(self) -> Qcow2PreparedEmpty:
         return Qcow2PreparedEmpty(self)

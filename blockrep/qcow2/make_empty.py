@@ -2,8 +2,9 @@
 
 Replication empties its active and hidden disks at every checkpoint, so the cost
 must not grow with what they held: an image in QEMU's fresh layout is rewritten as
-a fresh image in O(metadata), or replaced by a fresh file where the file node can
-replace its contents; anything else is unmapped cluster by cluster.
+a fresh image in O(metadata) (its file cut after the tables, or left at its length
+for the next writes to overwrite: ``EmptyStyle``), or replaced by a fresh file where
+the file node can replace its contents; anything else is unmapped cluster by cluster.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import struct
 from typing import TYPE_CHECKING
 
-from ..block.node import Node, PreparedEmpty
+from ..block.node import EmptyStyle, Node, PreparedEmpty
 from ..errors import BlockError
 from .cluster import ClusterMap
 from .format import INCOMPAT_DIRTY, L1E_OFFSET_MASK
@@ -32,17 +33,23 @@ def _fresh_layout_fits(t: ClusterMap) -> bool:
     return h.version >= 3 and 3 + l1_clusters <= t.rc.block_entries
 
 
-def _can_swap(file: Node, t: ClusterMap, swap: bool) -> bool:
+def _can_swap(file: Node, t: ClusterMap, style: EmptyStyle) -> bool:
     return (
-        swap and _fresh_layout_fits(t) and file.supports_replace_contents() and not t.h.nb_snapshots
+        style is EmptyStyle.FRESH_FILE
+        and _fresh_layout_fits(t)
+        and file.supports_replace_contents()
+        and not t.h.nb_snapshots
     )
 
 
-async def make_empty(file: Node, t: ClusterMap, swap: bool, staged: bool = False) -> ClusterMap:
+async def make_empty(
+    file: Node, t: ClusterMap, style: EmptyStyle, staged: bool = False
+) -> ClusterMap:
     """Empty the image in ``file``; returns the mapping to use from now on.
 
-    ``swap``: the node's owner has no interest in the old contents (the node's
-    ``swap_on_empty``), so a file that can replace its contents gets a fresh one.
+    ``style``: the node's ``empty_style``. FRESH_FILE: a file that can replace its
+    contents gets a fresh one. KEEP_PAGES: the in-place rewrite leaves the file at
+    its length (the old clusters free, their pages kept for the next writes).
     ``staged``: the L1 table on disk is already zero (``Qcow2PreparedEmpty.stage``),
     so nothing may keep the in-memory L1 pointing at L2 tables (the fallback drops
     them), and a swap that fails goes on in place instead of failing.
@@ -68,7 +75,7 @@ async def make_empty(file: Node, t: ClusterMap, swap: bool, staged: bool = False
                     t.release(e)
         await t.flush()
         return t
-    if _can_swap(file, t, swap):
+    if _can_swap(file, t, style):
         try:
             return await _make_empty_by_swap(file, t, l1_clusters)
         except BlockError as e:
@@ -101,7 +108,9 @@ async def make_empty(file: Node, t: ClusterMap, swap: bool, staged: bool = False
     #     reftable elsewhere: count cluster 1 in block 0, write the one-entry
     #     table into cluster 1, then point the header at it;
     #  3. rewrite refcount block 0 to count only header, tables and L1;
-    #  4. truncate the file after the L1 table.
+    #  4. truncate the file after the L1 table (KEEP_PAGES: not; what lies
+    #     beyond has refcount 0 and no reference, free space as after a discard
+    #     that did not punch).
     # Unwritten in-memory metadata is dropped: nothing on disk refers to it.
     order = h.refcount_order
     if h.l1_size:
@@ -125,8 +134,9 @@ async def make_empty(file: Node, t: ClusterMap, swap: bool, staged: bool = False
     nclusters = 3 + l1_clusters
     await file.write(2 * cs, _fresh_refblock(t, nclusters))
     await file.flush()
-    await file.truncate(nclusters * cs)  # type: ignore[attr-defined]
-    await file.flush()
+    if style is not EmptyStyle.KEEP_PAGES:
+        await file.truncate(nclusters * cs)  # type: ignore[attr-defined]
+        await file.flush()
     return _fresh_tables(file, t, nclusters)
 
 
@@ -234,7 +244,7 @@ class Qcow2PreparedEmpty(PreparedEmpty):
             t = q.tables
             if t.pristine:
                 return
-            if _can_swap(q._file, t, q.swap_on_empty):
+            if _can_swap(q._file, t, q.empty_style):
                 # one step: replace_contents either puts the fresh file in place
                 # or leaves the old one, and the header changes only after it
                 l1_clusters = -(-t.h.l1_size * 8 // t.h.cluster_size)
@@ -301,7 +311,7 @@ class Qcow2PreparedEmpty(PreparedEmpty):
     async def _finish_locked(self, t: ClusterMap) -> None:
         q = self.q
         try:
-            q.tables = await make_empty(q._file, t, q.swap_on_empty, staged=True)
+            q.tables = await make_empty(q._file, t, q.empty_style, staged=True)
         except BlockError as e:
             # L1 on disk is zero: the image is empty, with leaks; the mapping in
             # memory may not match what reached the disk, so read it again

@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from ..block.graph import Graph
-from ..block.node import Node
+from ..block.node import EmptyStyle, Node
 from ..errors import ReplicationError
 from ..jobs import launch
 from ..jobs.backup import BackupJob
@@ -51,11 +51,13 @@ async def _allocated_bytes(node: Node | None) -> int:
     )
 
 
-def _own_buffers(*nodes: Node) -> None:
-    """Active and hidden are replication's own buffers: let a checkpoint swap in
-    fresh files instead of truncating (flat in what they held)."""
+def _own_buffers(s: ReplicationNode, *nodes: Node) -> None:
+    """Active and hidden are replication's own buffers: a checkpoint empties them
+    in time flat in what they held, keeping their pages for the next epoch's
+    writes (keep-buffer-pages, the default) or swapping in fresh files."""
+    style = EmptyStyle.KEEP_PAGES if s.state.keep_buffer_pages else EmptyStyle.FRESH_FILE
     for n in nodes:
-        n.swap_on_empty = True
+        n.empty_style = style
 
 
 def _job_suffix(s: ReplicationNode) -> str:
@@ -151,7 +153,7 @@ class ReplicationControl:
     async def _start_secondary(self, s: ReplicationNode) -> None:
         st = s.state
         active, hidden, secondary = self._check_buffers(s, shared=False)
-        _own_buffers(active, hidden)
+        _own_buffers(s, active, hidden)
         await self._reopen_backing(s, hidden, secondary, writable=True)
         top = self._valid_top(s)
         if top is None:
@@ -207,7 +209,7 @@ class ReplicationControl:
         P writes to); equal lengths; make_empty support; top-id valid.
         """
         active, hidden, shared = self._check_buffers(s, shared=True)
-        _own_buffers(active, hidden)
+        _own_buffers(s, active, hidden)
         if self._valid_top(s) is None:
             raise ReplicationError("No top_bs or it is invalid")
         s.attach_child("hidden", hidden)

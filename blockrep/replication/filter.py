@@ -77,6 +77,9 @@ class ReplicationState:
     top_id: str | None = None
     shared_disk: bool = False
     shared_disk_id: str | None = None
+    # secondary: a checkpoint leaves active and hidden at their length, to be
+    # overwritten (EmptyStyle.KEEP_PAGES), instead of swapping in fresh files
+    keep_buffer_pages: bool = True
     stage: ReplicationStage = ReplicationStage.NONE
     error: int = 0  # an errno, 0 when all is well
     error_message: str = ""
@@ -131,6 +134,8 @@ def _check_options(graph: Graph, opts: dict[str, Any]) -> None:
         raise OptionError("The primary side does not support option top-id")
     if not primary and "top-id" not in opts:
         raise OptionError("Missing the option top-id")
+    if primary and "keep-buffer-pages" in opts:
+        raise OptionError("The primary side does not support option keep-buffer-pages")
     if not primary and "shared-disk-id" in opts:
         raise OptionError("The secondary side does not support option shared-disk-id")
     if primary and opts.get("shared-disk") and "shared-disk-id" not in opts:
@@ -153,6 +158,7 @@ class ReplicationNode(Node):
         "top-id": "str",
         "shared-disk": "bool",
         "shared-disk-id": "str",
+        "keep-buffer-pages": "bool",
     }
 
     def __init__(self, node_name: str, options: dict[str, Any]) -> None:
@@ -162,6 +168,7 @@ class ReplicationNode(Node):
             top_id=options.get("top-id"),
             shared_disk=bool(options.get("shared-disk", False)),
             shared_disk_id=options.get("shared-disk-id"),
+            keep_buffer_pages=bool(options.get("keep-buffer-pages", True)),
         )
         # Run when the node closes, before it lets go of its children: the registry
         # that tracks the node stops a running replication here (QEMU's replication_close).

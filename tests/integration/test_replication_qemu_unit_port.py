@@ -518,6 +518,13 @@ def test_control_table_errors(tmp_path):
         run_async(go())
 
 
+def _keyval(opts: dict) -> str:
+    """QMP options in -drive syntax (booleans as on/off)."""
+    return "".join(
+        f",{k}={('on' if v else 'off') if isinstance(v, bool) else v}" for k, v in opts.items()
+    )
+
+
 def test_open_time_errors(tmp_path):
     disk = tmp_path / "x.qcow2"
     qcow2(disk, SMALL)
@@ -527,6 +534,11 @@ def test_open_time_errors(tmp_path):
         ({"mode": "tertiary"}, "The option mode's value should be primary or secondary"),
         ({"mode": "primary", "top-id": "t"}, "The primary side does not support option top-id"),
         ({"mode": "secondary"}, "Missing the option top-id"),
+        # blockrep's own option: only a secondary has buffers whose pages it keeps
+        (
+            {"mode": "primary", "keep-buffer-pages": False},
+            "The primary side does not support option keep-buffer-pages",
+        ),
     ]
     with daemon(tmp_path, name="D") as d:
 
@@ -539,7 +551,7 @@ def test_open_time_errors(tmp_path):
                 )
                 assert desc == want, extra
                 # the -drive syntax of the C test (drive_add -n)
-                keyval = "".join(f",{k}={v}" for k, v in extra.items())
+                keyval = _keyval(extra)
                 out = await q.hmp(
                     f"drive_add -n buddy driver=replication,node-name=r1{keyval},"
                     f"file.driver=qcow2,file.file.filename={disk}"
@@ -552,7 +564,7 @@ def test_open_time_errors(tmp_path):
         run_async(go())
     # and on the daemon command line: a clear message, non-zero exit
     for extra, want in cases:
-        keyval = "".join(f",{k}={v}" for k, v in extra.items())
+        keyval = _keyval(extra)
         d = DaemonProc(
             [
                 "-drive",

@@ -2,7 +2,9 @@
 
 Random sequences of write / write_zeroes / discard / read / make_empty /
 close+reopen run on the top image of a chain whose bottom is raw or qcow2 and
-whose cluster sizes are mixed. After every read, and at the end, what blockrep
+whose cluster sizes are mixed; make_empty takes each ``EmptyStyle`` (the seed
+picks one), so images emptied with their old clusters left in the file are
+refilled, reopened and emptied again. After every read, and at the end, what blockrep
 reads equals the model byte for byte; at the end ``qemu-img check`` is clean on
 every image blockrep wrote and ``qemu-img compare`` agrees with the model.
 """
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockrep.block import Graph
+from blockrep.block.node import EmptyStyle
 from tests.harness.images import make_qcow2, make_raw, open_image
 from tests.harness.tools import run, tool
 
@@ -118,8 +121,10 @@ async def exercise(d: str, size: int, layers, ops, seed: int) -> tuple[list[str]
     _, cs, ver = layers[-1]
     model = bytearray(below)
     top = paths[-1]
+    style = list(EmptyStyle)[seed % len(EmptyStyle)]
     g = Graph()
     node = await open_image(g, top, "qcow2")
+    node.empty_style = style
     for i, (op, off, n, flag, byte) in enumerate(ops):
         n = min(n, size - off)
         if op == "write":
@@ -144,6 +149,7 @@ async def exercise(d: str, size: int, layers, ops, seed: int) -> tuple[list[str]
             await g.close_all()
             g = Graph()
             node = await open_image(g, top, "qcow2")
+            node.empty_style = style
     assert await node.read(0, size) == model
     await g.close_all()
     return paths, model
@@ -201,35 +207,63 @@ def test_large_refcount_growth(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_make_empty_by_swap_equals_in_place(tmp_path):
-    """The swap form of make_empty (replication buffers) writes the same bytes as
-    the in-place form, and the image stays usable and clean."""
-    results = []
-    for swap in (False, True):
-        p = str(tmp_path / f"e{int(swap)}.qcow2")
+def test_make_empty_styles_write_qemus_metadata(tmp_path):
+    """Every form of make_empty leaves QEMU's bytes: the fresh file (FRESH_FILE)
+    and the in-place rewrite (SHRINK) byte for byte; KEEP_PAGES the same bytes
+    up to where SHRINK cuts the file, and the file at its old length, which the
+    same writes then fill again without growing it. Every image stays clean."""
+    results = {}
+    for style in EmptyStyle:
+        p = str(tmp_path / f"e-{style.value}.qcow2")
         base = str(tmp_path / "base.raw")
         make_raw(base, bytes(4 << 20))
 
-        async def go(p=p, swap=swap):
+        async def go(p=p, style=style):
             await make_qcow2(p, 4 << 20, backing="base.raw", backing_fmt="raw", cluster_size=4096)
             g = Graph()
             node = await open_image(g, p, "qcow2")
-            node.swap_on_empty = swap
-            rnd = random.Random(3)
-            for _ in range(40):
-                off = rnd.randrange(0, (4 << 20) - 70000)
-                await node.write(off, rnd.randbytes(70000))
-            await node.flush()
+            node.empty_style = style
+
+            async def fill(seed):
+                rnd = random.Random(seed)
+                model = bytearray(4 << 20)
+                for _ in range(40):
+                    off = rnd.randrange(0, (4 << 20) - 70000)
+                    data = rnd.randbytes(70000)
+                    await node.write(off, data)
+                    model[off : off + len(data)] = data
+                await node.flush()
+                return model
+
+            await fill(3)
+            filled = os.path.getsize(p)
             await node.make_empty()
             assert await node.read(0, 4 << 20) == bytes(4 << 20)
+            if style is EmptyStyle.KEEP_PAGES:
+                assert os.path.getsize(p) == filled
+                model = await fill(4)
+                assert os.path.getsize(p) == filled, "the old clusters were not reused"
+                assert await node.read(0, 4 << 20) == model
+                await node.make_empty()
+                assert await node.read(0, 4 << 20) == bytes(4 << 20)
+            else:
+                assert os.path.getsize(p) < filled
             await node.write(8192, b"after")
             await node.flush()
+            await g.close_all()
+            g = Graph()
+            node = await open_image(g, p, "qcow2", read_only=True)
+            assert await node.read(8192, 5) == b"after"
+            assert await node.read(0, 8192) == bytes(8192)
             await g.close_all()
 
         run(go())
         r = tool("qemu-img", "check", p, check=False)
         assert r.returncode == 0, r.stdout + r.stderr
         with open(p, "rb") as f:
-            results.append(f.read())
-    assert results[0] == results[1]
+            results[style] = f.read()
+    shrunk = results[EmptyStyle.SHRINK]
+    assert results[EmptyStyle.FRESH_FILE] == shrunk
+    kept = results[EmptyStyle.KEEP_PAGES]
+    assert len(kept) > len(shrunk) and kept[: len(shrunk)] == shrunk
     assert not [n for n in os.listdir(tmp_path) if "blockrep-swap" in n]
