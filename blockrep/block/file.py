@@ -35,6 +35,8 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+# statfs(2) f_type of the file systems whose files are memory (linux/magic.h)
+MEMORY_FS_TYPES = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}
 
 F_OFD_GETLK = 36
 F_OFD_SETLK = 37
@@ -53,6 +55,15 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+def fs_type(fd: int) -> int | None:
+    """The statfs(2) f_type of the file system ``fd`` lives on (None if unknown)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86_64
+    if _libc.fstatfs(fd, buf) != 0:
+        return None
+    # f_type is the first field, a word; the magic numbers fit in 32 bits
+    return int(struct.unpack_from("@l", buf.raw)[0]) & 0xFFFFFFFF
 
 
 def _flock(fd: int, cmd: int, ltype: int, start: int) -> int:
@@ -330,6 +341,9 @@ class FileNode(Node):
     def supports_replace_contents(self) -> bool:
         # the fresh file is opened without O_DIRECT: cache.direct=on would be lost
         return not self.direct
+
+    def memory_backed(self) -> bool:
+        return fs_type(self.fd) in MEMORY_FS_TYPES
 
     async def replace_contents(self, content: bytes) -> None:
         """Replace the file by a new one holding ``content``, at the same path.

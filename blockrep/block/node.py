@@ -535,6 +535,10 @@ class Node:
     def supports_replace_contents(self) -> bool:
         return False
 
+    def memory_backed(self) -> bool:
+        """Whether the node's storage is memory (tmpfs): no writeback behind it."""
+        return False
+
     async def reopen(self, read_only: bool) -> None:
         """Switch between read-only and read-write (QEMU's bdrv_reopen)."""
         self.read_only = read_only

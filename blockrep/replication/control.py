@@ -54,10 +54,14 @@ async def _allocated_bytes(node: Node | None) -> int:
 def _own_buffers(s: ReplicationNode, *nodes: Node) -> None:
     """Active and hidden are replication's own buffers: a checkpoint empties them
     in time flat in what they held, keeping their pages for the next epoch's
-    writes (keep-buffer-pages, the default) or swapping in fresh files."""
-    style = EmptyStyle.KEEP_PAGES if s.state.keep_buffer_pages else EmptyStyle.FRESH_FILE
+    writes or swapping in fresh files (keep-buffer-pages; auto keeps them where
+    they are memory: on a disk, kept pages would be written back, and the
+    checkpoint's flushes would wait for that)."""
     for n in nodes:
-        n.empty_style = style
+        keep = s.state.keep_buffer_pages
+        if keep is None:
+            keep = n.file is not None and n.file.memory_backed()
+        n.empty_style = EmptyStyle.KEEP_PAGES if keep else EmptyStyle.FRESH_FILE
 
 
 def _job_suffix(s: ReplicationNode) -> str:

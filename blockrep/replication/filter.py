@@ -77,9 +77,10 @@ class ReplicationState:
     top_id: str | None = None
     shared_disk: bool = False
     shared_disk_id: str | None = None
-    # secondary: a checkpoint leaves active and hidden at their length, to be
-    # overwritten (EmptyStyle.KEEP_PAGES), instead of swapping in fresh files
-    keep_buffer_pages: bool = True
+    # secondary: whether a checkpoint leaves active and hidden at their length, to
+    # be overwritten (EmptyStyle.KEEP_PAGES), instead of swapping in fresh files;
+    # None (auto): keep where the buffer's file is memory (tmpfs)
+    keep_buffer_pages: bool | None = None
     stage: ReplicationStage = ReplicationStage.NONE
     error: int = 0  # an errno, 0 when all is well
     error_message: str = ""
@@ -158,7 +159,7 @@ class ReplicationNode(Node):
         "top-id": "str",
         "shared-disk": "bool",
         "shared-disk-id": "str",
-        "keep-buffer-pages": "bool",
+        "keep-buffer-pages": ("enum", ("on", "off", "auto")),
     }
 
     def __init__(self, node_name: str, options: dict[str, Any]) -> None:
@@ -168,7 +169,9 @@ class ReplicationNode(Node):
             top_id=options.get("top-id"),
             shared_disk=bool(options.get("shared-disk", False)),
             shared_disk_id=options.get("shared-disk-id"),
-            keep_buffer_pages=bool(options.get("keep-buffer-pages", True)),
+            keep_buffer_pages={"on": True, "off": False}.get(
+                options.get("keep-buffer-pages", "auto")
+            ),
         )
         # Run when the node closes, before it lets go of its children: the registry
         # that tracks the node stops a running replication here (QEMU's replication_close).

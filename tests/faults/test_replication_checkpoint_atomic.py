@@ -16,13 +16,17 @@ import errno
 import os
 import random
 import resource
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from blockrep.block import Graph
-from blockrep.block.node import Node
+from blockrep.block.node import EmptyStyle, Node
 from blockrep.blockdev import Blockdev
 from blockrep.errors import BlockError, ReplicationError
 from blockrep.jobs.base import JobManager
@@ -40,11 +44,15 @@ class Secondary:
     """S's graph: sec0 (raw secondary disk) ← hidden0 ← active0 ← replication rep0."""
 
     def __init__(
-        self, tmp_path: Path, active_on_blkdebug: bool = False, keep_pages: bool = True
+        self,
+        tmp_path: Path,
+        active_on_blkdebug: bool = False,
+        keep_pages: bool | None = True,
+        buffer_dir: Path | None = None,
     ) -> None:
         self.sec = tmp_path / "sec.raw"
-        self.active = tmp_path / "active.qcow2"
-        self.hidden = tmp_path / "hidden.qcow2"
+        self.active = (buffer_dir or tmp_path) / "active.qcow2"
+        self.hidden = (buffer_dir or tmp_path) / "hidden.qcow2"
         self.sec.write_bytes(bytes([BASE]) * SIZE)
         qcow2(self.active, SIZE)
         qcow2(self.hidden, SIZE)
@@ -59,8 +67,8 @@ class Secondary:
         self.drives = [
             f"if=none,id=sec0,driver=raw,file.filename={self.sec},file.locking=off",
             "if=none,id=rep0,driver=replication,mode=secondary,top-id=rep0,"
-            f"keep-buffer-pages={'on' if keep_pages else 'off'},"
-            f"file.driver=qcow2,file.node-name=active0,{active_file},"
+            + ("" if keep_pages is None else f"keep-buffer-pages={'on' if keep_pages else 'off'},")
+            + f"file.driver=qcow2,file.node-name=active0,{active_file},"
             "file.backing.driver=qcow2,file.backing.node-name=hidden0,"
             f"file.backing.file.filename={self.hidden},file.backing.file.locking=off,"
             "file.backing.backing=sec0",
@@ -137,7 +145,7 @@ class Secondary:
 
 
 def run_secondary(
-    tmp_path: Path, body: Callable[[Secondary], Awaitable[None]], **kw: bool
+    tmp_path: Path, body: Callable[[Secondary], Awaitable[None]], **kw: Any
 ) -> Secondary:
     s = Secondary(tmp_path, **kw)
 
@@ -340,3 +348,39 @@ def test_checkpoint_failing_on_hidden_with_kept_pages_keeps_both(tmp_path):
     s = run_secondary(tmp_path, body)
     s.check_images()
     assert allocated_ranges(s.active) == [] and allocated_ranges(s.hidden) == []
+
+
+@pytest.mark.parametrize("where", ["tmp_path", "/dev/shm"])
+def test_keep_buffer_pages_auto_keeps_them_where_they_are_memory(tmp_path, where):
+    """keep-buffer-pages=auto (the default) keeps the pages of buffers on tmpfs and
+    swaps in fresh files elsewhere: on a disk the kept pages would be written
+    back, and the checkpoint's flushes would wait for them (bench/replication
+    with the buffers on ext4: 21 ms at 64 MiB buffered, 73 ms at 256 MiB). The
+    file system's type comes from stat(1), not from blockrep."""
+    bdir = tmp_path if where == "tmp_path" else Path(tempfile.mkdtemp(dir=where))
+    fstype = subprocess.run(
+        ["stat", "-f", "-c", "%T", str(bdir)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    want = EmptyStyle.KEEP_PAGES if fstype in ("tmpfs", "ramfs") else EmptyStyle.FRESH_FILE
+
+    async def body(s: Secondary) -> None:
+        assert s.node("active0").empty_style is want
+        assert s.node("hidden0").empty_style is want
+        rng = random.Random(7)
+        await s.fill(rng)
+        before = {p: os.stat(p).st_ino for p in (s.active, s.hidden)}
+        await s.checkpoint()
+        await s.assert_layers()
+        same_files = {p: os.stat(p).st_ino for p in before} == before
+        assert same_files == (want is EmptyStyle.KEEP_PAGES)
+        await s.fill(rng)
+        await s.checkpoint()
+        await s.assert_layers()
+
+    try:
+        s = run_secondary(tmp_path, body, keep_pages=None, buffer_dir=bdir)
+        s.check_images()
+        assert allocated_ranges(s.active) == [] and allocated_ranges(s.hidden) == []
+    finally:
+        if bdir != tmp_path:
+            shutil.rmtree(bdir)
