@@ -424,6 +424,9 @@ class ReplicationControl:
             "clusters-copied": st.backup_job.clusters_copied if st.backup_job is not None else 0,
             "jobs": job_ids,
         }
+        if active is not None and hidden is not None:
+            # what keep-buffer-pages (auto: per file system) came to
+            out["keep-buffer-pages"] = hidden.empty_style is EmptyStyle.KEEP_PAGES
         if st.shared_disk:
             out["shared-disk"] = True
             out.update(await self._shared_disk_identity(s))

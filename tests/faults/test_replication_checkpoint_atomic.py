@@ -366,6 +366,9 @@ def test_keep_buffer_pages_auto_keeps_them_where_they_are_memory(tmp_path, where
     async def body(s: Secondary) -> None:
         assert s.node("active0").empty_style is want
         assert s.node("hidden0").empty_style is want
+        # and query-replication says which it came to
+        entry = await s.registry.status(s.rep)
+        assert entry["keep-buffer-pages"] is (want is EmptyStyle.KEEP_PAGES)
         rng = random.Random(7)
         await s.fill(rng)
         before = {p: os.stat(p).st_ino for p in (s.active, s.hidden)}
