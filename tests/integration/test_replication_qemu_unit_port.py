@@ -518,13 +518,6 @@ def test_control_table_errors(tmp_path):
         run_async(go())
 
 
-def _keyval(opts: dict) -> str:
-    """QMP options in -drive syntax (booleans as on/off)."""
-    return "".join(
-        f",{k}={('on' if v else 'off') if isinstance(v, bool) else v}" for k, v in opts.items()
-    )
-
-
 def test_open_time_errors(tmp_path):
     disk = tmp_path / "x.qcow2"
     qcow2(disk, SMALL)
@@ -536,7 +529,7 @@ def test_open_time_errors(tmp_path):
         ({"mode": "secondary"}, "Missing the option top-id"),
         # blockrep's own option: only a secondary has buffers whose pages it keeps
         (
-            {"mode": "primary", "keep-buffer-pages": False},
+            {"mode": "primary", "keep-buffer-pages": "off"},
             "The primary side does not support option keep-buffer-pages",
         ),
     ]
@@ -551,7 +544,7 @@ def test_open_time_errors(tmp_path):
                 )
                 assert desc == want, extra
                 # the -drive syntax of the C test (drive_add -n)
-                keyval = _keyval(extra)
+                keyval = "".join(f",{k}={v}" for k, v in extra.items())
                 out = await q.hmp(
                     f"drive_add -n buddy driver=replication,node-name=r1{keyval},"
                     f"file.driver=qcow2,file.file.filename={disk}"
@@ -564,7 +557,7 @@ def test_open_time_errors(tmp_path):
         run_async(go())
     # and on the daemon command line: a clear message, non-zero exit
     for extra, want in cases:
-        keyval = _keyval(extra)
+        keyval = "".join(f",{k}={v}" for k, v in extra.items())
         d = DaemonProc(
             [
                 "-drive",
