@@ -302,6 +302,12 @@ def cmd_resolve(argv: list[str]) -> int:
     return 0
 
 
+def _buffer_pages(keep: bool | None) -> str:
+    if keep is None:  # not a running secondary
+        return ""
+    return ", pages kept between checkpoints" if keep else ", fresh files at each checkpoint"
+
+
 def human_status(s: dict[str, Any]) -> str:
     af = s["auto-failover"]
     lines = [
@@ -312,7 +318,8 @@ def human_status(s: dict[str, Any]) -> str:
         f"peer {s.get('peer-role') or '-'}/{s.get('peer-disk-state') or '-'}, "
         f"out of sync {s.get('out-of-sync-bytes', 0)} B",
         f"epoch:       {s['epoch']} ({s['epoch-uuid'] or '-'}), age {s['epoch-age']:.1f} s",
-        f"buffered:    hidden {s['hidden-bytes']} B, active {s['active-bytes']} B",
+        f"buffered:    hidden {s['hidden-bytes']} B, active {s['active-bytes']} B"
+        + _buffer_pages(s.get("keep-buffer-pages")),
         f"unacked:     {s['unacked-bytes']} B forwarded, not yet acknowledged",
         f"checkpoints: {s['checkpoints']}, last pause {s['last-checkpoint-pause-ms']:.2f} ms "
         f"(p50 {s['checkpoint-pause-p50-ms']:.2f}, p99 {s['checkpoint-pause-p99-ms']:.2f})",

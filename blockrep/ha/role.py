@@ -250,8 +250,7 @@ class BaseRole:
         self.state.mark_regions(r for r in regions if 0 <= r < nregions)
 
     def written_alone(self) -> list[list[int]]:
-        """Status's ``written-alone``: the persisted marks and, while alone, the writes
-        since the last agreed checkpoint."""
+        """Status's ``written-alone``: the persisted marks, and while alone the newer writes."""
         marks = self.state.peer_bitmap.copy()
         if self.alone_bitmap is not None and self.state.alone_since is not None:
             marks.mark_regions(r for r in self.alone_bitmap.dirty if r < marks.nregions)
@@ -287,6 +286,7 @@ class BaseRole:
             "epoch-age": round(time.monotonic() - self.epoch_started, 3),
             "hidden-bytes": rs.get("hidden-allocated-bytes", 0),
             "active-bytes": rs.get("active-allocated-bytes", 0),
+            "keep-buffer-pages": rs.get("keep-buffer-pages"),  # None but on a running secondary
             "unacked-bytes": r.state.unacked_bytes if r is not None else 0,
             **self.stats.summary(),
             "replication-error": rs.get("error"),

@@ -78,6 +78,7 @@ def check_status_schema(s: dict[str, Any], role: str | None = None) -> None:
     assert is_num(s["epoch-age"]) and s["epoch-age"] >= 0
     for k in ("hidden-bytes", "active-bytes", "unacked-bytes", "checkpoints"):
         assert is_int(s[k]) and s[k] >= 0, (k, s[k])
+    assert s["keep-buffer-pages"] in (None, True, False), s["keep-buffer-pages"]
     for k in ("last-checkpoint-pause-ms", "checkpoint-pause-p50-ms", "checkpoint-pause-p99-ms"):
         assert is_num(s[k]) and s[k] >= 0, (k, s[k])
     assert s["checkpoint-pause-p50-ms"] <= s["checkpoint-pause-p99-ms"] + 1e-9

@@ -69,6 +69,20 @@ async def test_status_json_schema_and_metrics(ha):
     assert ps["checkpoints"] == 3 and ps["last-checkpoint-pause-ms"] > 0
     assert 0 < ps["checkpoint-pause-p50-ms"] <= ps["checkpoint-pause-p99-ms"]
     assert ss["active-bytes"] > 0  # S's speculative writes are buffered
+    # keep-buffer-pages=auto: kept where the buffer directory is memory (stat(1) says)
+    bdir = "/dev/shm" if os.path.isdir("/dev/shm") else ha.dir  # as ha.secondary() picks
+    fstype = subprocess.run(["stat", "-f", "-c", "%T", bdir], capture_output=True, text=True)
+    assert ps["keep-buffer-pages"] is None
+    assert ss["keep-buffer-pages"] is (fstype.stdout.strip() in ("tmpfs", "ramfs"))
+    text = subprocess.run(
+        [sys.executable, "-m", "blockrep.cli", "status", "--qmp", f"unix:{s.qmp}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    ).stdout
+    kept = "pages kept between checkpoints" if ss["keep-buffer-pages"] else "fresh files at each"
+    assert re.search(rf"^buffered: .* B, {kept}", text, re.M), text
     assert ss["auto-failover"] == {
         "enabled": True,
         "timeout": 5.0,
