@@ -62,3 +62,41 @@ def describe(start: dict[str, Any] | None, end: dict[str, Any] | None) -> str:
     if gone is not None:
         text += f"; {gone:.0f} MiB handed back to the host during the run"
     return text
+
+
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(stolen, total) jiffies of all CPUs so far, from /proc/stat; None without it.
+
+    Steal is time a vCPU was runnable but the host ran something else: on a shared
+    host it moves every figure, and a design whose threads wake each other often
+    pays more for it."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user]
+    values = [int(v) for v in fields[1:9]]
+    return values[7], sum(values)
+
+
+def stolen_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of CPU time the host took between two ``cpu_jiffies()``."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def describe_steal(fractions: list[float | None]) -> str:
+    """'median X % [min-max]' of the shots' stolen shares, for a results file."""
+    vals = sorted(100 * f for f in fractions if f is not None)
+    if not vals:
+        return "not measured"
+    mid = (
+        vals[len(vals) // 2]
+        if len(vals) % 2
+        else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+    )
+    return f"median {mid:.0f} % [{vals[0]:.0f}-{vals[-1]:.0f}] of {len(vals)} shots"

@@ -30,6 +30,7 @@ import tempfile
 import time
 
 from cpu import CpuMeter, total_per_request_us
+from machine import cpu_jiffies, describe_steal, stolen_fraction
 
 from blockrep.testing import blockrep_argv, free_port, wait_accepting
 
@@ -191,12 +192,18 @@ def run_transport(
                 for kind in rotated(servers, i):
                     proc, uri = procs[kind]
                     meter = CpuMeter({"server": proc.pid})
+                    jiffies = cpu_jiffies()
                     meter.start()
                     job = fio(uri, fargs, args.runtime, args.size)
                     cpu = meter.stop()
                     v = job[key]["bw"] / 1024.0 if metric == "bw" else job[key]["iops"]
                     shots[kind].append(
-                        {"value": v, "requests": int(job[key]["total_ios"]), "cpu_s": cpu}
+                        {
+                            "value": v,
+                            "requests": int(job[key]["total_ios"]),
+                            "cpu_s": cpu,
+                            "steal": stolen_fraction(jiffies, cpu_jiffies()),
+                        }
                     )
             for kind in servers:
                 vals = [s["value"] for s in shots[kind]]
@@ -272,7 +279,10 @@ def markdown(results: dict, transports: list[str]) -> str:
         f"server, made by {FILL_LABEL[results.get('fill', 'copy')]}; {results['runtime_s']} s per shot, median of {results['shots']} shot(s) taken in "
         f"turn{'; QUICK run' if results['quick'] else ''}. "
         "Each cell: median [min-max], then the server's CPU µs per request (all threads, "
-        "user + system, over all shots).",
+        "user + system, over all shots). Host steal during the shots (the hypervisor running "
+        "something else while a vCPU wanted to run, /proc/stat): "
+        + describe_steal([s.get("steal") for r in results["rows"] for s in r["shots"]])
+        + ".",
         "",
         "| transport | case | "
         + " | ".join(SERVER_LABEL.get(s, s) for s in servers)

@@ -74,7 +74,14 @@ from collections.abc import Callable
 from typing import Any
 
 from cpu import CpuMeter, per_request_us, total_per_request_us
-from machine import describe, fresh_page_rate, page_reporting
+from machine import (
+    cpu_jiffies,
+    describe,
+    describe_steal,
+    fresh_page_rate,
+    page_reporting,
+    stolen_fraction,
+)
 from qemu.qmp import QMPClient
 
 from blockrep.qcow2.create import create_file
@@ -659,12 +666,14 @@ class Bench:
         if isinstance(st, Pair) and kind in ("seq", "rand"):
             await st.checkpoint()  # every cluster written next needs a copy-before-write on S
         meter = CpuMeter(st.pids())
+        jiffies = cpu_jiffies()
         meter.start()
         if kind == "rand":
             r = await fio_rand(st.uri, self.size, self.a.runtime)
         else:
             r = await fio_seq(st.uri, self.size, self.a.fsync)
         r["cpu_s"] = meter.stop()
+        r["steal"] = stolen_fraction(jiffies, cpu_jiffies())
         r["cpu_us_per_req"] = per_request_us(r["cpu_s"], r["requests"])
         if isinstance(st, Pair):
             if kind == "seq":
@@ -702,7 +711,11 @@ class Bench:
                         if kind == "rand"
                         else f"{r['mib_s']:.0f} MiB/s"
                     )
-                    log(f"  {name} {KIND_LABEL[kind]} shot {i + 1}/{count}: {value}; CPU {cpu}")
+                    steal = "-" if r["steal"] is None else f"{100 * r['steal']:.0f} %"
+                    log(
+                        f"  {name} {KIND_LABEL[kind]} shot {i + 1}/{count}: {value}; CPU {cpu}; "
+                        f"host steal {steal}"
+                    )
         for name, by_kind in shots.items():
             for kind, xs in by_kind.items():
                 res[name][KIND_KEY[kind]] = summarise(xs)
@@ -887,6 +900,16 @@ def summarise(shots: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # report
+
+
+def shot_steal(results: dict[str, Any], key: str | None = None) -> list[float | None]:
+    """The host steal of every throughput shot of the run (of one kind with ``key``)."""
+    out: list[float | None] = []
+    for res in results.get("configs", {}).values():
+        for k in KIND_KEY.values():
+            if key is None or k == key:
+                out += [s.get("steal") for s in g(res, k, "shots") or []]
+    return out
 
 
 def g(d: dict[str, Any] | None, *path: Any) -> Any:
@@ -1077,6 +1100,10 @@ def markdown(results: dict[str, Any], links: list[str]) -> str:
         f"Memory: {describe(m.get('page_reporting_start'), m.get('page_reporting_end'))}; "
         f"1 MiB writes into fresh pages of the buffer directory at the start: "
         f"{m.get('fresh_page_mib_s')} MiB/s (bench/machine.py).",
+        f"Host steal (time the hypervisor ran something else while a vCPU wanted to run, "
+        f"/proc/stat, all CPUs) during the 4 KiB random write shots: "
+        f"{describe_steal(shot_steal(results, 'randwrite_4k_qd32'))}; during every shot: "
+        f"{describe_steal(shot_steal(results))}.",
         f"Disk {a['size_mib']} MiB raw (written, not sparse) in `{a['dir_kind']}`, hidden/active in `{a['buffer_dir_kind']}`; "
         f"random writes {a['runtime']} s; checkpoint figures are medians of {a['repeats']}; "
         f"end_fsync={'on' if a['fsync'] else 'off'}{'; QUICK run (small sizes)' if a['quick'] else ''}.",
