@@ -446,9 +446,11 @@ class HA:
         nodes: tuple[str, ...] = ("a", "b"),
         disks: dict[str, list[str]] | None = None,
         checkpoint_interval: float = 0.5,
+        node_keys: dict[str, list[str]] | None = None,
     ) -> str:
         """A resource file for ``blockrep up``: unix sockets in this dir, one volume per
-        node (``disks`` to say otherwise). Returns its path."""
+        node (``disks`` to say otherwise), ``node_keys`` lines added to a node's table.
+        Returns its path."""
         lines = [
             "[resource]",
             f'name = "{name}"',
@@ -467,6 +469,7 @@ class HA:
                 'buffer-dir = "/dev/shm"' if os.path.isdir("/dev/shm") else "",
                 "disks = [" + ", ".join(f'"{v}"' for v in vols) + "]",
                 "exports = [" + ", ".join(f'"{e}"' for e in exports) + "]",
+                *(node_keys or {}).get(n, []),
             ]
         path = self.path(f"{name}.toml")
         with open(path, "w") as f:

@@ -135,6 +135,13 @@ def secondary_parser() -> argparse.ArgumentParser:
         "--buffer-dir", help="where the hidden/active overlays go (default /dev/shm when present)"
     )
     p.add_argument(
+        "--keep-buffer-pages",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="whether a checkpoint keeps the overlays' pages for the next epoch "
+        "(auto: where they are in memory, as in /dev/shm)",
+    )
+    p.add_argument(
         "--auto-failover",
         action="store_true",
         help="fail over by itself when the primary is lost (needs --fence-command)",

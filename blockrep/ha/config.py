@@ -35,6 +35,14 @@ class OutdateFailure(enum.StrEnum):
     CONTINUE = "continue"  # go on alone, giving up the promise (status says so)
 
 
+class BufferPages(enum.StrEnum):
+    """The secondary's ``keep-buffer-pages`` (README: what a checkpoint does with them)."""
+
+    AUTO = "auto"  # keep them where the buffer's file is in memory (tmpfs, ramfs)
+    ON = "on"  # rewrite the buffers' metadata in place; their pages stay
+    OFF = "off"  # QEMU's emptied image in a fresh file; the old pages are freed
+
+
 def default_state_file(disk: str) -> str:
     return os.path.abspath(disk) + ".blockrep-state.json"
 
@@ -187,6 +195,7 @@ class SecondaryConfig(RoleConfig):
     failover_timeout: float
     fence_command: str | None
     link_port: int = 0  # TCP: the replication link's port (0: the control port + 1)
+    keep_buffer_pages: BufferPages = BufferPages.AUTO
 
     @property
     def pair_address(self) -> str:
@@ -202,4 +211,5 @@ class SecondaryConfig(RoleConfig):
             failover_timeout=float(ns.failover_timeout),
             fence_command=ns.fence_command or None,
             link_port=int(getattr(ns, "link_port", 0) or 0),
+            keep_buffer_pages=BufferPages(getattr(ns, "keep_buffer_pages", None) or "auto"),
         )

@@ -139,6 +139,7 @@ class HANode:
             failover_timeout=self.opts.failover_timeout,
             fence_command=None,
             link_port=self.me.link_port,
+            keep_buffer_pages=self.me.keep_buffer_pages,
         )
 
     # -- life ------------------------------------------------------------------------------

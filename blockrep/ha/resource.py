@@ -15,6 +15,7 @@ checkpoint and fail over together. The file (exactly two ``[nodes.NAME]`` tables
     address = "10.0.0.1:7789"      # control address: HOST:PORT, [v6]:PORT or unix:PATH
     qmp = "unix:/run/blockrep/r0.qmp"
     buffer-dir = "/dev/shm"        # optional (the manager's default when absent)
+    keep-buffer-pages = "auto"     # optional: or "on", "off" (config.BufferPages)
     link-port = 7790               # optional: the replication link (default address's + 1)
     export-tls-dir = "/etc/blockrep/export-tls"  # optional: the consumer exports on TLS
     disks = ["/srv/r0-root.raw", "/srv/r0-data.raw"]             # one per volume
@@ -42,7 +43,7 @@ from typing import Any
 
 from ..address import SocketAddress
 from ..errors import OptionError
-from .config import FailoverPoint
+from .config import BufferPages, FailoverPoint
 
 DEFAULT_CHECKPOINT_INTERVAL = 2.0  # seconds: `blockrep primary --checkpoint-interval`'s default
 DEFAULT_REGION_SIZE = 1 << 20
@@ -85,6 +86,7 @@ class NodeConfig:
     volumes: tuple[Volume, ...]
     link_port: int = 0  # 0: the address's port + 1
     export_tls_dir: str | None = None
+    keep_buffer_pages: BufferPages = BufferPages.AUTO
 
     @property
     def disks(self) -> tuple[str, ...]:
@@ -158,7 +160,8 @@ class Resource:
 
 _RESOURCE_KEYS = ("name", "mode", "checkpoint-interval", "region-size", "failover-point")
 _SECURITY_KEYS = ("psk-file", "tls-dir", "insecure")
-_NODE_KEYS = ("address", "qmp", "buffer-dir", "disks", "exports", "link-port", "export-tls-dir")
+_NODE_KEYS = ("address", "qmp", "buffer-dir", "keep-buffer-pages", "disks", "exports",
+              "link-port", "export-tls-dir")  # fmt: skip
 _TOP_KEYS = ("resource", "security", "nodes")
 _REQUIRED: Any = object()
 _NAME_RULE = "a name of letters, digits, '.', '-' and '_' (starting with a letter or digit)"
@@ -313,7 +316,10 @@ def _parse_node(name: str, t: _Table) -> NodeConfig:
     volumes = tuple(Volume(i, d, e) for i, (d, e) in enumerate(zip(disks, exports, strict=True)))
     port = t.get("link-port", lambda v: v if type(v) is int and 0 < v < 65536 else None,
                  "a TCP port (1-65535)", 0)  # fmt: skip
-    return NodeConfig(name, address, qmp, buffer_dir, volumes, port, t.string("export-tls-dir"))
+    pages = t.get("keep-buffer-pages", *_enum(BufferPages), BufferPages.AUTO)
+    return NodeConfig(
+        name, address, qmp, buffer_dir, volumes, port, t.string("export-tls-dir"), pages
+    )
 
 
 def _syntax_error(e: tomllib.TOMLDecodeError, text: str, source: str) -> OptionError:

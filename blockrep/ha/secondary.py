@@ -151,6 +151,7 @@ class Secondary(BaseRole):
             await d.blockdev.drive_add("if=none,id=parent0," + self.base_keyval(""))
             await d.blockdev.drive_add(
                 "if=none,id=childs0,driver=replication,mode=secondary,top-id=colo-disk0,"
+                f"keep-buffer-pages={self.cfg.keep_buffer_pages},"
                 f"file.driver=qcow2,file.node-name=active0,file.file.filename={esc(self.active)},"
                 f"file.backing.driver=qcow2,file.backing.node-name=hidden0,"
                 f"file.backing.file.filename={esc(self.hidden)},file.backing.backing=parent0"
@@ -167,6 +168,7 @@ class Secondary(BaseRole):
             )
             await d.blockdev.drive_add(
                 "if=none,id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,"
+                f"keep-buffer-pages={self.cfg.keep_buffer_pages},"
                 f"top-id=active-disk0,file.file.filename={esc(self.active)},file.backing=hidden_disk0,shared-disk=on"
             )
             self.top_device = "active-disk0"

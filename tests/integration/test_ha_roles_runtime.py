@@ -5,6 +5,7 @@ scenario ends with both disks compared byte for byte."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -59,9 +60,17 @@ async def both_down_and_equal(ha, a, b) -> None:
         raise AssertionError(f"the disks differ at offset {first}")
 
 
+def in_memory(ha) -> bool:
+    """Whether the buffers' directory (as ha.resource() sets it) is tmpfs or ramfs."""
+    bdir = "/dev/shm" if os.path.isdir("/dev/shm") else ha.dir
+    r = subprocess.run(["stat", "-f", "-c", "%T", bdir], capture_output=True, text=True)
+    return r.stdout.strip() in ("tmpfs", "ramfs")
+
+
 async def test_up_promote_switchover_and_reprotect_without_restart(ha) -> None:
     ha.make_disks(SIZE, names=("a.raw", "b.raw"))
-    res = ha.resource()
+    # a's buffers are fresh files at each checkpoint wherever they are; b's the default
+    res = ha.resource(node_keys={"a": ['keep-buffer-pages = "off"']})
     a, b = ha.up(res, "a"), ha.up(res, "b")
     await asyncio.gather(a.wait_ready(), b.wait_ready())
     for n in (a, b):
@@ -73,6 +82,7 @@ async def test_up_promote_switchover_and_reprotect_without_restart(ha) -> None:
     s = await protected(a)
     assert s["peer-role"] == "secondary"
     await b.wait_status(lambda s: s["role"] == "secondary", 10, "b secondary")
+    assert b.status()["keep-buffer-pages"] is in_memory(ha)  # auto
     # a second promote is a no-op that says so; promoting the secondary is refused
     assert "already primary" in ok("promote", "--qmp", f"unix:{a.qmp}")
     r = cli("promote", res, "--node", "b")
@@ -107,6 +117,7 @@ async def test_up_promote_switchover_and_reprotect_without_restart(ha) -> None:
     s = await protected(b)
     assert s["last-handshake"]["bytes"] == 0, s["last-handshake"]
     await a.wait_status(lambda s: s["role"] == "secondary", 10, "a secondary")
+    assert a.status()["keep-buffer-pages"] is False  # the resource file's, after a role change
 
     # the primary dies; the secondary is promoted and writes alone
     await write(ha, b, 20 * MiB, b"\x22" * (2 * MiB))

@@ -11,7 +11,13 @@ import pytest
 
 from blockrep.cli.ha import primary_parser, secondary_parser
 from blockrep.ha import metrics
-from blockrep.ha.config import Mode, PrimaryConfig, SecondaryConfig, qmp_socket_path
+from blockrep.ha.config import (
+    BufferPages,
+    Mode,
+    PrimaryConfig,
+    SecondaryConfig,
+    qmp_socket_path,
+)
 from blockrep.ha.resync import SyncKind, SyncProgress
 from blockrep.ha.role import PeerStatus
 from tests.harness.ha import PEER_STATES
@@ -66,6 +72,11 @@ def test_secondary_config_relative_disk_and_explicit_state_file(tmp_path, monkey
     assert cfg.mode is Mode.SEPARATE and not cfg.shared
     assert cfg.auto_failover and cfg.fence_command is None  # empty: no fence command
     assert cfg.buffer_dir is None and cfg.failover_timeout == 5.0
+    assert cfg.keep_buffer_pages is BufferPages.AUTO
+    ns = secondary_parser().parse_args(
+        ["--disk", "s", "--export", "h:2", "--listen", "h:3", "--keep-buffer-pages", "off"]
+    )
+    assert SecondaryConfig.from_args(ns).keep_buffer_pages is BufferPages.OFF
     assert qmp_socket_path(cfg.qmp or "") == "/q" and qmp_socket_path("/r") == "/r"
 
 

@@ -12,6 +12,7 @@ import pytest
 from blockrep.address import SocketAddress
 from blockrep.cli.ha import primary_parser
 from blockrep.errors import OptionError
+from blockrep.ha.config import BufferPages
 from blockrep.ha.resource import (
     ExportSpec,
     FailoverPoint,
@@ -41,6 +42,7 @@ tls-dir = "/etc/blockrep/tls"
 address = "10.0.0.1:7789"
 qmp = "unix:/run/blockrep/alpha.qmp"
 buffer-dir = "/dev/shm/r0"
+keep-buffer-pages = "off"
 disks = ["/srv/root.raw", "/srv/data.raw"]
 exports = ["127.0.0.1:10809", "nbd+unix:///data?socket=/run/blockrep/data.sock"]
 
@@ -105,6 +107,7 @@ def test_full_file_round_trips_to_the_dataclasses() -> None:
                     Volume(0, "/srv/root.raw", ExportSpec(inet("127.0.0.1", 10809), "disk")),
                     Volume(1, "/srv/data.raw", ExportSpec(unix("/run/blockrep/data.sock"), "data")),
                 ),
+                keep_buffer_pages=BufferPages.OFF,
             ),
             NodeConfig(
                 name="beta",
@@ -145,6 +148,7 @@ def test_defaults() -> None:
     assert r.security == Security(None, None)
     assert r.mode is Mode.SEPARATE
     assert [n.buffer_dir for n in r.nodes] == [None, None]
+    assert [n.keep_buffer_pages for n in r.nodes] == [BufferPages.AUTO, BufferPages.AUTO]
     # a bare address exports the volume as 'disk', as `blockrep primary --export` does
     assert r.nodes[0].volumes == (
         Volume(0, "/srv/a.raw", ExportSpec(SocketAddress.unix("/run/a.nbd"), "disk")),
@@ -232,7 +236,10 @@ def test_host_not_in_the_file_is_refused_naming_the_nodes(monkeypatch: pytest.Mo
 
 P = "resource file r0.toml: "
 RES_KNOWN = "(known: name, mode, checkpoint-interval, region-size, failover-point)"
-NODE_KNOWN = "(known: address, qmp, buffer-dir, disks, exports, link-port, export-tls-dir)"
+NODE_KNOWN = (
+    "(known: address, qmp, buffer-dir, keep-buffer-pages, disks, exports, link-port,"
+    " export-tls-dir)"
+)
 
 REFUSALS: list[tuple[str, str, str, str]] = [
     # (id, old, new, message) applied to FULL
@@ -451,6 +458,18 @@ REFUSALS: list[tuple[str, str, str, str]] = [
         'buffer-dir = "/dev/shm/r0"',
         'buffer-dir = ["/dev/shm"]',
         "key 'buffer-dir' in [nodes.alpha] must be a non-empty string, not ['/dev/shm']",
+    ),
+    (
+        "keep-buffer-pages-a-boolean",
+        'keep-buffer-pages = "off"',
+        "keep-buffer-pages = false",
+        "key 'keep-buffer-pages' in [nodes.alpha] must be one of 'auto', 'on', 'off', not false",
+    ),
+    (
+        "keep-buffer-pages-misspelt",
+        'keep-buffer-pages = "off"',
+        'keep-buffer-pages = "of"',
+        "key 'keep-buffer-pages' in [nodes.alpha] must be one of 'auto', 'on', 'off', not 'of'",
     ),
     (
         "disks-a-string",
