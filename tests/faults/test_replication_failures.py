@@ -71,8 +71,13 @@ def run_pair(tmp_path, body, timeout: float = 60) -> Pair:
 
     async def go():
         p, s = await pair.start()
-        assert await s.status() == OK and await p.status() == OK
-        await body(pair, p, s)
+        try:
+            assert await s.status() == OK and await p.status() == OK
+            await body(pair, p, s)
+        finally:
+            # a session whose daemon was killed holds qemu.qmp's EOFError until closed
+            await p.close()
+            await s.close()
 
     try:
         run_async(go(), timeout)
