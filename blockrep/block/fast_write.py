@@ -25,30 +25,45 @@ if TYPE_CHECKING:
     from .node import Done, Node
 
 
+def refusal(node: Node, offset: int, nbytes: int) -> str | None:
+    """Why ``node`` cannot take a fast write of these bytes now (None: it can): one it
+    would refuse, pad or serialise. Every fast path asks it of every node it counts."""
+    a = node.request_alignment
+    if (
+        node.closed
+        or node.read_only
+        or nbytes == 0
+        or offset < 0
+        or (offset + nbytes > node.length and not node.growable)
+        or node.serialize_overlapping
+        or (a != 1 and (offset % a or nbytes % a))
+    ):
+        return "checks"
+    if node._ser_waiting:
+        return "a serialising request waits"
+    if node._serialising and any(
+        t.serialising and t.start < offset + nbytes and offset < t.end for t in node._tracked
+    ):
+        return "overlapping serialising request"
+    return None
+
+
+def end_one(node: Node, offset: int, nbytes: int, err: BlockError | None) -> None:
+    """End one node's part of a fast write; the common end is a decrement."""
+    if err is None and not node.dirty_bitmaps and node._fast_quiet is None:
+        node._fast_writes -= 1
+    else:
+        node._fast_write_end(offset, nbytes, err)
+
+
 def try_write(self: Node, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
     """``Node.try_write``: see the module's docstring."""
     nbytes = len(data)
     node = self
     above: list[Any] | None = None  # pass-through nodes walked: node, its offset, ...
     while True:
-        a = node.request_alignment
-        if (
-            node.closed
-            or node.read_only
-            or nbytes == 0
-            or offset < 0
-            or (offset + nbytes > node.length and not node.growable)
-            or node.serialize_overlapping
-            or (a != 1 and (offset % a or nbytes % a))
-        ):
-            why = "checks"
-        elif node._ser_waiting:
-            why = "a serialising request waits"
-        elif node._serialising and any(
-            t.serialising and t.start < offset + nbytes and offset < t.end for t in node._tracked
-        ):
-            why = "overlapping serialising request"
-        else:
+        why = refusal(node, offset, nbytes)
+        if why is None:
             node._fast_writes += 1
             below = node._fast_through(offset, nbytes)
             if below is None:

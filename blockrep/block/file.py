@@ -250,17 +250,20 @@ class FileNode(Node):
     def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
         if self.threads or self.direct or fua:
             return fastpath.refuse("file: aio=threads, O_DIRECT or FUA")
+        done(self.pwrite_now(offset, data))
+        return True
+
+    def pwrite_now(self, offset: int, data: bytes | memoryview) -> BlockError | None:
+        """The fast path's write (page cache, this thread): None, or its error."""
         try:
             _pwrite_all(self.fd, data, offset)
         except OSError as e:
-            done(
-                BlockError(e.errno or errno.EIO, f"Could not write '{self.filename}': {e.strerror}")
+            return BlockError(
+                e.errno or errno.EIO, f"Could not write '{self.filename}': {e.strerror}"
             )
-            return True
         if offset + len(data) > self.length:
             self.length = offset + len(data)
-        done(None)
-        return True
+        return None
 
     def _fast_read(self, offset: int, nbytes: int) -> bytes | None:
         if self.threads or self.direct:

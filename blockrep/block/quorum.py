@@ -14,7 +14,7 @@ import errno
 import hashlib
 import logging
 import os
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
@@ -24,6 +24,17 @@ from .node import Child, Done, Extent, Node
 from .stepping import report, resume, resume_later, start_now
 
 log = logging.getLogger("blockrep.block.quorum")
+
+
+# A write through the whole of P's replicating graph in one call (replication/fused.py,
+# which installs it: block/ does not import replication/); False: nothing done.
+FusedWrite = Callable[["QuorumNode", int, "bytes | memoryview", bool, Done], bool]
+_fused_write: FusedWrite | None = None
+
+
+def set_fused_write(f: FusedWrite | None) -> None:
+    global _fused_write
+    _fused_write = f
 
 
 @register
@@ -188,6 +199,14 @@ class QuorumNode(Node):
 
     async def _co_write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         await self._all("write", offset, len(data), lambda c: c.write(offset, data, fua))
+
+    def try_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        """P's whole replicating graph in one call when it is that graph; else the
+        layered fast path (Node.try_write)."""
+        f = _fused_write
+        if f is not None and f(self, offset, data, fua, done):
+            return True
+        return Node.try_write(self, offset, data, fua, done)
 
     def _fast_write(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
         """The write to every child as callbacks, voted on as ``_all`` votes.

@@ -5,3 +5,7 @@ state; ``control``: start, checkpoint, get_error, stop/failover on one node;
 ``registry``: the nodes of a graph and the ``*_all`` operations; ``identity``:
 what identifies a shared disk.
 """
+
+from . import fused
+
+fused.install()  # P's write through its whole graph in one call (fused.py)

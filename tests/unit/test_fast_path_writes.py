@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockrep import fastpath
-from blockrep.block import Graph
+from blockrep.block import Graph, quorum
 from blockrep.block.node import DirtyBitmap, Node
 from blockrep.errors import BlockError
 from blockrep.export import Export
@@ -29,6 +29,7 @@ from blockrep.ha.activity_log import ActivityLog
 from blockrep.ha.consumer import ConsumerExport, VolumeExport
 from blockrep.jobs import launch
 from blockrep.jobs.base import JobManager
+from blockrep.replication import fused as replication_fused
 from blockrep.replication.filter import ReplicationStage
 from tests.harness.fast_path import (
     GatedExport,
@@ -57,6 +58,19 @@ def _fast_path_on():
     """Every test starts with the switch on (also under ``BLOCKREP_FAST_PATH=0``)."""
     with fast_path_on():
         yield
+
+
+@pytest.fixture(autouse=True, params=["fused", "layered"])
+def fused(request):
+    """Every test twice: with P's quorum writing through its whole graph in one call
+    (replication/fused.py), and with the layered fast path alone."""
+    on = request.param == "fused"
+    if not on:
+        quorum.set_fused_write(None)
+    try:
+        yield on
+    finally:
+        replication_fused.install()
 
 
 # -- 1. differential: fast path vs general path vs model --------------------------------
@@ -171,10 +185,11 @@ def test_raw_over_file_fast_and_general_paths_write_the_same_bytes(batches):
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(batches=batches_st)
-def test_replicated_quorum_fast_and_general_paths_write_the_same_bytes(batches):
+def test_replicated_quorum_fast_and_general_paths_write_the_same_bytes(fused, batches):
     """P's quorum (fifo, threshold 1) of raw + replication(primary, running) -> nbd to an
     in-process NBD server: P's file and S's file of both graphs equal the model. The
     general graph's server never offers the fast path either."""
+    use_fused = fused
     plan = _plan(batches)
     d = short_dir()
 
@@ -208,6 +223,9 @@ def test_replicated_quorum_fast_and_general_paths_write_the_same_bytes(batches):
             assert file_bytes(p) == bytes(models[0]), p
         assert issuers[0].taken >= _first_fast_write_count(plan), fastpath.snapshot()
         assert issuers[1].taken == 0
+        # the taken writes went through the path this run asked for
+        taken = fastpath.COUNTERS.taken.get("fused write", 0)
+        assert (taken >= _first_fast_write_count(plan)) if use_fused else taken == 0, taken
 
     try:
         run(go(), TIMEOUT)
