@@ -175,14 +175,26 @@ class NBDNode(Node):
         flags = p.CMD_FLAG_FUA if fua else 0
 
         def replied(err: BaseException | None) -> None:
-            if err is None or isinstance(err, BlockError):
-                done(err)
-                return
-            self._retry_write(offset, data, flags, done)
+            self.write_replied(err, offset, data, flags, done)
 
         if not conn.try_request(p.CMD_WRITE, offset, nbytes, flags, data, replied):
             return fastpath.refuse("nbd: link busy")
         return True
+
+    def write_replied(
+        self,
+        err: BaseException | None,
+        offset: int,
+        data: bytes | memoryview,
+        flags: int,
+        done: Done,
+    ) -> None:
+        """A fast write's reply: its outcome to ``done``, or, when the connection broke
+        first, the write again on the general path (reconnect-delay decides)."""
+        if err is None or isinstance(err, BlockError):
+            done(err)
+        else:
+            self._retry_write(offset, data, flags, done)
 
     def _retry_write(self, offset: int, data: bytes | memoryview, flags: int, done: Done) -> None:
         req = self._request(p.CMD_WRITE, offset, len(data), flags, data)

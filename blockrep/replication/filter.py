@@ -106,6 +106,15 @@ class ReplicationState:
             self.error = err.errno or errno.EIO
             self.error_message = err.message
 
+    def forward_ended(self, nbytes: int, err: BlockError | None) -> None:
+        """A primary's fast forward of ``nbytes`` ended. The consumer is not to see the
+        secondary's trouble: an error is recorded (and reported), never returned."""
+        self.unacked_bytes -= nbytes
+        if err is not None:
+            self.record_error(err)
+            if self.on_lost_forward is not None:
+                self.on_lost_forward()
+
     def incoming_write_failed(self, err: BlockError) -> None:
         """A write this side did not issue failed (a copy-before-write, or a pre-image
         P sent into hidden): while running, this side's view is lost, an error."""
@@ -266,12 +275,7 @@ class ReplicationNode(Node):
         s.unacked_bytes += nbytes
 
         def forwarded(err: BlockError | None) -> None:
-            s.unacked_bytes -= nbytes
-            if err is not None:
-                # the consumer is not to see the secondary's trouble: record, succeed
-                s.record_error(err)
-                if s.on_lost_forward is not None:
-                    s.on_lost_forward()
+            s.forward_ended(nbytes, err)
             done(None)
 
         if not child.try_write(offset, data, fua, forwarded):

@@ -13,6 +13,14 @@ Anything else (another graph, FUA, a link that cannot take the request now, a fi
 not running as primary) returns False with nothing done, and the quorum's layered fast
 path, then the general path, take the write. Imports point down: the quorum (block/)
 knows this module only as the hook it installs (``quorum.set_fused_write``).
+
+This reaches around layers, which DESIGN.md §1 says nothing should: it is the one place
+that does, for the one request that matters most, and it owns no rule of its own.
+What each node does is the node's code, shared with the layered path: the checks
+(``fast_write.refusal``), the ends (``end_one``), the local write
+(``FileNode.pwrite_now``), the forward's end (``ReplicationState.forward_ended``), the
+reply (``NBDNode.write_replied``) and the vote (``QuorumNode._vote_write``).
+test_fast_path_writes runs every test on both paths.
 """
 
 from __future__ import annotations
@@ -72,12 +80,7 @@ def try_fused_write(
 
     def forwarded(err: BlockError | None) -> None:
         end_one(link, offset, nbytes, err)
-        s.unacked_bytes -= nbytes
-        if err is not None:
-            # the consumer is not to see the secondary's trouble: record, succeed
-            s.record_error(err)
-            if s.on_lost_forward is not None:
-                s.on_lost_forward()
+        s.forward_ended(nbytes, err)
         end_one(rep, offset, nbytes, None)
         # the local part ended first (it is synchronous): the quorum votes, ends last
         verdict = None
@@ -89,11 +92,7 @@ def try_fused_write(
     # (two closures, neither naming itself: a function in its own cell would make every
     # request a reference cycle, left to the garbage collector)
     def replied(err: BaseException | None) -> None:
-        if err is None or isinstance(err, BlockError):
-            forwarded(err)
-        else:
-            # the link broke before the reply: the NBD node's retry (reconnect-delay)
-            link._retry_write(offset, data, 0, forwarded)
+        link.write_replied(err, offset, data, 0, forwarded)
 
     if not conn.try_request(p.CMD_WRITE, offset, nbytes, 0, data, replied):
         return False  # nothing sent: the layered path decides (it runs the link's write)
