@@ -56,56 +56,46 @@ def end_one(node: Node, offset: int, nbytes: int, err: BlockError | None) -> Non
         node._fast_write_end(offset, nbytes, err)
 
 
+def walk(node: Node, offset: int, nbytes: int) -> tuple[list[Any], str | None]:
+    """The pass-through chain a fast write takes from ``node``: ``[node, its offset,
+    ...]`` down to the node whose ``_fast_write`` decides (the last pair), every node
+    asked ``refusal``; or, with the reason, the chain ending at the node that refused.
+    Nothing is counted yet."""
+    chain: list[Any] = []
+    while True:
+        why = refusal(node, offset, nbytes)
+        chain += (node, offset)
+        if why is not None:
+            return chain, why
+        below = node._fast_through(offset, nbytes)
+        if below is None:
+            return chain, None
+        offset += node.fast_shift
+        node = below
+
+
 def try_write(self: Node, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
     """``Node.try_write``: see the module's docstring."""
     nbytes = len(data)
-    node = self
-    above: list[Any] | None = None  # pass-through nodes walked: node, its offset, ...
-    while True:
-        why = refusal(node, offset, nbytes)
-        if why is None:
-            node._fast_writes += 1
-            below = node._fast_through(offset, nbytes)
-            if below is None:
-                break
-            if above is None:
-                above = [node, offset]
-            else:
-                above += (node, offset)
-            offset += node.fast_shift
-            node = below
-            continue
-        if above is not None:
-            _fast_writes_ended(above)
-        return fastpath.refuse(f"{node.driver_name}: {why}")
-    leaf, at = node, offset
+    chain, why = walk(self, offset, nbytes)
+    leaf, at = chain[-2], chain[-1]
+    if why is not None:
+        return fastpath.refuse(f"{leaf.driver_name}: {why}")
+    for i in range(0, len(chain), 2):
+        chain[i]._fast_writes += 1
 
     def finish(err: BlockError | None) -> None:
-        # the common end (no error, no bitmap, nobody waiting) is a decrement
-        if err is None and not leaf.dirty_bitmaps and leaf._fast_quiet is None:
-            leaf._fast_writes -= 1
-        else:
-            leaf._fast_write_end(at, nbytes, err)
-        if above is not None:
-            i = len(above) - 2
-            while i >= 0:
-                n = above[i]
-                if err is None and not n.dirty_bitmaps and n._fast_quiet is None:
-                    n._fast_writes -= 1
-                else:
-                    n._fast_write_end(above[i + 1], nbytes, err)
-                i -= 2
+        for i in range(len(chain) - 2, -1, -2):  # innermost first, as nested calls end
+            end_one(chain[i], chain[i + 1], nbytes, err)
         done(err)
 
-    if not node._fast_write(offset, data, fua, finish):
-        node._fast_write_ended()
-        if above is not None:
-            _fast_writes_ended(above)
+    if not leaf._fast_write(at, data, fua, finish):
+        _fast_writes_ended(chain)
         return False
     return True
 
 
 def _fast_writes_ended(chain: list[Any]) -> None:
-    """End the in-flight count of a fast write that was refused below."""
+    """End the in-flight count of a fast write that its last node refused."""
     for n in chain[::2]:
         n._fast_write_ended()

@@ -26,10 +26,10 @@ test_fast_path_writes runs every test on both paths.
 from __future__ import annotations
 
 from .. import fastpath
-from ..block.fast_write import end_one, refusal
+from ..block.fast_write import end_one, refusal, walk
 from ..block.file import FileNode
 from ..block.nbd import NBDNode
-from ..block.node import Done, Node
+from ..block.node import Done
 from ..block.quorum import QuorumNode, set_fused_write
 from ..errors import BlockError
 from ..nbd import proto as p
@@ -59,20 +59,10 @@ def try_fused_write(
     if conn is None or conn.closed:
         return False
     # the local chain: pass-through nodes (raw) down to the file, as try_write walks it
-    chain: list[Node] = []
-    shifts: list[int] = []
-    node: Node | None = edges[0].node
-    at = offset
-    while node is not None:
-        if refusal(node, at, nbytes) is not None:
-            return False
-        chain.append(node)
-        shifts.append(at)
-        below = node._fast_through(at, nbytes)
-        if below is not None:
-            at += node.fast_shift
-        node = below
-    leaf = chain[-1]
+    chain, why = walk(edges[0].node, offset, nbytes)
+    if why is not None:
+        return False
+    leaf, at = chain[-2], chain[-1]
     if type(leaf) is not FileNode or leaf.threads or leaf.direct:
         return False
 
@@ -101,11 +91,11 @@ def try_fused_write(
     rep._fast_writes += 1
     link._fast_writes += 1
     s.unacked_bytes += nbytes
-    for n in chain:
-        n._fast_writes += 1
+    for i in range(0, len(chain), 2):
+        chain[i]._fast_writes += 1
     local_err = leaf.pwrite_now(at, data)
-    for i in range(len(chain) - 1, -1, -1):
-        end_one(chain[i], shifts[i], nbytes, local_err)
+    for i in range(len(chain) - 2, -1, -2):
+        end_one(chain[i], chain[i + 1], nbytes, local_err)
     counts = fastpath.COUNTERS.taken
     counts["fused write"] = counts.get("fused write", 0) + 1
     return True
