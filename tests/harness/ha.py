@@ -132,6 +132,14 @@ def check_status_schema(s: dict[str, Any], role: str | None = None) -> None:
         assert is_int(j["current"]) and is_int(j["total"]), j
 
 
+def buffers_in_memory(ha: testing.HA) -> bool:
+    """Whether the buffer directory the harness gives a secondary (/dev/shm when there
+    is one) is tmpfs or ramfs, as stat(1) says: what keep-buffer-pages=auto keys on."""
+    bdir = "/dev/shm" if os.path.isdir("/dev/shm") else ha.dir
+    r = subprocess.run(["stat", "-f", "-c", "%T", bdir], capture_output=True, text=True)
+    return r.stdout.strip() in ("tmpfs", "ramfs")
+
+
 def scrape_metrics(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()

@@ -22,7 +22,7 @@ import sys
 import pytest
 
 from blockrep.testing import MiB, free_port
-from tests.harness.ha import HA, REPO, check_status_schema, scrape_metrics
+from tests.harness.ha import HA, REPO, buffers_in_memory, check_status_schema, scrape_metrics
 from tests.harness.models import random_writes
 from tests.harness.tools import sha, sha_file
 
@@ -70,10 +70,8 @@ async def test_status_json_schema_and_metrics(ha):
     assert 0 < ps["checkpoint-pause-p50-ms"] <= ps["checkpoint-pause-p99-ms"]
     assert ss["active-bytes"] > 0  # S's speculative writes are buffered
     # keep-buffer-pages=auto: kept where the buffer directory is memory (stat(1) says)
-    bdir = "/dev/shm" if os.path.isdir("/dev/shm") else ha.dir  # as ha.secondary() picks
-    fstype = subprocess.run(["stat", "-f", "-c", "%T", bdir], capture_output=True, text=True)
     assert ps["keep-buffer-pages"] is None
-    assert ss["keep-buffer-pages"] is (fstype.stdout.strip() in ("tmpfs", "ramfs"))
+    assert ss["keep-buffer-pages"] is buffers_in_memory(ha)
     assert ss["auto-failover"] == {
         "enabled": True,
         "timeout": 5.0,

@@ -5,12 +5,11 @@ scenario ends with both disks compared byte for byte."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 
 from blockrep.ha.bitmap import REGION_SIZE
-from tests.harness.ha import REPO
+from tests.harness.ha import REPO, buffers_in_memory
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -60,13 +59,6 @@ async def both_down_and_equal(ha, a, b) -> None:
         raise AssertionError(f"the disks differ at offset {first}")
 
 
-def in_memory(ha) -> bool:
-    """Whether the buffers' directory (as ha.resource() sets it) is tmpfs or ramfs."""
-    bdir = "/dev/shm" if os.path.isdir("/dev/shm") else ha.dir
-    r = subprocess.run(["stat", "-f", "-c", "%T", bdir], capture_output=True, text=True)
-    return r.stdout.strip() in ("tmpfs", "ramfs")
-
-
 async def test_up_promote_switchover_and_reprotect_without_restart(ha) -> None:
     ha.make_disks(SIZE, names=("a.raw", "b.raw"))
     # a's buffers are fresh files at each checkpoint wherever they are; b's the default
@@ -82,7 +74,7 @@ async def test_up_promote_switchover_and_reprotect_without_restart(ha) -> None:
     s = await protected(a)
     assert s["peer-role"] == "secondary"
     await b.wait_status(lambda s: s["role"] == "secondary", 10, "b secondary")
-    assert b.status()["keep-buffer-pages"] is in_memory(ha)  # auto
+    assert b.status()["keep-buffer-pages"] is buffers_in_memory(ha)  # auto
     # a second promote is a no-op that says so; promoting the secondary is refused
     assert "already primary" in ok("promote", "--qmp", f"unix:{a.qmp}")
     r = cli("promote", res, "--node", "b")
