@@ -17,6 +17,7 @@ the tick figure is the honest one.
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass, field
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -92,6 +93,16 @@ class CpuMeter:
         return {
             name: cpu_seconds(self.before.get(name), sample(pid)) for name, pid in self.pids.items()
         }
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's children that have exited and been waited for.
+
+    Around one consumer run (fio, started and reaped by the benchmark) the difference is
+    the consumer's own CPU, all of its threads: on a machine of few CPUs the consumer
+    shares them with the processes it measures."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def per_request_us(cpu_s: dict[str, float | None], requests: int) -> dict[str, float | None]:

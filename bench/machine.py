@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 REPORTING = "/sys/module/page_reporting/parameters"
 
@@ -64,12 +64,22 @@ def describe(start: dict[str, Any] | None, end: dict[str, Any] | None) -> str:
     return text
 
 
-def cpu_jiffies() -> tuple[int, int] | None:
-    """(stolen, total) jiffies of all CPUs so far, from /proc/stat; None without it.
+class Jiffies(NamedTuple):
+    """All CPUs' time so far, from /proc/stat (``cpu_jiffies``)."""
+
+    steal: int
+    idle: int  # idle and iowait: nothing of the machine's wanted a CPU
+    total: int
+
+
+def cpu_jiffies() -> Jiffies | None:
+    """All CPUs' time so far; None without /proc/stat.
 
     Steal is time a vCPU was runnable but the host ran something else: on a shared
     host it moves every figure, and a design whose threads wake each other often
-    pays more for it."""
+    pays more for it. Idle is time no process wanted a CPU: with every CPU busy the
+    throughput is bound by the CPU each request costs; with idle left, by how the
+    processes wait for each other."""
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
@@ -79,18 +89,27 @@ def cpu_jiffies() -> tuple[int, int] | None:
         return None
     # user nice system idle iowait irq softirq steal [guest guest_nice: inside user]
     values = [int(v) for v in fields[1:9]]
-    return values[7], sum(values)
+    return Jiffies(values[7], values[3] + values[4], sum(values))
 
 
-def stolen_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
-    """The share of CPU time the host took between two ``cpu_jiffies()``."""
-    if before is None or after is None or after[1] <= before[1]:
+def _share(before: Jiffies | None, after: Jiffies | None, field: str) -> float | None:
+    if before is None or after is None or after.total <= before.total:
         return None
-    return (after[0] - before[0]) / (after[1] - before[1])
+    return (getattr(after, field) - getattr(before, field)) / (after.total - before.total)
+
+
+def stolen_fraction(before: Jiffies | None, after: Jiffies | None) -> float | None:
+    """The share of CPU time the host took between two ``cpu_jiffies()``."""
+    return _share(before, after, "steal")
+
+
+def idle_fraction(before: Jiffies | None, after: Jiffies | None) -> float | None:
+    """The share of CPU time nothing wanted between two ``cpu_jiffies()``."""
+    return _share(before, after, "idle")
 
 
 def describe_steal(fractions: list[float | None]) -> str:
-    """'median X % [min-max]' of the shots' stolen shares, for a results file."""
+    """'median X % [min-max]' of the shots' stolen (or idle) shares, for a results file."""
     vals = sorted(100 * f for f in fractions if f is not None)
     if not vals:
         return "not measured"

@@ -73,12 +73,13 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from cpu import CpuMeter, per_request_us, total_per_request_us
+from cpu import CpuMeter, children_cpu_s, per_request_us, total_per_request_us
 from machine import (
     cpu_jiffies,
     describe,
     describe_steal,
     fresh_page_rate,
+    idle_fraction,
     page_reporting,
     stolen_fraction,
 )
@@ -667,13 +668,16 @@ class Bench:
             await st.checkpoint()  # every cluster written next needs a copy-before-write on S
         meter = CpuMeter(st.pids())
         jiffies = cpu_jiffies()
+        consumer = children_cpu_s()
         meter.start()
         if kind == "rand":
             r = await fio_rand(st.uri, self.size, self.a.runtime)
         else:
             r = await fio_seq(st.uri, self.size, self.a.fsync)
-        r["cpu_s"] = meter.stop()
-        r["steal"] = stolen_fraction(jiffies, cpu_jiffies())
+        r["cpu_s"] = {**meter.stop(), CONSUMER: children_cpu_s() - consumer}
+        after = cpu_jiffies()
+        r["steal"] = stolen_fraction(jiffies, after)
+        r["idle"] = idle_fraction(jiffies, after)
         r["cpu_us_per_req"] = per_request_us(r["cpu_s"], r["requests"])
         if isinstance(st, Pair):
             if kind == "seq":
@@ -711,10 +715,12 @@ class Bench:
                         if kind == "rand"
                         else f"{r['mib_s']:.0f} MiB/s"
                     )
-                    steal = "-" if r["steal"] is None else f"{100 * r['steal']:.0f} %"
+                    steal, idle = (
+                        "-" if r[k] is None else f"{100 * r[k]:.0f} %" for k in ("steal", "idle")
+                    )
                     log(
                         f"  {name} {KIND_LABEL[kind]} shot {i + 1}/{count}: {value}; CPU {cpu}; "
-                        f"host steal {steal}"
+                        f"host steal {steal}, idle {idle}"
                     )
         for name, by_kind in shots.items():
             for kind, xs in by_kind.items():
@@ -877,6 +883,8 @@ def rotated(xs: list[str], i: int) -> list[str]:
     return xs[k:] + xs[:k]
 
 
+# the consumer's role in the CPU figures (fio, nbd engine: its CPU shares the machine's)
+CONSUMER = "fio"
 KIND_LABEL = {"seq": "seq write", "rewrite": "seq rewrite", "rand": "random writes"}
 KIND_KEY = {"seq": "seq_write", "rewrite": "seq_rewrite", "rand": "randwrite_4k_qd32"}
 
@@ -902,13 +910,52 @@ def summarise(shots: list[dict[str, Any]]) -> dict[str, Any]:
 # report
 
 
-def shot_steal(results: dict[str, Any], key: str | None = None) -> list[float | None]:
-    """The host steal of every throughput shot of the run (of one kind with ``key``)."""
+def shot_share(
+    results: dict[str, Any], share: str, key: str | None = None, config: str | None = None
+) -> list[float | None]:
+    """The host steal or idle (``share``) of every throughput shot of the run (of one kind
+    with ``key``, of one setup with ``config``)."""
     out: list[float | None] = []
-    for res in results.get("configs", {}).values():
+    for name, res in results.get("configs", {}).items():
+        if config is not None and name != config:
+            continue
         for k in KIND_KEY.values():
             if key is None or k == key:
-                out += [s.get("steal") for s in g(res, k, "shots") or []]
+                out += [s.get(share) for s in g(res, k, "shots") or []]
+    return out
+
+
+def ceiling(results: dict[str, Any], links: list[str]) -> dict[str, Any]:
+    """4 KiB random writes: the IOPS at which the machine's CPUs would all be busy, at the
+    CPU each request cost every process (P, S and the consumer), per setup and link.
+
+    Above it no gain in waiting can take a setup: only less CPU per request can. Next to
+    it, the idle share of the setup's shots: how far below it the setup ran."""
+    cpus = results["machine"]["cpus"]
+    out: dict[str, Any] = {}
+    for link in links:
+        row: dict[str, Any] = {}
+        for impl in ("blockrep", "qemu"):
+            name = f"{impl}-{link}"
+            s = g(results["configs"].get(name), "randwrite_4k_qd32")
+            cpu = (s or {}).get("cpu_us_per_req") or {}
+            if not cpu or any(v is None for v in cpu.values()):
+                continue
+            per_req = sum(cpu.values())
+            idle = [
+                x for x in shot_share(results, "idle", "randwrite_4k_qd32", name) if x is not None
+            ]
+            row[impl] = {
+                "cpu_us_per_req": per_req,
+                "ceiling_iops": cpus * 1e6 / per_req,
+                "iops": s["iops"],
+                "idle_median": statistics.median(idle) if idle else None,
+            }
+        if "blockrep" in row and "qemu" in row:
+            row["blockrep_ceiling_over_qemu"] = ratio(
+                row["blockrep"]["ceiling_iops"], row["qemu"]["iops"]
+            )
+        out[link] = row
     return out
 
 
@@ -1001,6 +1048,7 @@ def analyse(results: dict[str, Any], links: list[str]) -> None:
         for link in links
     }
     results["goals_issue15"] = issue15_goals(results, links)
+    results["ceiling_4k"] = ceiling(results, links)
     # goals of issue 5
     tcp = ratios.get("tcp", {})
     tp = {label: tcp.get(label) for label, _ in THROUGHPUT}
@@ -1077,6 +1125,34 @@ def fcpu(s: dict[str, Any] | None) -> str:
     return " / ".join(f"{role} {fnum(v, '', 1)}" for role, v in cpu.items()) or "-"
 
 
+def ceiling_lines(results: dict[str, Any], links: list[str]) -> list[str]:
+    """The 4 KiB machine ceiling (``ceiling``), a line per link."""
+    cpus = results["machine"]["cpus"]
+    L = [
+        f"4 KiB random write, the machine's ceiling: {cpus} CPUs / the CPU µs per request of "
+        f"P + S + {CONSUMER}, the IOPS with every CPU busy and none idle (the idle share is the "
+        "median over the setup's shots, /proc/stat):"
+    ]
+    for link, row in (results.get("ceiling_4k") or {}).items():
+        cells = [
+            f"{impl} {v['cpu_us_per_req']:.1f} µs -> {v['ceiling_iops']:.0f} IOPS "
+            f"(measured {v['iops']:.0f}, idle {fnum(pct(v['idle_median']), ' %')})"
+            for impl, v in row.items()
+            if isinstance(v, dict)
+        ]
+        if "blockrep_ceiling_over_qemu" in row:
+            cells.append(
+                f"blockrep's ceiling / the QEMU pair's measured IOPS "
+                f"{frat(row['blockrep_ceiling_over_qemu'])}x"
+            )
+        L.append(f"* {link}: " + "; ".join(cells))
+    return L
+
+
+def pct(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
 def markdown(results: dict[str, Any], links: list[str]) -> str:
     c = results["configs"]
     m = results["machine"]
@@ -1102,8 +1178,8 @@ def markdown(results: dict[str, Any], links: list[str]) -> str:
         f"{m.get('fresh_page_mib_s')} MiB/s (bench/machine.py).",
         f"Host steal (time the hypervisor ran something else while a vCPU wanted to run, "
         f"/proc/stat, all CPUs) during the 4 KiB random write shots: "
-        f"{describe_steal(shot_steal(results, 'randwrite_4k_qd32'))}; during every shot: "
-        f"{describe_steal(shot_steal(results))}.",
+        f"{describe_steal(shot_share(results, 'steal', 'randwrite_4k_qd32'))}; during every shot: "
+        f"{describe_steal(shot_share(results, 'steal'))}.",
         f"Disk {a['size_mib']} MiB raw (written, not sparse) in `{a['dir_kind']}`, hidden/active in `{a['buffer_dir_kind']}`; "
         f"random writes {a['runtime']} s; checkpoint figures are medians of {a['repeats']}; "
         f"end_fsync={'on' if a['fsync'] else 'off'}{'; QUICK run (small sizes)' if a['quick'] else ''}.",
@@ -1116,8 +1192,9 @@ def markdown(results: dict[str, Any], links: list[str]) -> str:
         f"All setups of a link run at once and take their shots in turn (the first of each round "
         f"rotates): sequential write after a checkpoint {a['seq_shots']} shots (a checkpoint before "
         f"each), rewrite {a['rewrite_shots']}, 4 KiB random write {a['rand_shots']} (a checkpoint "
-        "before each). Figures: median [min-max]. CPU: µs per consumer request of P and of S "
-        "(utime+stime of all threads over all shots / the requests fio made). "
+        "before each). Figures: median [min-max]. CPU: µs per consumer request of P, of S and "
+        f"of the consumer ({CONSUMER}; utime+stime of all threads over all shots / the requests "
+        "fio made). "
         + (
             '"general path": blockrep with BLOCKREP_FAST_PATH=0 on P and S.'
             if a["general_path"]
@@ -1137,6 +1214,7 @@ def markdown(results: dict[str, Any], links: list[str]) -> str:
                 f"{fcpu(sg)} | {fcell(sq, path[1])} | {fcpu(sq)} | "
                 f"{frat(ratio(g(b, *path), g(q, *path)))} | {frat(ratio(g(gp, *path), g(q, *path)))} |"
             )
+    L += ["", *ceiling_lines(results, links)]
     bases = [
         ("blockrep-raw", "blockrep raw"),
         ("blockrep-quorum", "blockrep quorum"),
