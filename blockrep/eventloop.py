@@ -11,6 +11,9 @@ frozen out of collections, and a young collection runs every GC_THRESHOLD alloca
 instead of Python's 700 (issue 15: a replicating primary's CPU per 4 KiB write, six
 alternating runs: 82, 92, 98 us with Python's collector, 68, 82, 79 tuned).
 ``BLOCKREP_GC=python`` keeps Python's own.
+
+The loop polls a while after bytes arrive before it sleeps (polling.py), as set by
+``BLOCKREP_POLL_MAX_NS``, ``BLOCKREP_POLL_GROW`` and ``BLOCKREP_POLL_SHRINK``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import gc
 import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+from . import polling
 
 T = TypeVar("T")
 
@@ -43,7 +48,13 @@ def tune_gc() -> None:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on the chosen loop, the collector tuned for it."""
+    """``asyncio.run(main)`` on the chosen loop, the collector tuned for it and the
+    polling after I/O set from the environment (polling.py)."""
+    try:
+        polling.configure(os.environ)
+    except ValueError as e:
+        main.close()
+        raise SystemExit(f"blockrep: {e}") from None
     tune_gc()
     uv = _uvloop()
     if uv is None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..polling import kick as _kick
 from . import proto as p
 from .transmission import feed_buffered
 
@@ -117,6 +118,7 @@ class ReplyReader(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self.done:
             return
+        _kick()  # bytes arrived: the loop polls a while before it sleeps (polling.py)
         try:
             if self.sink is not None:
                 self.sink_got += nbytes

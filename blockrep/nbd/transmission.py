@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from ..polling import kick as _kick
 from . import proto as p
 
 log = logging.getLogger("blockrep.nbd.server")
@@ -107,6 +108,7 @@ class RequestReader(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self.done:
             return
+        _kick()  # bytes arrived: the loop polls a while before it sleeps (polling.py)
         if self.big is not None:
             self.big_got += nbytes
             if self.big_got == len(self.big):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .. import __version__, fastpath
+from .. import __version__, fastpath, polling
 from .table import CommandTable, args_of
 
 
@@ -28,9 +28,10 @@ def register(table: CommandTable, ctx: ControlContext) -> None:
 
     @table.command("x-blockrep-fast-path")
     async def fast_path(args: dict[str, Any]) -> Any:
-        """Which path requests took: the fast path's counters and its switch (issue 15)."""
+        """Which path requests took: the fast path's counters and its switch, and the
+        loop's polling after I/O (issue 15)."""
         args_of({}, args)
-        return fastpath.snapshot()
+        return {**fastpath.snapshot(), "polling": polling.POLLER.snapshot()}
 
     @table.command("quit")
     async def quit_(args: dict[str, Any]) -> Any:

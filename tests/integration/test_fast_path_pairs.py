@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from blockrep.polling import DEFAULT_MAX_NS
 from blockrep.testing import MiB
 from tests.harness.ha import HA, failover_cli
 from tests.harness.models import random_extents
@@ -25,6 +26,27 @@ from tests.harness.pair import running_pair
 from tests.harness.tools import read_file
 
 SWITCH = [pytest.param("1", id="fast-path-on"), pytest.param("0", id="fast-path-off")]
+# (fast path, BLOCKREP_POLL_MAX_NS: None for the default) of the pair test
+PAIR_RUNS = [
+    pytest.param("1", None, id="fast-path-on"),
+    pytest.param("0", None, id="fast-path-off"),
+    pytest.param("1", "0", id="fast-path-on-no-polling"),
+]
+
+
+def _check_polling(snap: dict[str, Any], max_ns: str | None, who: str) -> None:
+    """The loop's polling after I/O (polling.py) as the environment set it: by default
+    it watched the arrivals; with 0 it never polled."""
+    poll = snap["polling"]
+    if max_ns is None:
+        assert poll["poll-max-ns"] == DEFAULT_MAX_NS, f"{who}: {poll}"
+        # arrivals were seen (whether one found the loop polling depends on timing:
+        # test_eventloop_polling holds the rule)
+        assert poll["events"] > 0 and poll["events-while-polling"] <= poll["events"], poll
+    else:
+        assert poll["poll-max-ns"] == int(max_ns) == 0, f"{who}: {poll}"
+        assert poll["events"] == poll["events-while-polling"] == 0, f"{who}: {poll}"
+        assert poll["polling"] is False, f"{who}: {poll}"
 
 
 def _check_counters(snap: dict[str, Any], on: bool, who: str) -> None:
@@ -36,9 +58,15 @@ def _check_counters(snap: dict[str, Any], on: bool, who: str) -> None:
         assert snap["taken"] == {} and snap["fallbacks"] == {}, f"{who}: {snap}"
 
 
-@pytest.mark.parametrize("switch", SWITCH)
-async def test_replication_pair_images_equal_the_model_on_both_paths(switch, monkeypatch):
+@pytest.mark.parametrize(("switch", "poll_max_ns"), PAIR_RUNS)
+async def test_replication_pair_images_equal_the_model_on_both_paths(
+    switch, poll_max_ns, monkeypatch
+):
     monkeypatch.setenv("BLOCKREP_FAST_PATH", switch)
+    if poll_max_ns is None:
+        monkeypatch.delenv("BLOCKREP_POLL_MAX_NS", raising=False)
+    else:
+        monkeypatch.setenv("BLOCKREP_POLL_MAX_NS", poll_max_ns)
     on = switch == "1"
     rnd = random.Random(1500 + int(switch))
 
@@ -58,8 +86,10 @@ async def test_replication_pair_images_equal_the_model_on_both_paths(switch, mon
                 await pair.p_write(off + 8192, rnd.randbytes(4096))
                 await pair.checkpoint()
                 await pair.check(f"epoch {epoch}")
-            _check_counters(await pair.P.run("x-blockrep-fast-path"), on, "P")
-            _check_counters(await pair.S.run("x-blockrep-fast-path"), on, "S")
+            for who, d in (("P", pair.P), ("S", pair.S)):
+                snap = await d.run("x-blockrep-fast-path")
+                _check_counters(snap, on, who)
+                _check_polling(snap, poll_max_ns, who)
             # after the last checkpoint: P's writes, then P dies and S fails over to it
             batch = random_extents(rnd, size, 24, max_len=96 << 10)
             await asyncio.gather(*(pair.p_write(off, rnd.randbytes(n)) for off, n in batch))
