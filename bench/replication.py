@@ -23,9 +23,11 @@ The consumer writes to P through an NBD export of ``colo-disk0`` on a unix socke
   single shots of identical code ranged 266-856 MiB/s, issue 15), then again over the same range
   without a checkpoint, --rewrite-shots times (a rewrite: no copies left to make);
 * 4 KiB random writes at qd 32 over the same range for RUNTIME seconds, right after a checkpoint,
-  --rand-shots times (median);
-* next to each of these: CPU µs per consumer request of P and of S (bench/cpu.py: utime+stime of
-  every thread over the shots, divided by the requests fio made);
+  --rand-shots times (median), and at qd 1, --qd1-shots times: a synchronous writer (a
+  database's commits) sees each write's round trip through P and S, mean latency reported;
+* next to each of these: CPU µs per consumer request of P, of S and of fio (bench/cpu.py:
+  utime+stime of every thread over the shots, divided by the requests fio made; fio's from
+  the children's rusage), and the machine's idle and stolen shares;
 * checkpoint time with 0, SIZE/4 and SIZE MiB buffered (``xen-colo-do-checkpoint`` on S, then
   on P; the figure is the wall time of the S call, median of --repeats);
 * failover time with SIZE/4 and SIZE MiB buffered, on a fresh pair each (S: nbd-server-stop, then
@@ -49,7 +51,7 @@ seed's layout (SPEC.md §3) and records a failure instead of aborting while that
 
 Run: .venv/bin/python bench/replication.py [--quick] [--size-mib 256] [--runtime 8]
      [--dir DIR] [--buffer-dir /dev/shm] [--repeats 3] [--links tcp,unix] [--shared]
-     [--seq-shots 10] [--rewrite-shots 3] [--rand-shots 3] [--no-general-path]
+     [--seq-shots 10] [--rewrite-shots 3] [--rand-shots 3] [--qd1-shots 3] [--no-general-path]
      [--no-checkpoints] [--no-failover] [--no-baselines] [--out DIR] [--name NAME]
 """
 
@@ -272,7 +274,9 @@ async def fio(uri: str, args: list[str], timeout: float) -> dict[str, Any]:
     w = job["write"]
     pct = w.get("clat_ns", {}).get("percentile", {})
     p99 = pct.get("99.000000")
+    mean = w.get("clat_ns", {}).get("mean")
     return {
+        "clat_mean_us": mean / 1e3 if mean is not None else None,
         "mib_s": w["bw"] / 1024.0,
         "iops": w["iops"],
         "io_mib": w["io_bytes"] / MiB,
@@ -290,11 +294,11 @@ async def fio_seq(uri: str, mib: int, fsync: bool) -> dict[str, Any]:
     return await fio(uri, args, timeout=120 + 2 * mib)
 
 
-async def fio_rand(uri: str, mib: int, runtime: int) -> dict[str, Any]:
+async def fio_rand(uri: str, mib: int, runtime: int, depth: int = 32) -> dict[str, Any]:
     args = [
         "--rw=randwrite",
         "--bs=4k",
-        "--iodepth=32",
+        f"--iodepth={depth}",
         "--offset=0",
         f"--size={mib}M",
         "--time_based",
@@ -664,7 +668,7 @@ class Bench:
 
     async def shot(self, st: Setup, kind: str) -> dict[str, Any]:
         """One fio run on the consumer export, with the CPU of every process of the setup."""
-        if isinstance(st, Pair) and kind in ("seq", "rand"):
+        if isinstance(st, Pair) and kind in ("seq", "rand", "qd1"):
             await st.checkpoint()  # every cluster written next needs a copy-before-write on S
         meter = CpuMeter(st.pids())
         jiffies = cpu_jiffies()
@@ -672,6 +676,8 @@ class Bench:
         meter.start()
         if kind == "rand":
             r = await fio_rand(st.uri, self.size, self.a.runtime)
+        elif kind == "qd1":
+            r = await fio_rand(st.uri, self.size, self.a.runtime, depth=1)
         else:
             r = await fio_seq(st.uri, self.size, self.a.fsync)
         r["cpu_s"] = {**meter.stop(), CONSUMER: children_cpu_s() - consumer}
@@ -713,6 +719,8 @@ class Bench:
                     value = (
                         f"{r['iops']:.0f} IOPS (p99 {r['clat_p99_ms'] or 0:.1f} ms)"
                         if kind == "rand"
+                        else f"{r['iops']:.0f} IOPS (mean {r['clat_mean_us'] or 0:.0f} us)"
+                        if kind == "qd1"
                         else f"{r['mib_s']:.0f} MiB/s"
                     )
                     steal, idle = (
@@ -733,6 +741,7 @@ class Bench:
             ("seq", self.a.seq_shots),
             ("rewrite", self.a.rewrite_shots),
             ("rand", self.a.rand_shots),
+            ("qd1", self.a.qd1_shots),
         ]
 
     async def checkpoints(self, st: Pair, res: dict[str, Any]) -> None:
@@ -885,8 +894,18 @@ def rotated(xs: list[str], i: int) -> list[str]:
 
 # the consumer's role in the CPU figures (fio, nbd engine: its CPU shares the machine's)
 CONSUMER = "fio"
-KIND_LABEL = {"seq": "seq write", "rewrite": "seq rewrite", "rand": "random writes"}
-KIND_KEY = {"seq": "seq_write", "rewrite": "seq_rewrite", "rand": "randwrite_4k_qd32"}
+KIND_LABEL = {
+    "seq": "seq write",
+    "rewrite": "seq rewrite",
+    "rand": "random writes",
+    "qd1": "random writes qd1",
+}
+KIND_KEY = {
+    "seq": "seq_write",
+    "rewrite": "seq_rewrite",
+    "rand": "randwrite_4k_qd32",
+    "qd1": "randwrite_4k_qd1",
+}
 
 
 def summarise(shots: list[dict[str, Any]]) -> dict[str, Any]:
@@ -986,6 +1005,7 @@ THROUGHPUT = [
     ("seq write 1M qd8 after checkpoint (MiB/s)", ("seq_write", "mib_s")),
     ("seq rewrite 1M qd8 (MiB/s)", ("seq_rewrite", "mib_s")),
     ("rand write 4k qd32 (IOPS)", ("randwrite_4k_qd32", "iops")),
+    ("rand write 4k qd1 (IOPS)", ("randwrite_4k_qd1", "iops")),
 ]
 
 
@@ -1191,7 +1211,8 @@ def markdown(results: dict[str, Any], links: list[str]) -> str:
         "",
         f"All setups of a link run at once and take their shots in turn (the first of each round "
         f"rotates): sequential write after a checkpoint {a['seq_shots']} shots (a checkpoint before "
-        f"each), rewrite {a['rewrite_shots']}, 4 KiB random write {a['rand_shots']} (a checkpoint "
+        f"each), rewrite {a['rewrite_shots']}, 4 KiB random write {a['rand_shots']} at queue depth 32 "
+        f"and {a.get('qd1_shots', 0)} at depth 1 (a checkpoint "
         "before each). Figures: median [min-max]. CPU: µs per consumer request of P, of S and "
         f"of the consumer ({CONSUMER}; utime+stime of all threads over all shots / the requests "
         "fio made). "
@@ -1391,6 +1412,7 @@ async def amain(args: argparse.Namespace) -> int:
             "seq_shots": args.seq_shots,
             "rewrite_shots": args.rewrite_shots,
             "rand_shots": args.rand_shots,
+            "qd1_shots": args.qd1_shots,
             "general_path": args.general_path,
             "checkpoints": args.checkpoints,
             "failover": args.failover,
@@ -1515,6 +1537,12 @@ def main() -> None:
     ap.add_argument("--rewrite-shots", type=int, default=None, help="sequential rewrites (3)")
     ap.add_argument("--rand-shots", type=int, default=None, help="4 KiB random write shots (3)")
     ap.add_argument(
+        "--qd1-shots",
+        type=int,
+        default=None,
+        help="4 KiB random write shots at queue depth 1, a synchronous writer's latency (3)",
+    )
+    ap.add_argument(
         "--general-path",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -1541,6 +1569,8 @@ def main() -> None:
         args.rewrite_shots = 1 if args.quick else 3
     if args.rand_shots is None:
         args.rand_shots = 1 if args.quick else 3
+    if args.qd1_shots is None:
+        args.qd1_shots = 1 if args.quick else 3
     if args.size_mib is None:
         args.size_mib = 32 if args.quick else 256
     if args.runtime is None:
