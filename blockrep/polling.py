@@ -6,11 +6,12 @@ through the hypervisor. Polling for a while after an event instead — running a
 callback that queues itself again, so the loop looks at its sockets without sleeping —
 lets the next request find the process awake.
 
-How long is QEMU's rule for its AioContexts (``poll-max-ns``, ``poll-grow``,
-``poll-shrink``): ``next_poll_ns`` below, from the time between one event and the next.
-A gap the current window covered changes nothing; a gap longer than the maximum shrinks
-the window (to nothing, with shrink 0); a shorter one grows it, from 4 µs, up to the
-maximum. An idle process stops polling after its first long gap.
+How long it polls follows QEMU's rule for its AioContexts (``poll-max-ns``,
+``poll-grow``, ``poll-shrink``): ``next_poll_ns`` below, from the time between one event
+and the next. A gap the current window covered changes nothing; a gap longer than the
+maximum shrinks the window (to nothing, with shrink 0); a shorter one grows it, from
+4 µs, up to the maximum. The loop sleeps again once a window passes with no event, so
+a process without traffic does not poll.
 
 ``BLOCKREP_POLL_MAX_NS`` (0 turns polling off) sets the maximum, and
 ``BLOCKREP_POLL_GROW`` and ``BLOCKREP_POLL_SHRINK`` the factors, for the long-running
