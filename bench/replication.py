@@ -407,6 +407,16 @@ class Setup:
     async def start(self) -> None:
         raise NotImplementedError
 
+    async def polling(self) -> dict[str, Any]:
+        """blockrep: each process's polling after I/O (x-blockrep-fast-path), by role."""
+        if self.impl != "blockrep":
+            return {}
+        return {
+            role: (await d.run("x-blockrep-fast-path"))["polling"]
+            for role, d in (("P", self.P), ("S", self.S))
+            if d is not None
+        }
+
     def pids(self) -> dict[str, int]:
         """The processes whose CPU a shot is charged to, by role."""
         return {role: d.proc.pid for role, d in (("P", self.P), ("S", self.S)) if d is not None}
@@ -670,6 +680,7 @@ class Bench:
         """One fio run on the consumer export, with the CPU of every process of the setup."""
         if isinstance(st, Pair) and kind in ("seq", "rand", "qd1"):
             await st.checkpoint()  # every cluster written next needs a copy-before-write on S
+        polled = await st.polling()
         meter = CpuMeter(st.pids())
         jiffies = cpu_jiffies()
         consumer = children_cpu_s()
@@ -684,6 +695,7 @@ class Bench:
         after = cpu_jiffies()
         r["steal"] = stolen_fraction(jiffies, after)
         r["idle"] = idle_fraction(jiffies, after)
+        r["polled"] = polled_share(polled, await st.polling())
         r["cpu_us_per_req"] = per_request_us(r["cpu_s"], r["requests"])
         if isinstance(st, Pair):
             if kind == "seq":
@@ -908,6 +920,18 @@ KIND_KEY = {
 }
 
 
+def polled_share(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:
+    """Of the arrivals each process saw during a shot, the share that found its loop
+    polling (blockrep/polling.py)."""
+    out: dict[str, float | None] = {}
+    for role, a in after.items():
+        b = before.get(role) or {}
+        events = a["events"] - b.get("events", 0)
+        caught = a["events-while-polling"] - b.get("events-while-polling", 0)
+        out[role] = caught / events if events > 0 else None
+    return out
+
+
 def summarise(shots: list[dict[str, Any]]) -> dict[str, Any]:
     """Median and range of the shots' figures; CPU per request over all of them."""
     out: dict[str, Any] = {"shots": shots, "n": len(shots)}
@@ -917,6 +941,11 @@ def summarise(shots: list[dict[str, Any]]) -> dict[str, Any]:
     out["clat_p99_ms"] = median([s["clat_p99_ms"] for s in shots if s.get("clat_p99_ms")])
     out["requests"] = sum(s["requests"] for s in shots)
     out["cpu_us_per_req"] = total_per_request_us(shots)
+    roles_polled = sorted({r for s in shots for r in s.get("polled") or {}})
+    out["polled_median"] = {
+        r: median([v for s in shots if (v := (s.get("polled") or {}).get(r)) is not None])
+        for r in roles_polled
+    }
     roles = sorted({r for s in shots for r in s["cpu_us_per_req"]})
     out["cpu_us_per_req_median"] = {
         r: median([v for s in shots if (v := s["cpu_us_per_req"].get(r)) is not None])
@@ -1169,6 +1198,27 @@ def ceiling_lines(results: dict[str, Any], links: list[str]) -> list[str]:
     return L
 
 
+def polling_lines(results: dict[str, Any], links: list[str]) -> list[str]:
+    """blockrep's polling after I/O: the share of arrivals that found each loop polling."""
+    L = [
+        "blockrep's loops poll after I/O (blockrep/polling.py, default settings): the share "
+        "of the requests' and replies' arrivals that found the process polling, median over "
+        "the shots:"
+    ]
+    for link in links:
+        for name in (f"blockrep-{link}", f"blockrep-general-{link}"):
+            res = results["configs"].get(name)
+            cells = []
+            for label, path in THROUGHPUT:
+                polled = (g(res, path[0]) or {}).get("polled_median") or {}
+                if polled:
+                    shares = " / ".join(f"{r} {fnum(pct(v), ' %')}" for r, v in polled.items())
+                    cells.append(f"{label.split(' (')[0]} {shares}")
+            if cells:
+                L.append(f"* {name}: " + "; ".join(cells))
+    return L
+
+
 def pct(x: float | None) -> float | None:
     return None if x is None else 100 * x
 
@@ -1235,7 +1285,7 @@ def markdown(results: dict[str, Any], links: list[str]) -> str:
                 f"{fcpu(sg)} | {fcell(sq, path[1])} | {fcpu(sq)} | "
                 f"{frat(ratio(g(b, *path), g(q, *path)))} | {frat(ratio(g(gp, *path), g(q, *path)))} |"
             )
-    L += ["", *ceiling_lines(results, links)]
+    L += ["", *ceiling_lines(results, links), "", *polling_lines(results, links)]
     bases = [
         ("blockrep-raw", "blockrep raw"),
         ("blockrep-quorum", "blockrep quorum"),
